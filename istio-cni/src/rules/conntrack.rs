@@ -1,0 +1,32 @@
+//! Flushing a pod's redirected connections from conntrack after its rules are removed,
+//! so flows NATed to ztunnel's ports do not linger on a mapping that no longer exists.
+
+use protocol::Netns;
+
+use super::render::RuleConfig;
+use crate::exec::{self, ExecError};
+
+/// Deletes entries of redirected flows: those carrying the redirect connmark (inbound,
+/// via TPROXY) and those NATed to the outbound capture port.
+pub fn flush_redirected(netns: &Netns, cfg: &RuleConfig) -> Result<(), ExecError> {
+    let mark = format!("0x{:x}/0x{:x}", cfg.redirect_mark, cfg.mark_mask);
+    let port = cfg.outbound_port.to_string();
+    for args in [
+        vec!["-D", "--mark", mark.as_str()],
+        vec!["-D", "-p", "tcp", "--reply-port-src", port.as_str()],
+    ] {
+        let mut cmd = netns.command("conntrack").map_err(|source| ExecError::Spawn {
+            program: "conntrack".into(),
+            source,
+            hint: "",
+        })?;
+        cmd.args(&args);
+        match exec::run(cmd, None) {
+            Ok(_) => {}
+            // conntrack exits 1 when nothing matched; that is success here.
+            Err(ExecError::Failed { stderr, .. }) if stderr.contains("0 flow entries") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

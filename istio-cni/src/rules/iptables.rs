@@ -1,0 +1,228 @@
+//! The iptables backend (legacy or nft) and the `iptables-restore` inputs that apply and
+//! remove our chains in one call per netns.
+//!
+//! Applying is one `iptables-restore --noflush`: it declares our chains (which, under
+//! `--noflush`, creates them or flushes them if they exist), fills them, and adds only
+//! the jumps that are missing, so applying twice leaves one copy. Each table is
+//! committed as a unit; if the restore fails part-way the caller rolls back.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use protocol::Netns;
+
+use super::render::Ruleset;
+use super::save::{parse_save, SaveParseError, SavedTable};
+use crate::exec::{self, ExecError};
+
+/// Which iptables implementation to drive. Mixing them in one netns breaks both, so
+/// the agent uses the one the host uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+}
+
+impl Backend {
+    fn save_bin(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy-save",
+            Backend::Nft => "iptables-nft-save",
+        }
+    }
+
+    fn restore_bin(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy-restore",
+            Backend::Nft => "iptables-nft-restore",
+        }
+    }
+
+    /// Picks the backend holding the host's rules (the netns the agent runs in): the
+    /// one with more rules, and on a tie whichever the distribution's `iptables` is.
+    pub fn detect() -> Result<Backend, ExecError> {
+        let count = |b: Backend| {
+            exec::run(std::process::Command::new(b.save_bin()), None)
+                .map(|out| out.lines().filter(|l| l.starts_with("-A ")).count())
+        };
+        let (legacy, nft) = (count(Backend::Legacy), count(Backend::Nft));
+        match (legacy, nft) {
+            (Ok(l), Ok(n)) if l > n => Ok(Backend::Legacy),
+            (Ok(l), Ok(n)) if n > l => Ok(Backend::Nft),
+            (Ok(_), Ok(_)) => {
+                let version = exec::run(
+                    {
+                        let mut c = std::process::Command::new("iptables");
+                        c.arg("--version");
+                        c
+                    },
+                    None,
+                )?;
+                Ok(if version.contains("legacy") {
+                    Backend::Legacy
+                } else {
+                    Backend::Nft
+                })
+            }
+            (Ok(_), Err(_)) => Ok(Backend::Legacy),
+            (Err(_), Ok(_)) => Ok(Backend::Nft),
+            (Err(e), Err(_)) => Err(e),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "legacy" => Ok(Backend::Legacy),
+            "nft" => Ok(Backend::Nft),
+            other => Err(format!("unknown iptables backend {other:?} (legacy or nft)")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Parse(#[from] SaveParseError),
+}
+
+/// Runs iptables-save / iptables-restore inside a netns.
+#[derive(Clone, Debug)]
+pub struct Iptables {
+    pub backend: Backend,
+    /// How long to wait for the xtables lock (legacy shares `/run/xtables.lock`).
+    pub lock_wait: Duration,
+}
+
+impl Iptables {
+    pub fn save(&self, netns: &Netns) -> Result<Vec<SavedTable>, IptablesError> {
+        let cmd = netns
+            .command(self.backend.save_bin())
+            .map_err(|source| ExecError::Spawn {
+                program: self.backend.save_bin().into(),
+                source,
+                hint: "",
+            })?;
+        Ok(parse_save(&exec::run(cmd, None)?)?)
+    }
+
+    pub fn restore(&self, netns: &Netns, input: &str) -> Result<(), IptablesError> {
+        let mut cmd = netns
+            .command(self.backend.restore_bin())
+            .map_err(|source| ExecError::Spawn {
+                program: self.backend.restore_bin().into(),
+                source,
+                hint: "",
+            })?;
+        cmd.arg("--noflush")
+            .arg("--wait")
+            .arg(self.lock_wait.as_secs().max(1).to_string());
+        exec::run(cmd, Some(input))?;
+        Ok(())
+    }
+}
+
+fn count<'a>(table: Option<&'a SavedTable>, rule: &str) -> usize {
+    table.map_or(0, |t| t.rules.iter().filter(|r| *r == rule).count())
+}
+
+/// The restore input that brings `current` to exactly `want`.
+pub fn apply_input(want: &Ruleset, current: &[SavedTable]) -> String {
+    let mut out = String::new();
+    for t in &want.tables {
+        let have = current.iter().find(|s| s.name == t.table);
+        let _ = writeln!(out, "*{}", t.table);
+        for chain in &t.chains {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+        for jump in &t.jumps {
+            match count(have, jump) {
+                0 => {
+                    let _ = writeln!(out, "{jump}");
+                }
+                n => {
+                    for _ in 1..n {
+                        let _ = writeln!(out, "-D{}", &jump[2..]);
+                    }
+                }
+            }
+        }
+        for rule in &t.rules {
+            let _ = writeln!(out, "{rule}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// The restore input that removes every trace of `want` from `current`, touching
+/// nothing else. Empty when there is nothing to remove.
+pub fn remove_input(want: &Ruleset, current: &[SavedTable]) -> String {
+    let mut out = String::new();
+    for t in &want.tables {
+        let Some(have) = current.iter().find(|s| s.name == t.table) else {
+            continue;
+        };
+        let mut body = String::new();
+        for jump in &t.jumps {
+            for _ in 0..count(Some(have), jump) {
+                let _ = writeln!(body, "-D{}", &jump[2..]);
+            }
+        }
+        for chain in t.chains.iter().filter(|c| have.has_chain(c)) {
+            let _ = writeln!(body, "-F {chain}\n-X {chain}");
+        }
+        if !body.is_empty() {
+            let _ = write!(out, "*{}\n{body}COMMIT\n", t.table);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::render::{render, RuleConfig};
+
+    #[test]
+    fn apply_on_an_empty_netns_adds_everything_once() {
+        let want = render(&RuleConfig::default());
+        let input = apply_input(&want, &[]);
+        assert_eq!(input.matches("-A PREROUTING -j ISTIO_PRERT").count(), 1);
+        assert_eq!(input.matches("-A OUTPUT -j ISTIO_OUTPUT").count(), 2);
+        assert_eq!(input.matches("COMMIT").count(), 2);
+        assert!(!input.contains("-D "));
+    }
+
+    #[test]
+    fn apply_over_existing_rules_adds_no_second_jump_and_drops_duplicates() {
+        let want = render(&RuleConfig::default());
+        let mut current =
+            parse_save(include_str!("../../testdata/spec-iptables-save.txt")).unwrap();
+        current[0].rules.push("-A PREROUTING -j ISTIO_PRERT".into());
+        let input = apply_input(&want, &current);
+        assert!(!input.contains("-A PREROUTING -j ISTIO_PRERT"));
+        assert!(!input.contains("-A OUTPUT -j ISTIO_OUTPUT"));
+        assert_eq!(input.matches("-D PREROUTING -j ISTIO_PRERT").count(), 1);
+        // Our chains are re-declared (flushed) and refilled.
+        assert!(input.contains(":ISTIO_PRERT - [0:0]"));
+    }
+
+    #[test]
+    fn remove_touches_only_what_exists() {
+        let want = render(&RuleConfig::default());
+        assert_eq!(remove_input(&want, &[]), "");
+        let current = parse_save(include_str!("../../testdata/spec-iptables-save.txt")).unwrap();
+        let input = remove_input(&want, &current);
+        assert_eq!(
+            input,
+            "*mangle\n-D PREROUTING -j ISTIO_PRERT\n-D OUTPUT -j ISTIO_OUTPUT\n\
+             -F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\n-F ISTIO_PRERT\n-X ISTIO_PRERT\nCOMMIT\n\
+             *nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT\n"
+        );
+    }
+}

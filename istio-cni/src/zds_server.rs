@@ -1,0 +1,321 @@
+//! The agent's side of ZDS: a Unix seqpacket server that ztunnel connects to.
+//!
+//! Every new ztunnel connection gets the current snapshot (an Add with the netns fd for
+//! each enrolled pod, or a Keep for a pod whose netns the agent could not open), then
+//! SnapshotSent. After that, live Adds go to the newest connection and Dels to all: two
+//! ztunnels overlap during a rolling upgrade, and the old one must drop pods too.
+//! Each connection has one task that owns its socket and sends requests strictly one
+//! at a time, each answered by exactly one ack.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use protocol::message::decode_hello;
+use protocol::zds::WorkloadInfo;
+use protocol::{Ack, Netns, Request, SeqpacketConn, SeqpacketListener, WorkloadUid};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+/// What the snapshot says about one pod.
+#[derive(Clone, Debug)]
+pub enum SnapshotEntry {
+    /// Enrolled, with its netns.
+    Add {
+        info: WorkloadInfo,
+        netns: Arc<Netns>,
+    },
+    /// Enrolled, but its netns could not be opened (e.g. after an agent restart): ztunnel
+    /// keeps whatever proxy it runs for it.
+    Keep,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZdsError {
+    #[error("ztunnel rejected {kind} for {uid}: {error}")]
+    Rejected {
+        kind: &'static str,
+        uid: String,
+        error: String,
+    },
+    #[error("ZDS exchange with ztunnel failed: {0}")]
+    Protocol(#[from] protocol::Error),
+    #[error("the ztunnel connection was lost before it answered: {0}")]
+    ConnectionLost(String),
+}
+
+/// Whether an Add reached a ztunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// A ztunnel acked it: its listeners are up in the pod.
+    Acked,
+    /// No ztunnel is connected; the pod is in the snapshot the next one will get.
+    NoZtunnel,
+}
+
+struct Job {
+    request: Request<Arc<Netns>>,
+    done: oneshot::Sender<Result<(), ZdsError>>,
+}
+
+struct ConnHandle {
+    id: u64,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+#[derive(Default)]
+struct State {
+    pods: BTreeMap<WorkloadUid, SnapshotEntry>,
+    /// Connected ztunnels that have received their snapshot; the last is the newest.
+    conns: Vec<ConnHandle>,
+    next_id: u64,
+}
+
+struct Inner {
+    timeout: Duration,
+    state: Mutex<State>,
+    connected: watch::Sender<usize>,
+}
+
+/// The ZDS server. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct ZdsServer {
+    inner: Arc<Inner>,
+}
+
+impl ZdsServer {
+    /// `timeout` bounds each write and each ack (ZDS uses 5 s).
+    pub fn new(timeout: Duration) -> Self {
+        ZdsServer {
+            inner: Arc::new(Inner {
+                timeout,
+                state: Mutex::default(),
+                connected: watch::channel(0).0,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module; the state is
+        // still consistent (every mutation is a single insert/remove), so carry on.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a pod into the snapshot without sending anything (startup and restarts).
+    pub fn insert(&self, uid: WorkloadUid, entry: SnapshotEntry) {
+        self.state().pods.insert(uid, entry);
+    }
+
+    /// The netns the server holds for `uid`, if any.
+    pub fn netns(&self, uid: &WorkloadUid) -> Option<Arc<Netns>> {
+        match self.state().pods.get(uid) {
+            Some(SnapshotEntry::Add { netns, .. }) => Some(netns.clone()),
+            _ => None,
+        }
+    }
+
+    /// Uids in the snapshot.
+    pub fn pods(&self) -> Vec<WorkloadUid> {
+        self.state().pods.keys().cloned().collect()
+    }
+
+    /// Records the pod and sends its Add to the newest ztunnel, waiting for the ack.
+    pub async fn add(
+        &self,
+        uid: WorkloadUid,
+        info: WorkloadInfo,
+        netns: Arc<Netns>,
+    ) -> Result<AddOutcome, ZdsError> {
+        let rx = {
+            let mut st = self.state();
+            st.pods.insert(
+                uid.clone(),
+                SnapshotEntry::Add {
+                    info: info.clone(),
+                    netns: netns.clone(),
+                },
+            );
+            let Some(newest) = st.conns.last() else {
+                return Ok(AddOutcome::NoZtunnel);
+            };
+            submit(newest, Request::Add { uid, info, netns })
+        };
+        rx.await
+            .map_err(|_| ZdsError::ConnectionLost("connection closed".into()))??;
+        Ok(AddOutcome::Acked)
+    }
+
+    /// Forgets the pod and sends Del to every connected ztunnel. A ztunnel that
+    /// disconnects meanwhile will not get the pod in its next snapshot, so it drains it.
+    pub async fn del(&self, uid: &WorkloadUid) -> Result<(), ZdsError> {
+        let pending: Vec<_> = {
+            let mut st = self.state();
+            st.pods.remove(uid);
+            st.conns
+                .iter()
+                .map(|c| submit(c, Request::Del { uid: uid.clone() }))
+                .collect()
+        };
+        let mut result = Ok(());
+        for rx in pending {
+            match rx.await {
+                // A lost connection is fine: the pod is out of every future snapshot.
+                Ok(Err(ZdsError::ConnectionLost(_))) | Err(_) | Ok(Ok(())) => {}
+                Ok(Err(e)) if result.is_ok() => result = Err(e),
+                Ok(Err(_)) => {}
+            }
+        }
+        result
+    }
+
+    /// Number of connected ztunnels that have their snapshot.
+    pub fn connections(&self) -> usize {
+        *self.inner.connected.borrow()
+    }
+
+    /// Waits until at least `n` ztunnels are connected.
+    pub async fn wait_for_connections(&self, n: usize) {
+        let mut rx = self.inner.connected.subscribe();
+        let _ = rx.wait_for(|c| *c >= n).await;
+    }
+
+    /// Accepts ztunnel connections until this future is dropped; dropping it also
+    /// closes every connection it accepted (so ztunnel sees the agent go away).
+    pub async fn serve(self, listener: SeqpacketListener) {
+        info!(path = %listener.path().display(), "ZDS server listening for ztunnel");
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => {
+                        let server = self.clone();
+                        conns.spawn(async move { server.handle(conn).await });
+                    }
+                    Err(e) => {
+                        warn!("accepting a ztunnel connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next() => {}
+            }
+        }
+    }
+
+    async fn handle(&self, conn: SeqpacketConn) {
+        let peer = match conn.peer_credentials() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot read ztunnel peer credentials, closing: {e}");
+                return;
+            }
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        if peer.uid() != 0 && peer.uid() != me {
+            warn!(
+                pid = peer.pid(),
+                uid = peer.uid(),
+                "refusing ZDS connection from an unexpected user (only root or uid {me} may connect)"
+            );
+            return;
+        }
+        let timeout = self.inner.timeout;
+        let hello = conn.recv_timeout(timeout).await.and_then(decode_hello);
+        if let Err(e) = hello {
+            warn!(pid = peer.pid(), "ztunnel hello rejected, closing: {e}");
+            return;
+        }
+        let (tx, mut jobs) = mpsc::unbounded_channel();
+        let (id, snapshot) = {
+            let mut st = self.state();
+            st.next_id += 1;
+            let id = st.next_id;
+            st.conns.push(ConnHandle { id, jobs: tx });
+            (id, st.pods.clone())
+        };
+        info!(conn = id, pid = peer.pid(), pods = snapshot.len(), "ztunnel connected, sending snapshot");
+
+        let live = std::sync::atomic::AtomicBool::new(false);
+        let result = async {
+            for (uid, entry) in snapshot {
+                let request = match entry {
+                    SnapshotEntry::Add { info, netns } => Request::Add { uid, info, netns },
+                    SnapshotEntry::Keep => Request::Keep { uid },
+                };
+                match exchange(&conn, &request, timeout).await {
+                    Err(ZdsError::Protocol(e)) if e.is_fatal() => return Err(e),
+                    Err(e) => warn!(conn = id, "snapshot: {e}"),
+                    Ok(()) => {}
+                }
+            }
+            exchange(&conn, &Request::<Arc<Netns>>::SnapshotSent, timeout)
+                .await
+                .or_else(|e| match e {
+                    ZdsError::Protocol(e) => Err(e),
+                    other => {
+                        warn!(conn = id, "snapshot: {other}");
+                        Ok(())
+                    }
+                })?;
+            self.inner.connected.send_modify(|c| *c += 1);
+            live.store(true, std::sync::atomic::Ordering::Relaxed);
+            loop {
+                tokio::select! {
+                    job = jobs.recv() => {
+                        let Some(job) = job else { return Ok(()) };
+                        match exchange(&conn, &job.request, timeout).await {
+                            Err(ZdsError::Protocol(e)) if e.is_fatal() => {
+                                let _ = job.done.send(Err(ZdsError::ConnectionLost(e.to_string())));
+                                return Err(e);
+                            }
+                            other => {
+                                let _ = job.done.send(other);
+                            }
+                        }
+                    }
+                    readable = conn.readable() => {
+                        readable?;
+                        // Nothing is outstanding, so this is a close or a stray message.
+                        match conn.recv().await {
+                            Ok(d) => warn!(conn = id, bytes = d.bytes.len(), "unsolicited message from ztunnel, ignored"),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+
+        self.state().conns.retain(|c| c.id != id);
+        match result {
+            Ok(()) | Err(protocol::Error::Closed) => info!(conn = id, "ztunnel disconnected"),
+            Err(e) => warn!(conn = id, "ztunnel connection ended: {e}"),
+        }
+        if live.load(std::sync::atomic::Ordering::Relaxed) {
+            self.inner.connected.send_modify(|c| *c = c.saturating_sub(1));
+        }
+        // Jobs still queued are dropped here; their senders see ConnectionLost.
+    }
+}
+
+fn submit(conn: &ConnHandle, request: Request<Arc<Netns>>) -> oneshot::Receiver<Result<(), ZdsError>> {
+    let (done, rx) = oneshot::channel();
+    // A send error means the connection task is gone: `rx` then reports ConnectionLost.
+    let _ = conn.jobs.send(Job { request, done });
+    rx
+}
+
+/// Sends one request and waits for its ack.
+async fn exchange(
+    conn: &SeqpacketConn,
+    request: &Request<Arc<Netns>>,
+    timeout: Duration,
+) -> Result<(), ZdsError> {
+    debug!(kind = request.kind(), uid = ?request.uid(), "sending to ztunnel");
+    conn.send_timeout(&request.encode(), request.fd(), timeout).await?;
+    let ack = Ack::decode(conn.recv_timeout(timeout).await?)?;
+    ack.into_result().map_err(|error| ZdsError::Rejected {
+        kind: request.kind(),
+        uid: request.uid().map(ToString::to_string).unwrap_or_default(),
+        error,
+    })
+}
