@@ -1,0 +1,424 @@
+//! One proxy per pod uid, kept in step with what the agent says over ZDS.
+//!
+//! - Add: start the pod's proxy. The same netns again (same dev+inode) is a no-op; a
+//!   different netns replaces the proxy. If the listeners cannot be created the ack
+//!   carries the error and the pod is retried in the background.
+//! - Keep (snapshot only): the pod stays, whatever its proxy is doing.
+//! - SnapshotSent: proxies of pods neither added nor kept in this snapshot are drained.
+//! - Del: drain (stop listening now; connections get a grace period).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::zds::WorkloadInfo;
+use protocol::{Netns, NetnsId, Request, WorkloadUid};
+use tokio::sync::{watch, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::inpod::netns::InpodNetns;
+use crate::proxy::{PodContext, PodProxy, ProxyConfig};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A running proxy, as the state manager sees it.
+pub trait RunningProxy: Send {
+    /// Stops listening at once; the future ends when the last connection is gone.
+    fn drain(self: Box<Self>) -> BoxFuture<()>;
+}
+
+/// Starts pod proxies. The real one binds listeners in the pod's netns; tests use fakes.
+pub trait ProxyFactory: Send + Sync + 'static {
+    fn start(
+        &self,
+        uid: WorkloadUid,
+        info: WorkloadInfo,
+        netns: Netns,
+    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>>;
+}
+
+impl RunningProxy for PodProxy {
+    fn drain(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(PodProxy::drain(*self))
+    }
+}
+
+/// The real factory: a socket thread in the pod's netns and the three listeners.
+pub struct InpodProxyFactory {
+    pub cfg: Arc<ProxyConfig>,
+}
+
+impl ProxyFactory for InpodProxyFactory {
+    fn start(
+        &self,
+        uid: WorkloadUid,
+        info: WorkloadInfo,
+        netns: Netns,
+    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
+            let ctx = PodContext { uid, info, netns, cfg };
+            let proxy = PodProxy::start(ctx)
+                .await
+                .map_err(|e| format!("starting proxy in pod netns: {e}"))?;
+            Ok(Box::new(proxy) as Box<dyn RunningProxy>)
+        })
+    }
+}
+
+enum Status {
+    Running(Box<dyn RunningProxy>),
+    /// Listeners could not be created; a background task keeps trying.
+    Retrying {
+        netns: Netns,
+        info: WorkloadInfo,
+        last_error: String,
+        attempt: u64,
+    },
+}
+
+struct PodState {
+    netns: NetnsId,
+    status: Status,
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<WorkloadUid, PodState>,
+    /// Uids added or kept since this connection began; `None` once SnapshotSent came.
+    snapshot: Option<HashSet<WorkloadUid>>,
+    /// A snapshot has been completed at least once (readiness).
+    synced: bool,
+    attempts: u64,
+}
+
+/// Owns every pod proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct StateManager {
+    state: Arc<Mutex<State>>,
+    factory: Arc<dyn ProxyFactory>,
+    ready: Arc<watch::Sender<bool>>,
+    retry_backoff: (Duration, Duration),
+}
+
+impl StateManager {
+    pub fn new(factory: Arc<dyn ProxyFactory>) -> Self {
+        StateManager {
+            state: Arc::default(),
+            factory,
+            ready: Arc::new(watch::channel(false).0),
+            retry_backoff: (Duration::from_millis(200), Duration::from_secs(10)),
+        }
+    }
+
+    /// Shorter retry delays, for tests.
+    pub fn with_retry_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.retry_backoff = (first, max);
+        self
+    }
+
+    /// Ready once a snapshot was received and every pod's proxy is up.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    fn update_ready(&self, st: &State) {
+        let ready = st.synced && st.pods.values().all(|p| matches!(p.status, Status::Running(_)));
+        self.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    /// A new ZDS connection: the agent will send a fresh snapshot.
+    pub async fn new_connection(&self) {
+        self.state.lock().await.snapshot = Some(HashSet::new());
+    }
+
+    /// Number of pods with a proxy (running or retrying).
+    pub async fn pod_count(&self) -> usize {
+        self.state.lock().await.pods.len()
+    }
+
+    /// Applies one request; the result is the ack.
+    pub async fn handle(&self, request: Request) -> Result<(), String> {
+        match request {
+            Request::Add { uid, info, netns } => self.add(uid, info, netns).await,
+            Request::Keep { uid } => self.keep(uid).await,
+            Request::Del { uid } => {
+                self.del(&uid).await;
+                Ok(())
+            }
+            Request::SnapshotSent => self.snapshot_sent().await,
+        }
+    }
+
+    async fn add(&self, uid: WorkloadUid, info: WorkloadInfo, netns: Netns) -> Result<(), String> {
+        let mut st = self.state.lock().await;
+        if let Some(seen) = st.snapshot.as_mut() {
+            seen.insert(uid.clone());
+        }
+        if let Some(existing) = st.pods.get(&uid) {
+            if existing.netns == netns.id() {
+                return match &existing.status {
+                    Status::Running(_) => {
+                        debug!(?uid, "pod already running with this netns");
+                        Ok(())
+                    }
+                    Status::Retrying { last_error, .. } => Err(format!(
+                        "proxy for pod {uid} not up yet (retrying): {last_error}"
+                    )),
+                };
+            }
+            info!("pod {uid:?} netns changed, replacing proxy");
+            if let Some(old) = st.pods.remove(&uid) {
+                drain(old);
+            }
+        }
+        info!("pod {uid:?} received netns, starting proxy");
+        let id = netns.id();
+        let retry_netns = netns.try_clone().map_err(|e| e.to_string())?;
+        let result = self.factory.start(uid.clone(), info.clone(), netns).await;
+        let outcome = match result {
+            Ok(proxy) => {
+                st.pods.insert(uid, PodState { netns: id, status: Status::Running(proxy) });
+                Ok(())
+            }
+            Err(e) => {
+                warn!(?uid, "starting proxy failed, will retry in the background: {e}");
+                st.attempts += 1;
+                let attempt = st.attempts;
+                st.pods.insert(
+                    uid.clone(),
+                    PodState {
+                        netns: id,
+                        status: Status::Retrying {
+                            netns: retry_netns,
+                            info,
+                            last_error: e.clone(),
+                            attempt,
+                        },
+                    },
+                );
+                tokio::spawn(self.clone().retry(uid, attempt));
+                Err(e)
+            }
+        };
+        self.update_ready(&st);
+        outcome
+    }
+
+    async fn retry(self, uid: WorkloadUid, attempt: u64) {
+        let (mut delay, max) = self.retry_backoff;
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(max);
+            let mut st = self.state.lock().await;
+            let Some(pod) = st.pods.get_mut(&uid) else { return };
+            let Status::Retrying { netns, info, attempt: a, .. } = &pod.status else { return };
+            if *a != attempt {
+                return;
+            }
+            let (netns, info) = match netns.try_clone() {
+                Ok(n) => (n, info.clone()),
+                Err(e) => {
+                    warn!(?uid, "cannot retry: {e}");
+                    continue;
+                }
+            };
+            match self.factory.start(uid.clone(), info, netns).await {
+                Ok(proxy) => {
+                    info!(?uid, "proxy started on retry");
+                    pod.status = Status::Running(proxy);
+                    self.update_ready(&st);
+                    return;
+                }
+                Err(e) => {
+                    warn!(?uid, "retrying proxy start failed: {e}");
+                    if let Status::Retrying { last_error, .. } = &mut pod.status {
+                        *last_error = e;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn keep(&self, uid: WorkloadUid) -> Result<(), String> {
+        let mut st = self.state.lock().await;
+        let known = st.pods.contains_key(&uid);
+        let Some(seen) = st.snapshot.as_mut() else {
+            return Err(format!("KeepWorkload for {uid} after SnapshotSent: Keep is only valid in a snapshot"));
+        };
+        seen.insert(uid.clone());
+        if !known {
+            warn!(?uid, "asked to keep a pod this ztunnel has no proxy for");
+        }
+        Ok(())
+    }
+
+    async fn del(&self, uid: &WorkloadUid) {
+        let mut st = self.state.lock().await;
+        if let Some(seen) = st.snapshot.as_mut() {
+            seen.remove(uid);
+        }
+        match st.pods.remove(uid) {
+            Some(pod) => {
+                info!("pod delete request, draining proxy");
+                drain(pod);
+            }
+            None => debug!(?uid, "delete for a pod without a proxy"),
+        }
+        self.update_ready(&st);
+    }
+
+    async fn snapshot_sent(&self) -> Result<(), String> {
+        let mut st = self.state.lock().await;
+        let Some(seen) = st.snapshot.take() else {
+            return Err("second SnapshotSent on one connection".into());
+        };
+        info!("pod received snapshot sent");
+        let stale: Vec<WorkloadUid> = st.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+        for uid in stale {
+            if let Some(pod) = st.pods.remove(&uid) {
+                info!(?uid, "pod not in snapshot, draining proxy");
+                drain(pod);
+            }
+        }
+        st.synced = true;
+        self.update_ready(&st);
+        Ok(())
+    }
+}
+
+fn drain(pod: PodState) {
+    if let Status::Running(proxy) = pod.status {
+        tokio::spawn(proxy.drain());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Counts {
+        started: AtomicUsize,
+        drained: Arc<AtomicUsize>,
+        fail: AtomicBool,
+    }
+
+    struct Fake(Arc<AtomicUsize>);
+    impl RunningProxy for Fake {
+        fn drain(self: Box<Self>) -> BoxFuture<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    struct FakeFactory(Arc<Counts>);
+    impl ProxyFactory for FakeFactory {
+        fn start(&self, _: WorkloadUid, _: WorkloadInfo, _: Netns) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+            let c = self.0.clone();
+            Box::pin(async move {
+                if c.fail.load(Ordering::SeqCst) {
+                    return Err("address in use".into());
+                }
+                c.started.fetch_add(1, Ordering::SeqCst);
+                Ok(Box::new(Fake(c.drained.clone())) as Box<dyn RunningProxy>)
+            })
+        }
+    }
+
+    fn manager() -> (StateManager, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        let sm = StateManager::new(Arc::new(FakeFactory(counts.clone())))
+            .with_retry_backoff(Duration::from_millis(5), Duration::from_millis(20));
+        (sm, counts)
+    }
+
+    fn add(uid: &str) -> Request {
+        Request::Add {
+            uid: WorkloadUid::new(uid),
+            info: WorkloadInfo::default(),
+            netns: Netns::current().unwrap(),
+        }
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test]
+    async fn same_netns_twice_starts_one_proxy() {
+        let (sm, c) = manager();
+        sm.new_connection().await;
+        sm.handle(add("a")).await.unwrap();
+        sm.handle(add("a")).await.unwrap();
+        assert_eq!(c.started.load(Ordering::SeqCst), 1);
+        assert_eq!(sm.pod_count().await, 1);
+    }
+
+    #[tokio::test]
+    async fn snapshot_drains_pods_neither_added_nor_kept() {
+        let (sm, c) = manager();
+        sm.new_connection().await;
+        for uid in ["a", "b", "c"] {
+            sm.handle(add(uid)).await.unwrap();
+        }
+        sm.handle(Request::SnapshotSent).await.unwrap();
+        assert!(*sm.ready().borrow());
+        // Reconnect: the agent now knows a (Add) and b (Keep), not c.
+        sm.new_connection().await;
+        sm.handle(add("a")).await.unwrap();
+        sm.handle(Request::Keep { uid: WorkloadUid::new("b") }).await.unwrap();
+        sm.handle(Request::SnapshotSent).await.unwrap();
+        settle().await;
+        assert_eq!(sm.pod_count().await, 2);
+        assert_eq!(c.drained.load(Ordering::SeqCst), 1);
+        assert_eq!(c.started.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_are_error_acks() {
+        let (sm, _) = manager();
+        sm.new_connection().await;
+        sm.handle(Request::SnapshotSent).await.unwrap();
+        let second = sm.handle(Request::SnapshotSent).await.unwrap_err();
+        assert!(second.contains("second SnapshotSent"), "{second}");
+        let keep = sm.handle(Request::Keep { uid: WorkloadUid::new("x") }).await.unwrap_err();
+        assert!(keep.contains("after SnapshotSent"), "{keep}");
+    }
+
+    #[tokio::test]
+    async fn del_drains_and_unknown_del_is_fine() {
+        let (sm, c) = manager();
+        sm.new_connection().await;
+        sm.handle(add("a")).await.unwrap();
+        sm.handle(Request::Del { uid: WorkloadUid::new("a") }).await.unwrap();
+        sm.handle(Request::Del { uid: WorkloadUid::new("nope") }).await.unwrap();
+        settle().await;
+        assert_eq!(c.drained.load(Ordering::SeqCst), 1);
+        assert_eq!(sm.pod_count().await, 0);
+    }
+
+    #[tokio::test]
+    async fn failed_start_is_an_error_ack_then_retried_in_background() {
+        let (sm, c) = manager();
+        sm.new_connection().await;
+        sm.handle(Request::SnapshotSent).await.unwrap();
+        c.fail.store(true, Ordering::SeqCst);
+        let err = sm.handle(add("a")).await.unwrap_err();
+        assert!(err.contains("address in use"));
+        assert!(!*sm.ready().borrow(), "a pending pod means not ready");
+        // The same Add again while retrying reports the pending state, starts nothing.
+        assert!(sm.handle(add("a")).await.unwrap_err().contains("retrying"));
+        c.fail.store(false, Ordering::SeqCst);
+        let mut ready = sm.ready();
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
+            .await
+            .expect("retry brought the pod up")
+            .unwrap();
+        assert_eq!(c.started.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,92 @@
+//! The ZDS client: connects to the node agent's socket, says hello, applies each request
+//! through the state manager and acks it; reconnects with exponential backoff.
+//!
+//! A bad message gets an error ack and the stream carries on (datagrams keep their
+//! boundaries, so one bad message cannot desynchronise the next). Only a broken
+//! connection ends the stream, and then ztunnel reconnects: it never exits over the
+//! agent's behaviour, and running proxies keep serving meanwhile.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocol::message::encode_hello;
+use protocol::{Ack, Error, Request, SeqpacketConn, PROTOCOL_VERSION};
+use tracing::{debug, info, warn};
+
+use super::statemanager::StateManager;
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+pub struct WorkloadProxyManager {
+    uds: PathBuf,
+    state: StateManager,
+    timeout: Duration,
+}
+
+impl WorkloadProxyManager {
+    pub fn new(uds: PathBuf, state: StateManager, timeout: Duration) -> Self {
+        WorkloadProxyManager { uds, state, timeout }
+    }
+
+    /// Runs forever: connect, serve the stream, back off, reconnect.
+    pub async fn run(self) {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            match SeqpacketConn::connect(&self.uds).await {
+                Ok(conn) => {
+                    info!("handling new stream");
+                    match self.serve(conn, &mut backoff).await {
+                        Err(Error::Closed) => info!("the agent closed the ZDS stream; reconnecting"),
+                        Err(e) => warn!("ZDS stream ended: {e}; reconnecting"),
+                        Ok(()) => {}
+                    }
+                }
+                Err(e) => debug!("cannot reach the agent at {}: {e}", self.uds.display()),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn serve(&self, conn: SeqpacketConn, backoff: &mut Duration) -> Result<(), Error> {
+        conn.send_timeout(&encode_hello(PROTOCOL_VERSION), None, self.timeout)
+            .await?;
+        self.state.new_connection().await;
+        let mut received = 0u64;
+        loop {
+            let request = match conn.recv().await {
+                Ok(d) => Request::decode(d),
+                Err(Error::Closed) if received == 0 => {
+                    warn!("the agent closed the stream right after our hello: it may not speak ZDS version {PROTOCOL_VERSION:?}");
+                    return Err(Error::Closed);
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => Err(e),
+            };
+            received += 1;
+            if received == 1 {
+                // The agent accepted our hello: the stream is healthy.
+                *backoff = BACKOFF_FIRST;
+            }
+            let ack = match request {
+                Ok(request) => {
+                    let kind = request.kind();
+                    self.state.handle(request).await.map_err(|e| {
+                        warn!("{kind} failed: {e}");
+                        e
+                    })
+                }
+                Err(e) => {
+                    warn!("bad ZDS message from the agent: {e}");
+                    Err(e.to_string())
+                }
+            };
+            let ack = match ack {
+                Ok(()) => Ack::Ok,
+                Err(e) => Ack::Err(e),
+            };
+            conn.send_timeout(&ack.encode(), None, self.timeout).await?;
+        }
+    }
+}

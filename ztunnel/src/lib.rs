@@ -1,0 +1,32 @@
+//! ztunnel, the ambient node proxy, in in-pod mode: it receives each enrolled pod's
+//! network namespace from the node agent and proxies the pod's traffic from listeners
+//! created inside that namespace.
+
+pub mod config;
+pub mod inpod;
+pub mod proxy;
+pub mod readiness;
+
+use std::sync::Arc;
+
+use config::Config;
+use inpod::statemanager::{InpodProxyFactory, StateManager};
+use inpod::workloadmanager::WorkloadProxyManager;
+use proxy::ProxyConfig;
+
+/// Runs ztunnel until the returned future is dropped.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let proxy_cfg = Arc::new(ProxyConfig {
+        mark: cfg.packet_mark,
+        reuse_port: cfg.inpod_port_reuse,
+        drain_grace: cfg.pod_drain_grace,
+        connect_timeout: cfg.connect_timeout,
+    });
+    let state = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
+    let readiness = readiness::bind(cfg.readiness_addr).await?;
+    tokio::spawn(readiness::serve(readiness, state.ready()));
+    WorkloadProxyManager::new(cfg.inpod_uds.clone(), state, cfg.zds_timeout)
+        .run()
+        .await;
+    Ok(())
+}
