@@ -196,10 +196,24 @@ impl SeqpacketConn {
     }
 
     /// Waits until the socket has something to read (a message or end of stream).
+    /// Readiness is confirmed with a non-blocking peek, so a stale wake-up never makes
+    /// a following [`recv`](Self::recv) block.
     pub async fn readable(&self) -> Result<(), Error> {
-        let mut guard = self.fd.readable().await.map_err(Error::io("poll"))?;
-        guard.retain_ready();
-        Ok(())
+        loop {
+            let mut guard = self.fd.readable().await.map_err(Error::io("poll"))?;
+            let peeked = guard.try_io(|sock| {
+                socket::recv(
+                    sock.as_raw_fd(),
+                    &mut [0u8; 1],
+                    MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(io::Error::from)
+            });
+            match peeked {
+                Ok(_) => return Ok(()),
+                Err(_would_block) => continue,
+            }
+        }
     }
 }
 

@@ -1,0 +1,138 @@
+//! Running CNI plugins the way a container runtime does: one executable per plugin,
+//! the config on stdin, the request in `CNI_*` variables, each chained plugin given
+//! the previous one's result as `prevResult`; DEL in reverse order.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+/// Where Debian's containernetworking-plugins puts the plugins.
+pub fn plugin_dir() -> PathBuf {
+    std::env::var_os("CNI_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/cni"))
+}
+
+/// One CNI invocation's parameters.
+pub struct Invocation<'a> {
+    pub container_id: &'a str,
+    pub netns: &'a Path,
+    pub ifname: &'a str,
+}
+
+fn exec_plugin(command: &str, conf: &Value, inv: &Invocation<'_>) -> anyhow::Result<Value> {
+    let kind = conf["type"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("plugin config without type: {conf}"))?;
+    let dir = plugin_dir();
+    let bin = dir.join(kind);
+    anyhow::ensure!(
+        bin.exists(),
+        "CNI plugin {} not found: install containernetworking-plugins",
+        bin.display()
+    );
+    let mut child = Command::new(&bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", inv.container_id)
+        .env("CNI_NETNS", inv.netns)
+        .env("CNI_IFNAME", inv.ifname)
+        .env("CNI_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "CNI {command} {kind} failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if stdout.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    Ok(serde_json::from_str(&stdout)?)
+}
+
+/// Runs ADD through the conflist's plugins; returns the final result.
+pub fn add(conflist: &Value, inv: &Invocation<'_>) -> anyhow::Result<Value> {
+    let mut prev = Value::Null;
+    for plugin in plugins(conflist)? {
+        let conf = plugin_conf(conflist, plugin, &prev);
+        prev = exec_plugin("ADD", &conf, inv)?;
+    }
+    Ok(prev)
+}
+
+/// Runs DEL through the conflist's plugins in reverse order, attempting all of them.
+pub fn del(conflist: &Value, inv: &Invocation<'_>) -> anyhow::Result<()> {
+    let mut first_err = None;
+    for plugin in plugins(conflist)?.iter().rev() {
+        let conf = plugin_conf(conflist, plugin, &Value::Null);
+        if let Err(e) = exec_plugin("DEL", &conf, inv) {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+fn plugins(conflist: &Value) -> anyhow::Result<&Vec<Value>> {
+    conflist["plugins"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("conflist without plugins"))
+}
+
+fn plugin_conf(conflist: &Value, plugin: &Value, prev: &Value) -> Value {
+    let mut conf = plugin.clone();
+    conf["name"] = conflist["name"].clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    if !prev.is_null() {
+        conf["prevResult"] = prev.clone();
+    }
+    conf
+}
+
+/// The first IP address of a CNI result (`ips[0].address`, CIDR form).
+pub fn first_ip(result: &Value) -> anyhow::Result<IpAddr> {
+    let cidr = result["ips"][0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("CNI result without an IP: {result}"))?;
+    let ip = cidr.split('/').next().unwrap_or(cidr);
+    Ok(ip.parse()?)
+}
+
+/// A conflist for pods on one bridge: bridge + host-local, addresses from `subnet`.
+pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": false,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": subnet }]],
+                "dataDir": ipam_dir,
+            }
+        }]
+    })
+}
+
+/// The loopback network: brings `lo` up (`ip netns add` leaves it down).
+pub fn loopback_conflist() -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "loopback",
+        "plugins": [{ "type": "loopback" }]
+    })
+}

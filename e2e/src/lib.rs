@@ -1,0 +1,56 @@
+//! A Kubernetes-like node on one Linux machine, for end-to-end tests: pods are network
+//! namespaces wired by the real CNI `bridge`, `host-local` and `loopback` plugins (run
+//! the way a container runtime runs them), ztunnel is a real process, and the agent is
+//! the real `istio-cni` library serving a real Unix socket.
+//!
+//! Everything a test creates is owned by a guard that removes it on drop, so it is
+//! cleaned up when the test fails too. These tests need root.
+
+pub mod app;
+pub mod cni;
+pub mod node;
+pub mod process;
+
+pub use node::{TestNode, TestPod};
+pub use process::Ztunnel;
+
+use std::path::PathBuf;
+
+/// Fails the test with a clear message unless running as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these end-to-end tests create network namespaces and iptables rules: run them as root (CI does)"
+    );
+}
+
+/// Path of a workspace binary (`ztunnel`, `istio-cni`) next to this test's target dir.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `cargo xtask test` does it)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs a command, returning stdout; panics with its stderr on failure.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,206 @@
+//! A test node: a bridge network and pods (network namespaces) wired by real CNI plugins.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use istio_cni::rules::{Backend, Iptables, RuleConfig};
+use istio_cni::{AgentConfig, Pod};
+use protocol::{Netns, WorkloadUid};
+use serde_json::Value;
+
+use crate::cni::{self, Invocation};
+use crate::sh;
+
+/// A node: one bridge, a private directory, the host settings it changed. Dropping it
+/// deletes the bridge and restores `ip_forward` (the bridge plugin turns it on).
+pub struct TestNode {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    bridge: String,
+    conflist: Value,
+    ip_forward_before: String,
+}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+impl TestNode {
+    /// `index` (1–250) keeps concurrently running tests on different subnets.
+    pub fn new(index: u8) -> TestNode {
+        crate::require_root();
+        let id = format!("{index}{}", std::process::id() % 100_000);
+        let dir = tempfile::Builder::new()
+            .prefix("ztunnel-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let bridge = format!("ztbr{id}");
+        let subnet = format!("10.248.{index}.0/24");
+        let conflist = cni::bridge_conflist(
+            &format!("e2e-{id}"),
+            &bridge,
+            &subnet,
+            &dir.path().join("ipam"),
+        );
+        let ip_forward_before = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
+        TestNode {
+            id,
+            dir,
+            bridge,
+            conflist,
+            ip_forward_before,
+        }
+    }
+
+    /// Where the agent serves ZDS and ztunnel connects.
+    pub fn zds_socket(&self) -> PathBuf {
+        self.dir.path().join("ztunnel.sock")
+    }
+
+    /// The agent configuration for this node (backend matching the host).
+    pub fn agent_config(&self) -> AgentConfig {
+        AgentConfig {
+            zds_socket: self.zds_socket(),
+            zds_socket_mode: 0o600,
+            zds_timeout: Duration::from_secs(5),
+            rules: RuleConfig::default(),
+            iptables: Iptables {
+                backend: Backend::detect().expect("an iptables backend"),
+                lock_wait: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// Starts a pod: a netns, then the loopback and bridge plugins, as a runtime would.
+    pub fn add_pod(&self, name: &str) -> TestPod {
+        let netns_name = format!("zt{}-{name}", self.id);
+        sh("ip", &["netns", "add", &netns_name]);
+        let mut pod = TestPod {
+            name: name.to_string(),
+            uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),
+            netns_path: PathBuf::from("/var/run/netns").join(&netns_name),
+            netns_name,
+            ip: IpAddr::from([0, 0, 0, 0]),
+            conflist: self.conflist.clone(),
+        };
+        let result = (|| {
+            cni::add(&cni::loopback_conflist(), &pod.invocation("lo"))?;
+            cni::add(&pod.conflist, &pod.invocation("eth0"))
+        })()
+        .unwrap_or_else(|e| panic!("CNI ADD for {name}: {e}"));
+        pod.ip = cni::first_ip(&result).expect("pod IP");
+        pod
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !self.ip_forward_before.is_empty() {
+            let _ = std::fs::write(IP_FORWARD, &self.ip_forward_before);
+        }
+    }
+}
+
+/// A pod: its netns, address and identity. Dropping it runs CNI DEL and deletes the netns.
+pub struct TestPod {
+    pub name: String,
+    pub uid: WorkloadUid,
+    pub netns_name: String,
+    pub netns_path: PathBuf,
+    pub ip: IpAddr,
+    conflist: Value,
+}
+
+impl TestPod {
+    fn invocation(&self, ifname: &'static str) -> Invocation<'_> {
+        Invocation {
+            container_id: &self.netns_name,
+            netns: &self.netns_path,
+            ifname,
+        }
+    }
+
+    pub fn netns(&self) -> Netns {
+        Netns::open(&self.netns_path).expect("pod netns")
+    }
+
+    /// The pod as the agent's enrollment API takes it.
+    pub fn pod(&self) -> Pod {
+        Pod {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: "ambient-demo".into(),
+            service_account: self.name.clone(),
+            netns_path: self.netns_path.clone(),
+            ips: vec![self.ip],
+        }
+    }
+
+    /// Runs a command inside the pod's netns (`ip netns exec`), returning stdout.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", self.netns_name.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// `ss -ntlp` rows as (port, process) pairs.
+    pub fn listening(&self) -> Vec<(u16, String)> {
+        self.exec(&["ss", "-ntlpH"])
+            .lines()
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                let port = cols.get(3)?.rsplit(':').next()?.parse().ok()?;
+                Some((port, cols.get(5).copied().unwrap_or("").to_string()))
+            })
+            .collect()
+    }
+
+    /// Ports listening in the pod whose owner process line mentions `process`.
+    pub fn ports_of(&self, process: &str) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .listening()
+            .into_iter()
+            .filter(|(_, p)| p.contains(process))
+            .map(|(port, _)| port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// `iptables-save` inside the pod, comment lines dropped and counters zeroed.
+    pub fn iptables_save(&self) -> String {
+        normalize_save(&self.exec(&["iptables-save"]))
+    }
+
+    /// The pod's ip rules at our priority and its table-100 routes.
+    pub fn policy_routing(&self) -> String {
+        self.exec(&["ip", "rule", "show", "pref", "32764"])
+            + &self.exec(&["ip", "route", "show", "table", "100"])
+    }
+}
+
+impl Drop for TestPod {
+    fn drop(&mut self) {
+        let _ = cni::del(&self.conflist, &self.invocation("eth0"));
+        let _ = cni::del(&cni::loopback_conflist(), &self.invocation("lo"));
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns_name])
+            .status();
+    }
+}
+
+/// Drops `#` lines and zeroes `[packets:bytes]` counters of an iptables-save dump.
+pub fn normalize_save(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+            (true, Some(i)) => format!("{} [0:0]", &l[..i]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,240 @@
+//! Acceptance tests of in-pod redirection: real network namespaces on a CNI bridge, the
+//! real agent library on a real ZDS socket, ztunnel as a real process. Root only.
+
+use std::time::Duration;
+
+use e2e::app::{echo_server, request, seen_peer};
+use e2e::node::normalize_save;
+use e2e::{TestNode, Ztunnel};
+use istio_cni::{Agent, EnrollStatus};
+
+const T: Duration = Duration::from_secs(3);
+const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
+const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+async fn enrolled(agent: &Agent, pod: &e2e::TestPod) {
+    let status = agent.enroller().enroll(&pod.pod()).await.expect("enroll");
+    assert_eq!(status, EnrollStatus::Enabled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
+    let node = TestNode::new(11);
+    let pod = node.add_pod("sleep");
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let zt = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &pod).await;
+
+    assert_eq!(pod.ports_of("ztunnel"), ZTUNNEL_PORTS, "{:?}", pod.listening());
+    assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE));
+    let routing = pod.policy_routing();
+    assert!(routing.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"), "{routing}");
+    assert!(routing.contains("local default dev lo"), "{routing}");
+    zt.wait_for(&["ztunnel::inpod::workloadmanager", "handling new stream"], 1).await;
+    zt.wait_for(&["ztunnel::inpod::statemanager", "pod received snapshot sent"], 1).await;
+    zt.wait_for(
+        &["ztunnel::inpod::statemanager", &format!("pod {:?} received netns, starting proxy", pod.uid)],
+        1,
+    )
+    .await;
+    for line in ["inpod_enabled: true", "inpod_port_reuse: true", "inpod_mark: 1337"] {
+        assert!(zt.logs().contains(line), "missing startup line {line}");
+    }
+
+    // Enrolling again changes nothing: no duplicated rules, the same proxy.
+    enrolled(&agent, &pod).await;
+    assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE));
+    assert_eq!(zt.count(&["received netns, starting proxy"]), 1);
+    let verification = agent.enroller().verify(&pod.uid).await.unwrap().unwrap();
+    assert!(verification.is_clean(), "{verification:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_to_pod_traffic_passes_through_ztunnel_on_both_sides() {
+    let node = TestNode::new(12);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let zt = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &a).await;
+    enrolled(&agent, &b).await;
+    let server = echo_server(&b, 8080).await;
+
+    let response = request(&a, server.addr, T).await.expect("a -> b through ztunnel");
+    assert_eq!(seen_peer(&response), Some(a.ip), "b's app must see a's IP: {response}");
+    assert!(response.ends_with("hello\n"), "{response}");
+    let dst = format!("dst.addr={}", server.addr);
+    zt.wait_for(&["direction=\"outbound\"", &dst, "pod=sleep"], 1).await;
+    zt.wait_for(&["direction=\"inbound\"", &dst, &format!("src.addr={}:", a.ip), "pod=httpbin"], 1)
+        .await;
+}
+
+/// Only what belongs to someone: `-A` rules and user chains (an emptied built-in
+/// table that iptables-nft leaves behind is not a rule).
+fn rules_only(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| l.starts_with("-A") || (l.starts_with(':') && l.contains(" - [")))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
+    let node = TestNode::new(13);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    // Someone else's chain in the pod: it must survive enrollment and removal.
+    a.exec(&["iptables", "-t", "nat", "-N", "OTHER_CNI"]);
+    a.exec(&["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "OTHER_CNI"]);
+    let before = rules_only(&a.iptables_save());
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let zt = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &a).await;
+    enrolled(&agent, &b).await;
+    let server = echo_server(&b, 8080).await;
+    request(&a, server.addr, T).await.expect("through ztunnel");
+    zt.wait_for(&["direction=\"outbound\""], 1).await;
+
+    for pod in [&a, &b] {
+        agent.enroller().unenroll(&pod.uid).await.expect("unenroll");
+    }
+    assert_eq!(rules_only(&a.iptables_save()), before);
+    assert!(rules_only(&b.iptables_save()).is_empty(), "{}", b.iptables_save());
+    assert_eq!(a.policy_routing(), "");
+    zt.wait_for(&["pod delete request, draining proxy"], 2).await;
+    wait_until("ztunnel's listeners are gone", || {
+        a.ports_of("ztunnel").is_empty() && b.ports_of("ztunnel").is_empty()
+    })
+    .await;
+
+    let response = request(&a, server.addr, T).await.expect("direct a -> b");
+    assert_eq!(seen_peer(&response), Some(a.ip));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(zt.count(&["direction=\"outbound\""]), 1, "traffic after unenroll went through ztunnel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
+    let node = TestNode::new(14);
+    let (a, b, outside) = (node.add_pod("sleep"), node.add_pod("httpbin"), node.add_pod("outside"));
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let mut zt1 = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &a).await;
+    enrolled(&agent, &b).await;
+    let server = echo_server(&b, 8080).await;
+    request(&a, server.addr, T).await.expect("through ztunnel");
+
+    zt1.kill();
+    // Fail closed: with ztunnel gone nothing bypasses it, in either direction.
+    let out = request(&a, server.addr, Duration::from_secs(1)).await;
+    assert!(out.is_err(), "outbound bypassed a dead ztunnel: {out:?}");
+    let inb = request(&outside, server.addr, Duration::from_secs(1)).await;
+    assert!(inb.is_err(), "inbound bypassed a dead ztunnel: {inb:?}");
+
+    // b leaves the mesh while ztunnel is down.
+    agent.enroller().unenroll(&b.uid).await.expect("unenroll b");
+
+    let zt2 = Ztunnel::start(&node, 2);
+    zt2.wait_for(&["pod received snapshot sent"], 1).await;
+    assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
+    assert!(b.ports_of("ztunnel").is_empty(), "b was unenrolled: {:?}", b.listening());
+    assert_eq!(zt2.count(&["received netns, starting proxy"]), 1);
+
+    let response = request(&a, server.addr, T).await.expect("a -> b after restart");
+    assert_eq!(seen_peer(&response), Some(a.ip));
+    zt2.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1).await;
+    let response = request(&outside, server.addr, T).await.expect("outside -> b, b now out of the mesh");
+    assert_eq!(seen_peer(&response), Some(outside.ip));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
+    let node = TestNode::new(15);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let zt = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &a).await;
+    enrolled(&agent, &b).await;
+    let server = echo_server(&b, 8080).await;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = e2e::app::connect(&a, server.addr, T).await.expect("long-lived connection");
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    stream.read_line(&mut line).await.unwrap();
+    assert_eq!(seen_peer(&line), Some(a.ip));
+
+    drop(agent);
+    zt.wait_for(&["reconnecting"], 1).await;
+    let agent = Agent::start(node.agent_config(), &[a.pod(), b.pod()]).await.unwrap();
+    zt.wait_for(&["handling new stream"], 2).await;
+    zt.wait_for(&["pod received snapshot sent"], 2).await;
+    agent.enroller().server().wait_for_connections(1).await;
+
+    for pod in [&a, &b] {
+        assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE), "rules of {}", pod.name);
+    }
+    assert_eq!(zt.count(&["received netns, starting proxy"]), 2, "proxies were restarted");
+    // The connection opened before the restart still flows.
+    stream.get_mut().write_all(b"still there\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(T, stream.read_line(&mut line)).await.unwrap().unwrap();
+    assert_eq!(line, "still there\n");
+    request(&a, server.addr, T).await.expect("new connection after agent restart");
+
+    // An agent that comes back without b (unenrolled meanwhile): ztunnel drains b
+    // once the snapshot is complete.
+    drop(agent);
+    let _agent = Agent::start(node.agent_config(), &[a.pod()]).await.unwrap();
+    zt.wait_for(&["pod received snapshot sent"], 3).await;
+    zt.wait_for(&["pod not in snapshot, draining proxy"], 1).await;
+    wait_until("b's proxy is drained", || b.ports_of("ztunnel").is_empty()).await;
+    assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
+    let node = TestNode::new(16);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let mut old = Ztunnel::start(&node, 1);
+    agent.enroller().server().wait_for_connections(1).await;
+    enrolled(&agent, &a).await;
+    enrolled(&agent, &b).await;
+    let server = echo_server(&b, 8080).await;
+
+    let new = Ztunnel::start(&node, 2);
+    agent.enroller().server().wait_for_connections(2).await;
+    new.wait_for(&["received netns, starting proxy"], 2).await;
+    let owners: Vec<String> = a
+        .listening()
+        .into_iter()
+        .filter(|(port, _)| *port == 15001)
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(owners.len(), 2, "both ztunnels bind 15001: {owners:?}");
+    for pid in [old.pid(), new.pid()] {
+        assert!(owners.iter().any(|o| o.contains(&format!("pid={pid},"))), "{owners:?}");
+    }
+
+    old.terminate();
+    for i in 0..5 {
+        let response = request(&a, server.addr, T)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} after the old ztunnel exited: {e}"));
+        assert_eq!(seen_peer(&response), Some(a.ip));
+    }
+    new.wait_for(&["direction=\"outbound\"", "pod=sleep"], 5).await;
+    assert_eq!(a.ports_of("ztunnel").len(), 3);
+}
