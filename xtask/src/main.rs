@@ -1,0 +1,56 @@
+//! `cargo xtask <task>`: the project's commands.
+//!
+//! - `test`: builds the binaries the end-to-end tests run, then the whole suite
+//!   (nextest when installed, else cargo test). The e2e tests need root.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(mut cmd: Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    // The e2e tests start the real ztunnel binary: build it first.
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    run(build)?;
+    let mut cmd = cargo();
+    if has_nextest() {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        eprintln!("xtask: cargo-nextest not found, using cargo test (e2e tests run serially)");
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+        cmd.env("RUST_TEST_THREADS", "1");
+    }
+    cmd.args(extra);
+    run(cmd)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  test [args]   build the binaries and run every test (root needed for e2e)");
+            std::process::exit(2);
+        }
+    }
+}
