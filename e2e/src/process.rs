@@ -108,7 +108,11 @@ impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- ztunnel log ({}) ---\n{}", self.log.display(), self.logs());
+            eprintln!(
+                "--- ztunnel log ({}) ---\n{}",
+                self.log.display(),
+                self.logs()
+            );
         }
     }
 }

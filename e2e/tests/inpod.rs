@@ -26,19 +26,42 @@ async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
     agent.enroller().server().wait_for_connections(1).await;
     enrolled(&agent, &pod).await;
 
-    assert_eq!(pod.ports_of("ztunnel"), ZTUNNEL_PORTS, "{:?}", pod.listening());
+    assert_eq!(
+        pod.ports_of("ztunnel"),
+        ZTUNNEL_PORTS,
+        "{:?}",
+        pod.listening()
+    );
     assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE));
     let routing = pod.policy_routing();
-    assert!(routing.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"), "{routing}");
+    assert!(
+        routing.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+        "{routing}"
+    );
     assert!(routing.contains("local default dev lo"), "{routing}");
-    zt.wait_for(&["ztunnel::inpod::workloadmanager", "handling new stream"], 1).await;
-    zt.wait_for(&["ztunnel::inpod::statemanager", "pod received snapshot sent"], 1).await;
     zt.wait_for(
-        &["ztunnel::inpod::statemanager", &format!("pod {:?} received netns, starting proxy", pod.uid)],
+        &["ztunnel::inpod::workloadmanager", "handling new stream"],
         1,
     )
     .await;
-    for line in ["inpod_enabled: true", "inpod_port_reuse: true", "inpod_mark: 1337"] {
+    zt.wait_for(
+        &["ztunnel::inpod::statemanager", "pod received snapshot sent"],
+        1,
+    )
+    .await;
+    zt.wait_for(
+        &[
+            "ztunnel::inpod::statemanager",
+            &format!("pod {:?} received netns, starting proxy", pod.uid),
+        ],
+        1,
+    )
+    .await;
+    for line in [
+        "inpod_enabled: true",
+        "inpod_port_reuse: true",
+        "inpod_mark: 1337",
+    ] {
         assert!(zt.logs().contains(line), "missing startup line {line}");
     }
 
@@ -61,13 +84,28 @@ async fn pod_to_pod_traffic_passes_through_ztunnel_on_both_sides() {
     enrolled(&agent, &b).await;
     let server = echo_server(&b, 8080).await;
 
-    let response = request(&a, server.addr, T).await.expect("a -> b through ztunnel");
-    assert_eq!(seen_peer(&response), Some(a.ip), "b's app must see a's IP: {response}");
+    let response = request(&a, server.addr, T)
+        .await
+        .expect("a -> b through ztunnel");
+    assert_eq!(
+        seen_peer(&response),
+        Some(a.ip),
+        "b's app must see a's IP: {response}"
+    );
     assert!(response.ends_with("hello\n"), "{response}");
     let dst = format!("dst.addr={}", server.addr);
-    zt.wait_for(&["direction=\"outbound\"", &dst, "pod=sleep"], 1).await;
-    zt.wait_for(&["direction=\"inbound\"", &dst, &format!("src.addr={}:", a.ip), "pod=httpbin"], 1)
+    zt.wait_for(&["direction=\"outbound\"", &dst, "pod=sleep"], 1)
         .await;
+    zt.wait_for(
+        &[
+            "direction=\"inbound\"",
+            &dst,
+            &format!("src.addr={}:", a.ip),
+            "pod=httpbin",
+        ],
+        1,
+    )
+    .await;
 }
 
 /// Only what belongs to someone: `-A` rules and user chains (an emptied built-in
@@ -82,7 +120,10 @@ fn rules_only(save: &str) -> Vec<String> {
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -93,7 +134,17 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
     // Someone else's chain in the pod: it must survive enrollment and removal.
     a.exec(&["iptables", "-t", "nat", "-N", "OTHER_CNI"]);
-    a.exec(&["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "OTHER_CNI"]);
+    a.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-j",
+        "OTHER_CNI",
+    ]);
     let before = rules_only(&a.iptables_save());
     let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
     let zt = Ztunnel::start(&node, 1);
@@ -108,9 +159,14 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
         agent.enroller().unenroll(&pod.uid).await.expect("unenroll");
     }
     assert_eq!(rules_only(&a.iptables_save()), before);
-    assert!(rules_only(&b.iptables_save()).is_empty(), "{}", b.iptables_save());
+    assert!(
+        rules_only(&b.iptables_save()).is_empty(),
+        "{}",
+        b.iptables_save()
+    );
     assert_eq!(a.policy_routing(), "");
-    zt.wait_for(&["pod delete request, draining proxy"], 2).await;
+    zt.wait_for(&["pod delete request, draining proxy"], 2)
+        .await;
     wait_until("ztunnel's listeners are gone", || {
         a.ports_of("ztunnel").is_empty() && b.ports_of("ztunnel").is_empty()
     })
@@ -119,13 +175,21 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
     let response = request(&a, server.addr, T).await.expect("direct a -> b");
     assert_eq!(seen_peer(&response), Some(a.ip));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(zt.count(&["direction=\"outbound\""]), 1, "traffic after unenroll went through ztunnel");
+    assert_eq!(
+        zt.count(&["direction=\"outbound\""]),
+        1,
+        "traffic after unenroll went through ztunnel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
     let node = TestNode::new(14);
-    let (a, b, outside) = (node.add_pod("sleep"), node.add_pod("httpbin"), node.add_pod("outside"));
+    let (a, b, outside) = (
+        node.add_pod("sleep"),
+        node.add_pod("httpbin"),
+        node.add_pod("outside"),
+    );
     let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
     let mut zt1 = Ztunnel::start(&node, 1);
     agent.enroller().server().wait_for_connections(1).await;
@@ -147,13 +211,22 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
     let zt2 = Ztunnel::start(&node, 2);
     zt2.wait_for(&["pod received snapshot sent"], 1).await;
     assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
-    assert!(b.ports_of("ztunnel").is_empty(), "b was unenrolled: {:?}", b.listening());
+    assert!(
+        b.ports_of("ztunnel").is_empty(),
+        "b was unenrolled: {:?}",
+        b.listening()
+    );
     assert_eq!(zt2.count(&["received netns, starting proxy"]), 1);
 
-    let response = request(&a, server.addr, T).await.expect("a -> b after restart");
+    let response = request(&a, server.addr, T)
+        .await
+        .expect("a -> b after restart");
     assert_eq!(seen_peer(&response), Some(a.ip));
-    zt2.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1).await;
-    let response = request(&outside, server.addr, T).await.expect("outside -> b, b now out of the mesh");
+    zt2.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1)
+        .await;
+    let response = request(&outside, server.addr, T)
+        .await
+        .expect("outside -> b, b now out of the mesh");
     assert_eq!(seen_peer(&response), Some(outside.ip));
 }
 
@@ -169,7 +242,9 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
     let server = echo_server(&b, 8080).await;
 
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = e2e::app::connect(&a, server.addr, T).await.expect("long-lived connection");
+    let stream = e2e::app::connect(&a, server.addr, T)
+        .await
+        .expect("long-lived connection");
     let mut stream = BufReader::new(stream);
     let mut line = String::new();
     stream.read_line(&mut line).await.unwrap();
@@ -177,28 +252,45 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
 
     drop(agent);
     zt.wait_for(&["reconnecting"], 1).await;
-    let agent = Agent::start(node.agent_config(), &[a.pod(), b.pod()]).await.unwrap();
+    let agent = Agent::start(node.agent_config(), &[a.pod(), b.pod()])
+        .await
+        .unwrap();
     zt.wait_for(&["handling new stream"], 2).await;
     zt.wait_for(&["pod received snapshot sent"], 2).await;
     agent.enroller().server().wait_for_connections(1).await;
 
     for pod in [&a, &b] {
-        assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE), "rules of {}", pod.name);
+        assert_eq!(
+            pod.iptables_save(),
+            normalize_save(SPEC_SAVE),
+            "rules of {}",
+            pod.name
+        );
     }
-    assert_eq!(zt.count(&["received netns, starting proxy"]), 2, "proxies were restarted");
+    assert_eq!(
+        zt.count(&["received netns, starting proxy"]),
+        2,
+        "proxies were restarted"
+    );
     // The connection opened before the restart still flows.
     stream.get_mut().write_all(b"still there\n").await.unwrap();
     line.clear();
-    tokio::time::timeout(T, stream.read_line(&mut line)).await.unwrap().unwrap();
+    tokio::time::timeout(T, stream.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(line, "still there\n");
-    request(&a, server.addr, T).await.expect("new connection after agent restart");
+    request(&a, server.addr, T)
+        .await
+        .expect("new connection after agent restart");
 
     // An agent that comes back without b (unenrolled meanwhile): ztunnel drains b
     // once the snapshot is complete.
     drop(agent);
     let _agent = Agent::start(node.agent_config(), &[a.pod()]).await.unwrap();
     zt.wait_for(&["pod received snapshot sent"], 3).await;
-    zt.wait_for(&["pod not in snapshot, draining proxy"], 1).await;
+    zt.wait_for(&["pod not in snapshot, draining proxy"], 1)
+        .await;
     wait_until("b's proxy is drained", || b.ports_of("ztunnel").is_empty()).await;
     assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
 }
@@ -225,7 +317,10 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
         .collect();
     assert_eq!(owners.len(), 2, "both ztunnels bind 15001: {owners:?}");
     for pid in [old.pid(), new.pid()] {
-        assert!(owners.iter().any(|o| o.contains(&format!("pid={pid},"))), "{owners:?}");
+        assert!(
+            owners.iter().any(|o| o.contains(&format!("pid={pid},"))),
+            "{owners:?}"
+        );
     }
 
     old.terminate();
@@ -235,6 +330,7 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
             .unwrap_or_else(|e| panic!("request {i} after the old ztunnel exited: {e}"));
         assert_eq!(seen_peer(&response), Some(a.ip));
     }
-    new.wait_for(&["direction=\"outbound\"", "pod=sleep"], 5).await;
+    new.wait_for(&["direction=\"outbound\"", "pod=sleep"], 5)
+        .await;
     assert_eq!(a.ports_of("ztunnel").len(), 3);
 }

@@ -15,7 +15,11 @@ use tracing_subscriber::EnvFilter;
 #[command(version)]
 struct Args {
     /// The ZDS socket ztunnel connects to.
-    #[arg(long, env = "ZTUNNEL_UDS", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    #[arg(
+        long,
+        env = "ZTUNNEL_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
     ztunnel_uds: PathBuf,
     /// iptables backend for pod rules: auto (match the host), legacy or nft.
     #[arg(long, env = "IPTABLES_BACKEND", default_value = "auto")]
@@ -31,7 +35,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     let args = Args::parse();
     let backend = match args.iptables_backend.as_str() {

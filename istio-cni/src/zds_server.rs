@@ -232,7 +232,12 @@ impl ZdsServer {
             st.conns.push(ConnHandle { id, jobs: tx });
             (id, st.pods.clone())
         };
-        info!(conn = id, pid = peer.pid(), pods = snapshot.len(), "ztunnel connected, sending snapshot");
+        info!(
+            conn = id,
+            pid = peer.pid(),
+            pods = snapshot.len(),
+            "ztunnel connected, sending snapshot"
+        );
 
         let live = std::sync::atomic::AtomicBool::new(false);
         let result = async {
@@ -291,13 +296,18 @@ impl ZdsServer {
             Err(e) => warn!(conn = id, "ztunnel connection ended: {e}"),
         }
         if live.load(std::sync::atomic::Ordering::Relaxed) {
-            self.inner.connected.send_modify(|c| *c = c.saturating_sub(1));
+            self.inner
+                .connected
+                .send_modify(|c| *c = c.saturating_sub(1));
         }
         // Jobs still queued are dropped here; their senders see ConnectionLost.
     }
 }
 
-fn submit(conn: &ConnHandle, request: Request<Arc<Netns>>) -> oneshot::Receiver<Result<(), ZdsError>> {
+fn submit(
+    conn: &ConnHandle,
+    request: Request<Arc<Netns>>,
+) -> oneshot::Receiver<Result<(), ZdsError>> {
     let (done, rx) = oneshot::channel();
     // A send error means the connection task is gone: `rx` then reports ConnectionLost.
     let _ = conn.jobs.send(Job { request, done });
@@ -311,7 +321,8 @@ async fn exchange(
     timeout: Duration,
 ) -> Result<(), ZdsError> {
     debug!(kind = request.kind(), uid = ?request.uid(), "sending to ztunnel");
-    conn.send_timeout(&request.encode(), request.fd(), timeout).await?;
+    conn.send_timeout(&request.encode(), request.fd(), timeout)
+        .await?;
     let ack = Ack::decode(conn.recv_timeout(timeout).await?)?;
     ack.into_result().map_err(|error| ZdsError::Rejected {
         kind: request.kind(),

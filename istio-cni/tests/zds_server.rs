@@ -78,7 +78,11 @@ async fn a_new_ztunnel_gets_the_snapshot_with_fds_then_snapshot_sent() {
         } => {
             assert_eq!(uid.as_str(), "a");
             assert_eq!(got, info("a"));
-            assert_eq!(netns.id(), ns.id(), "the fd ztunnel receives is the pod's netns");
+            assert_eq!(
+                netns.id(),
+                ns.id(),
+                "the fd ztunnel receives is the pod's netns"
+            );
         }
         other => panic!("expected Add, got {other:?}"),
     }

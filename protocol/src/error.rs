@@ -43,6 +43,9 @@ impl Error {
 
     /// True when the connection can no longer be used (as opposed to one bad message).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::Closed | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::Io { .. } | Error::Closed | Error::Timeout { .. }
+        )
     }
 }

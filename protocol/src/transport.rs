@@ -63,9 +63,7 @@ fn seqpacket_socket() -> Result<OwnedFd, Error> {
 
 impl SeqpacketConn {
     fn from_fd(fd: OwnedFd) -> Result<Self, Error> {
-        Ok(SeqpacketConn {
-            fd: register(fd)?,
-        })
+        Ok(SeqpacketConn { fd: register(fd)? })
     }
 
     /// Connects to the listener at `path`.
@@ -151,7 +149,10 @@ impl SeqpacketConn {
                     if let ControlMessageOwned::ScmRights(raw) = cmsg {
                         // SAFETY: the kernel just installed these descriptors in our
                         // table for this message; nothing else knows or owns them.
-                        fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
                     }
                 }
                 Ok((msg.bytes, msg.flags, fds))
@@ -244,10 +245,7 @@ impl SeqpacketListener {
     /// a previous run is replaced atomically. A non-socket file at `path` is an error.
     pub fn bind(path: &Path, mode: u32) -> Result<Self, Error> {
         let bind_err = |e: io::Error| {
-            Error::io("bind")(io::Error::new(
-                e.kind(),
-                format!("{}: {e}", path.display()),
-            ))
+            Error::io("bind")(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(bind_err)?;
@@ -366,9 +364,15 @@ mod tests {
         let (a, b) = SeqpacketConn::pair().unwrap();
         let before = open_fds();
         send_raw_fds(&a, 2);
-        assert!(matches!(b.recv().await, Err(Error::TooManyFds { count: 2 })));
+        assert!(matches!(
+            b.recv().await,
+            Err(Error::TooManyFds { count: 2 })
+        ));
         send_raw_fds(&a, 200);
-        assert!(matches!(b.recv().await, Err(Error::TooManyFds { count: 200 })));
+        assert!(matches!(
+            b.recv().await,
+            Err(Error::TooManyFds { count: 200 })
+        ));
         assert_eq!(open_fds(), before, "received fds leaked");
     }
 
@@ -405,7 +409,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("zds.sock");
         std::fs::write(&path, "precious").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _guard = rt.enter();
         assert!(SeqpacketListener::bind(&path, 0o600).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");

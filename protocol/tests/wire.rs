@@ -63,7 +63,11 @@ fn golden_bytes_of_every_message() {
 #[test]
 fn requests_decode_from_golden_bytes() {
     match Request::decode(with_netns(ADD_U1)).unwrap() {
-        Request::Add { uid, info: got, netns } => {
+        Request::Add {
+            uid,
+            info: got,
+            netns,
+        } => {
             assert_eq!(uid, WorkloadUid::new("u1"));
             assert_eq!(got, info());
             assert_eq!(netns.id(), Netns::current().unwrap().id());
@@ -94,7 +98,9 @@ fn rules_the_wire_cannot_express_are_enforced() {
     ));
     assert!(matches!(
         Request::decode(with_netns(DEL_U1)),
-        Err(Error::UnexpectedFd { kind: "DelWorkload" })
+        Err(Error::UnexpectedFd {
+            kind: "DelWorkload"
+        })
     ));
     assert!(matches!(
         Request::decode(with_netns(SNAPSHOT_SENT)),
@@ -102,7 +108,9 @@ fn rules_the_wire_cannot_express_are_enforced() {
     ));
     assert!(matches!(
         Request::decode(datagram(&[0x12, 0x00])),
-        Err(Error::EmptyUid { kind: "DelWorkload" })
+        Err(Error::EmptyUid {
+            kind: "DelWorkload"
+        })
     ));
     // An empty WorkloadRequest decodes in protobuf but has no payload.
     assert!(matches!(
@@ -164,7 +172,13 @@ fn random_and_truncated_datagrams_never_panic() {
         for cut in 1..golden.len() {
             let err = Request::decode(with_netns(&golden[..cut])).unwrap_err();
             assert!(
-                matches!(err, Error::Decode(_) | Error::EmptyUid { .. } | Error::UnexpectedFd { .. } | Error::MissingPayload),
+                matches!(
+                    err,
+                    Error::Decode(_)
+                        | Error::EmptyUid { .. }
+                        | Error::UnexpectedFd { .. }
+                        | Error::MissingPayload
+                ),
                 "cut at {cut}: {err:?}"
             );
         }

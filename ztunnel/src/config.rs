@@ -12,7 +12,11 @@ use clap::Parser;
 #[command(version)]
 pub struct Config {
     /// Socket of the node agent's ZDS server.
-    #[arg(long, env = "INPOD_UDS", default_value = "/var/run/ztunnel/ztunnel.sock")]
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
     pub inpod_uds: PathBuf,
     /// Set SO_REUSEPORT on pod listeners, so two ztunnels can overlap during an upgrade.
     #[arg(long, env = "INPOD_PORT_REUSE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -95,7 +99,9 @@ mod tests {
     fn durations_parse_and_bad_ones_say_why() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("fast").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("fast")
+            .unwrap_err()
+            .contains("not a duration"));
         assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
     }
 

@@ -77,7 +77,9 @@ impl std::str::FromStr for Backend {
         match s {
             "legacy" => Ok(Backend::Legacy),
             "nft" => Ok(Backend::Nft),
-            other => Err(format!("unknown iptables backend {other:?} (legacy or nft)")),
+            other => Err(format!(
+                "unknown iptables backend {other:?} (legacy or nft)"
+            )),
         }
     }
 }
@@ -126,7 +128,7 @@ impl Iptables {
     }
 }
 
-fn count<'a>(table: Option<&'a SavedTable>, rule: &str) -> usize {
+fn count(table: Option<&SavedTable>, rule: &str) -> usize {
     table.map_or(0, |t| t.rules.iter().filter(|r| *r == rule).count())
 }
 

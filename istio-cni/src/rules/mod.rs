@@ -126,9 +126,7 @@ impl Redirection {
             self.iptables.restore(netns, &input)?;
         }
         let route = self.route.state(netns).map_err(RulesError::Route)?;
-        self.route
-            .remove(netns, route)
-            .map_err(RulesError::Route)?;
+        self.route.remove(netns, route).map_err(RulesError::Route)?;
         conntrack::flush_redirected(netns, &self.cfg).map_err(RulesError::Conntrack)
     }
 }

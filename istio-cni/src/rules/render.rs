@@ -72,9 +72,8 @@ pub fn render(cfg: &RuleConfig) -> Ruleset {
     let ztunnel = format!("0x{:x}/0x{mask:x}", cfg.ztunnel_mark);
     let redirect = format!("0x{:x}/0x{mask:x}", cfg.redirect_mark);
     let probe = format!("{}/32", cfg.probe_ip);
-    let tproxy = |port: u16| {
-        format!("-j TPROXY --on-port {port} --on-ip 0.0.0.0 --tproxy-mark {redirect}")
-    };
+    let tproxy =
+        |port: u16| format!("-j TPROXY --on-port {port} --on-ip 0.0.0.0 --tproxy-mark {redirect}");
 
     let mangle = TableRules {
         table: "mangle",

@@ -115,7 +115,8 @@ mod tests {
     #[test]
     fn state_is_read_from_ip_output() {
         let pr = PolicyRoute::new(&RuleConfig::default());
-        let out = "32764:\tfrom all fwmark 0x111/0xfff lookup 100\nlocal default dev lo scope host \n";
+        let out =
+            "32764:\tfrom all fwmark 0x111/0xfff lookup 100\nlocal default dev lo scope host \n";
         assert_eq!(
             pr.parse_state(out),
             RouteState {

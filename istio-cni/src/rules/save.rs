@@ -54,7 +54,10 @@ pub fn parse_save(text: &str) -> Result<Vec<SavedTable>, SaveParseError> {
     let mut current: Option<SavedTable> = None;
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
-        let err = |reason| SaveParseError { line: i + 1, reason };
+        let err = |reason| SaveParseError {
+            line: i + 1,
+            reason,
+        };
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -68,13 +71,19 @@ pub fn parse_save(text: &str) -> Result<Vec<SavedTable>, SaveParseError> {
             });
             continue;
         }
-        let table = current.as_mut().ok_or_else(|| err("line outside a table"))?;
+        let table = current
+            .as_mut()
+            .ok_or_else(|| err("line outside a table"))?;
         if line == "COMMIT" {
             tables.extend(current.take());
         } else if let Some(decl) = line.strip_prefix(':') {
             let mut words = decl.split_ascii_whitespace();
-            let name = words.next().ok_or_else(|| err("chain line without a name"))?;
-            let policy = words.next().ok_or_else(|| err("chain line without a policy"))?;
+            let name = words
+                .next()
+                .ok_or_else(|| err("chain line without a name"))?;
+            let policy = words
+                .next()
+                .ok_or_else(|| err("chain line without a policy"))?;
             table.chains.push(SavedChain {
                 name: name.to_string(),
                 policy: policy.to_string(),
@@ -171,10 +180,12 @@ pub fn drift(expected: &Ruleset, saved: &[SavedTable]) -> Drift {
                     None => out.missing.push(format!("{t}: {rule}")),
                 }
             }
-            out.extra.extend(unmatched.iter().map(|r| format!("{t}: {r}")));
+            out.extra
+                .extend(unmatched.iter().map(|r| format!("{t}: {r}")));
             if out.is_clean() {
                 // Same rules, wrong order: order matters to netfilter.
-                out.extra.push(format!("{t}: rules of {chain} out of order"));
+                out.extra
+                    .push(format!("{t}: rules of {chain} out of order"));
             }
         }
     }
@@ -191,7 +202,10 @@ mod tests {
     #[test]
     fn the_specifications_dump_has_no_drift() {
         let saved = parse_save(SPEC).unwrap();
-        assert_eq!(drift(&render(&RuleConfig::default()), &saved), Drift::default());
+        assert_eq!(
+            drift(&render(&RuleConfig::default()), &saved),
+            Drift::default()
+        );
     }
 
     #[test]
@@ -218,7 +232,10 @@ mod tests {
         swapped[1].rules.swap(1, 2);
         let d = drift(&expected, &swapped);
         assert!(d.missing.is_empty());
-        assert_eq!(d.extra, vec!["nat: rules of ISTIO_OUTPUT out of order".to_string()]);
+        assert_eq!(
+            d.extra,
+            vec!["nat: rules of ISTIO_OUTPUT out of order".to_string()]
+        );
     }
 
     #[test]
@@ -234,7 +251,8 @@ mod tests {
         assert!(parse_save("*mangle\n-A X -j Y\n").is_err());
         assert!(parse_save("*nat\nwhat\nCOMMIT\n").is_err());
         assert!(parse_save("*nat\n:\nCOMMIT\n").is_err());
-        let counted = parse_save("*nat\n:OUTPUT ACCEPT [1:2]\n[3:4] -A OUTPUT -j X\nCOMMIT\n").unwrap();
+        let counted =
+            parse_save("*nat\n:OUTPUT ACCEPT [1:2]\n[3:4] -A OUTPUT -j X\nCOMMIT\n").unwrap();
         assert_eq!(counted[0].rules, vec!["-A OUTPUT -j X"]);
     }
 }

@@ -45,14 +45,20 @@ pub fn listener(addr: SocketAddr, opts: ListenerOpts) -> io::Result<std::net::Tc
 
 /// An unconnected TCP socket for `dest`, in the calling thread's netns, carrying
 /// `mark`. With `source`, it is bound to that (possibly foreign) address.
-pub fn upstream(dest: SocketAddr, mark: u32, source: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
+pub fn upstream(
+    dest: SocketAddr,
+    mark: u32,
+    source: Option<IpAddr>,
+) -> io::Result<std::net::TcpStream> {
     let socket = tcp_socket(Domain::for_address(dest), mark)?;
     if let Some(ip) = source {
         socket.set_ip_transparent(true)?;
         socket.set_freebind(true)?;
         socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
-    Ok(std::net::TcpStream::from(std::os::fd::OwnedFd::from(socket)))
+    Ok(std::net::TcpStream::from(std::os::fd::OwnedFd::from(
+        socket,
+    )))
 }
 
 /// The destination an outbound connection had before the pod's nat rule redirected it.

@@ -60,7 +60,12 @@ impl ProxyFactory for InpodProxyFactory {
         let cfg = self.cfg.clone();
         Box::pin(async move {
             let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
-            let ctx = PodContext { uid, info, netns, cfg };
+            let ctx = PodContext {
+                uid,
+                info,
+                netns,
+                cfg,
+            };
             let proxy = PodProxy::start(ctx)
                 .await
                 .map_err(|e| format!("starting proxy in pod netns: {e}"))?;
@@ -126,8 +131,13 @@ impl StateManager {
     }
 
     fn update_ready(&self, st: &State) {
-        let ready = st.synced && st.pods.values().all(|p| matches!(p.status, Status::Running(_)));
-        self.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        let ready = st.synced
+            && st
+                .pods
+                .values()
+                .all(|p| matches!(p.status, Status::Running(_)));
+        self.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
 
     /// A new ZDS connection: the agent will send a fresh snapshot.
@@ -181,11 +191,20 @@ impl StateManager {
         let result = self.factory.start(uid.clone(), info.clone(), netns).await;
         let outcome = match result {
             Ok(proxy) => {
-                st.pods.insert(uid, PodState { netns: id, status: Status::Running(proxy) });
+                st.pods.insert(
+                    uid,
+                    PodState {
+                        netns: id,
+                        status: Status::Running(proxy),
+                    },
+                );
                 Ok(())
             }
             Err(e) => {
-                warn!(?uid, "starting proxy failed, will retry in the background: {e}");
+                warn!(
+                    ?uid,
+                    "starting proxy failed, will retry in the background: {e}"
+                );
                 st.attempts += 1;
                 let attempt = st.attempts;
                 st.pods.insert(
@@ -214,8 +233,18 @@ impl StateManager {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(max);
             let mut st = self.state.lock().await;
-            let Some(pod) = st.pods.get_mut(&uid) else { return };
-            let Status::Retrying { netns, info, attempt: a, .. } = &pod.status else { return };
+            let Some(pod) = st.pods.get_mut(&uid) else {
+                return;
+            };
+            let Status::Retrying {
+                netns,
+                info,
+                attempt: a,
+                ..
+            } = &pod.status
+            else {
+                return;
+            };
             if *a != attempt {
                 return;
             }
@@ -247,7 +276,9 @@ impl StateManager {
         let mut st = self.state.lock().await;
         let known = st.pods.contains_key(&uid);
         let Some(seen) = st.snapshot.as_mut() else {
-            return Err(format!("KeepWorkload for {uid} after SnapshotSent: Keep is only valid in a snapshot"));
+            return Err(format!(
+                "KeepWorkload for {uid} after SnapshotSent: Keep is only valid in a snapshot"
+            ));
         };
         seen.insert(uid.clone());
         if !known {
@@ -277,7 +308,12 @@ impl StateManager {
             return Err("second SnapshotSent on one connection".into());
         };
         info!("pod received snapshot sent");
-        let stale: Vec<WorkloadUid> = st.pods.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+        let stale: Vec<WorkloadUid> = st
+            .pods
+            .keys()
+            .filter(|u| !seen.contains(*u))
+            .cloned()
+            .collect();
         for uid in stale {
             if let Some(pod) = st.pods.remove(&uid) {
                 info!(?uid, "pod not in snapshot, draining proxy");
@@ -318,7 +354,12 @@ mod tests {
 
     struct FakeFactory(Arc<Counts>);
     impl ProxyFactory for FakeFactory {
-        fn start(&self, _: WorkloadUid, _: WorkloadInfo, _: Netns) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+        fn start(
+            &self,
+            _: WorkloadUid,
+            _: WorkloadInfo,
+            _: Netns,
+        ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
             let c = self.0.clone();
             Box::pin(async move {
                 if c.fail.load(Ordering::SeqCst) {
@@ -371,7 +412,11 @@ mod tests {
         // Reconnect: the agent now knows a (Add) and b (Keep), not c.
         sm.new_connection().await;
         sm.handle(add("a")).await.unwrap();
-        sm.handle(Request::Keep { uid: WorkloadUid::new("b") }).await.unwrap();
+        sm.handle(Request::Keep {
+            uid: WorkloadUid::new("b"),
+        })
+        .await
+        .unwrap();
         sm.handle(Request::SnapshotSent).await.unwrap();
         settle().await;
         assert_eq!(sm.pod_count().await, 2);
@@ -386,7 +431,12 @@ mod tests {
         sm.handle(Request::SnapshotSent).await.unwrap();
         let second = sm.handle(Request::SnapshotSent).await.unwrap_err();
         assert!(second.contains("second SnapshotSent"), "{second}");
-        let keep = sm.handle(Request::Keep { uid: WorkloadUid::new("x") }).await.unwrap_err();
+        let keep = sm
+            .handle(Request::Keep {
+                uid: WorkloadUid::new("x"),
+            })
+            .await
+            .unwrap_err();
         assert!(keep.contains("after SnapshotSent"), "{keep}");
     }
 
@@ -395,8 +445,16 @@ mod tests {
         let (sm, c) = manager();
         sm.new_connection().await;
         sm.handle(add("a")).await.unwrap();
-        sm.handle(Request::Del { uid: WorkloadUid::new("a") }).await.unwrap();
-        sm.handle(Request::Del { uid: WorkloadUid::new("nope") }).await.unwrap();
+        sm.handle(Request::Del {
+            uid: WorkloadUid::new("a"),
+        })
+        .await
+        .unwrap();
+        sm.handle(Request::Del {
+            uid: WorkloadUid::new("nope"),
+        })
+        .await
+        .unwrap();
         settle().await;
         assert_eq!(c.drained.load(Ordering::SeqCst), 1);
         assert_eq!(sm.pod_count().await, 0);

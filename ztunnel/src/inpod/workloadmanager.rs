@@ -26,7 +26,11 @@ pub struct WorkloadProxyManager {
 
 impl WorkloadProxyManager {
     pub fn new(uds: PathBuf, state: StateManager, timeout: Duration) -> Self {
-        WorkloadProxyManager { uds, state, timeout }
+        WorkloadProxyManager {
+            uds,
+            state,
+            timeout,
+        }
     }
 
     /// Runs forever: connect, serve the stream, back off, reconnect.
@@ -37,7 +41,9 @@ impl WorkloadProxyManager {
                 Ok(conn) => {
                     info!("handling new stream");
                     match self.serve(conn, &mut backoff).await {
-                        Err(Error::Closed) => info!("the agent closed the ZDS stream; reconnecting"),
+                        Err(Error::Closed) => {
+                            info!("the agent closed the ZDS stream; reconnecting")
+                        }
                         Err(e) => warn!("ZDS stream ended: {e}; reconnecting"),
                         Ok(()) => {}
                     }

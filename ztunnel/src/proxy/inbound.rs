@@ -13,6 +13,12 @@ use super::PodContext;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = stream.local_addr().unwrap_or(peer);
-    Flow { ctx: &ctx, direction: "inbound", src: peer, dst, started: Instant::now() }
-        .log(0, 0, Some("refused: HBONE is not served by this build"));
+    Flow {
+        ctx: &ctx,
+        direction: "inbound",
+        src: peer,
+        dst,
+        started: Instant::now(),
+    }
+    .log(0, 0, Some("refused: HBONE is not served by this build"));
 }

@@ -21,7 +21,13 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let flow = Flow { ctx: &ctx, direction: "inbound", src: peer, dst, started };
+    let flow = Flow {
+        ctx: &ctx,
+        direction: "inbound",
+        src: peer,
+        dst,
+        started,
+    };
     if is_ztunnel_port(dst.port()) {
         flow.log(0, 0, Some("refused: destination is ztunnel itself"));
         return;

@@ -33,7 +33,10 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 
 /// Ports a connection must never be forwarded to: that would loop into ztunnel.
 pub fn is_ztunnel_port(port: u16) -> bool {
-    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_HBONE_PORT)
+    matches!(
+        port,
+        OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_HBONE_PORT
+    )
 }
 
 /// Settings shared by every pod proxy.
@@ -122,11 +125,7 @@ impl PodProxy {
             connections: TaskTracker::new(),
         };
         let mut listeners = listeners.into_iter();
-        let (out, plain, hbone) = (
-            listeners.next(),
-            listeners.next(),
-            listeners.next(),
-        );
+        let (out, plain, hbone) = (listeners.next(), listeners.next(), listeners.next());
         if let (Some(out), Some(plain), Some(hbone)) = (out, plain, hbone) {
             proxy.serve(out, outbound::handle);
             proxy.serve(plain, inbound_passthrough::handle);

@@ -18,12 +18,24 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             let local = stream.local_addr().unwrap_or(peer);
-            Flow { ctx: &ctx, direction: "outbound", src: peer, dst: local, started }
-                .log(0, 0, Some(&format!("no original destination: {e}")));
+            Flow {
+                ctx: &ctx,
+                direction: "outbound",
+                src: peer,
+                dst: local,
+                started,
+            }
+            .log(0, 0, Some(&format!("no original destination: {e}")));
             return;
         }
     };
-    let flow = Flow { ctx: &ctx, direction: "outbound", src: peer, dst, started };
+    let flow = Flow {
+        ctx: &ctx,
+        direction: "outbound",
+        src: peer,
+        dst,
+        started,
+    };
     // A connection made straight to 15001 (not redirected) has itself as its original
     // destination; forwarding it, or anything aimed at our ports, would loop.
     if stream.local_addr().ok() == Some(dst) || is_ztunnel_port(dst.port()) {
