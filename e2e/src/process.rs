@@ -15,10 +15,15 @@ pub struct Ztunnel {
 impl Ztunnel {
     /// Starts ztunnel number `n` of `node`, connecting to the node's ZDS socket.
     pub fn start(node: &TestNode, n: u32) -> Ztunnel {
+        Self::start_with(node, n, |_| {})
+    }
+
+    /// Like [`Ztunnel::start`], with a chance to adjust the command (user, env, …).
+    pub fn start_with(node: &TestNode, n: u32, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
         let log = node.dir.path().join(format!("ztunnel-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(crate::bin_path("ztunnel"))
-            .env("INPOD_UDS", node.zds_socket())
+        let mut cmd = Command::new(crate::bin_path("ztunnel"));
+        cmd.env("INPOD_UDS", node.zds_socket())
             .env("READINESS_ADDR", "127.0.0.1:0")
             .env("POD_DRAIN_GRACE", "1s")
             .env("CONNECT_TIMEOUT", "2s")
@@ -27,9 +32,9 @@ impl Ztunnel {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start ztunnel");
+            .stderr(file);
+        adjust(&mut cmd);
+        let child = cmd.spawn().expect("start ztunnel");
         Ztunnel { child, log }
     }
 
@@ -75,6 +80,42 @@ impl Ztunnel {
             .find_map(|w| w.strip_prefix("addr="))
             .expect("addr= in the readiness log line");
         addr.parse().expect("readiness address")
+    }
+
+    /// The HTTP status of `GET /healthz/ready`.
+    pub async fn readiness(&self) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.readiness_addr().await;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("readiness port");
+        stream
+            .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: ztunnel\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send readiness request");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response).await;
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+    }
+
+    /// Polls readiness until it is `status`.
+    pub async fn wait_readiness(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.readiness().await;
+            if got == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readiness stayed {got}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL, as a crash or an OOM kill would.

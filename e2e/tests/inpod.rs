@@ -334,3 +334,52 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
         .await;
     assert_eq!(a.ports_of("ztunnel").len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_works() {
+    let node = TestNode::new(19);
+    let pod = node.add_pod("sleep");
+    let zt = Ztunnel::start(&node, 1);
+    assert_eq!(zt.readiness().await, 503, "not ready before the snapshot");
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    agent.enroller().server().wait_for_connections(1).await;
+    zt.wait_readiness(200).await;
+
+    // Something in the pod already holds 15008 (without SO_REUSEPORT).
+    let blocker = pod
+        .netns()
+        .run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
+        .unwrap()
+        .unwrap();
+    let err = agent.enroller().enroll(&pod.pod()).await.unwrap_err();
+    assert!(err.to_string().contains("15008"), "{err}");
+    assert!(
+        pod.ports_of("ztunnel").is_empty(),
+        "all or nothing: {:?}",
+        pod.listening()
+    );
+    assert_eq!(zt.readiness().await, 503, "a pending pod means not ready");
+
+    drop(blocker);
+    zt.wait_readiness(200).await;
+    assert_eq!(pod.ports_of("ztunnel"), ZTUNNEL_PORTS);
+    zt.wait_for(&["proxy started on retry"], 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_a_ztunnel_run_by_an_unexpected_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let node = TestNode::new(20);
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    // Loosen the file modes so that only the peer check stands in the way.
+    for path in [node.dir.path(), &node.zds_socket()] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let zt = Ztunnel::start_with(&node, 1, |cmd| {
+        cmd.uid(65534).gid(65534);
+    });
+    zt.wait_for(&["the agent closed the stream before our hello"], 3)
+        .await;
+    assert_eq!(agent.enroller().server().connections(), 0);
+}

@@ -56,8 +56,13 @@ impl WorkloadProxyManager {
     }
 
     async fn serve(&self, conn: SeqpacketConn, backoff: &mut Duration) -> Result<(), Error> {
-        conn.send_timeout(&encode_hello(PROTOCOL_VERSION), None, self.timeout)
-            .await?;
+        if let Err(e) = conn
+            .send_timeout(&encode_hello(PROTOCOL_VERSION), None, self.timeout)
+            .await
+        {
+            warn!("the agent closed the stream before our hello: it refuses this peer (wrong user?) or is shutting down");
+            return Err(e);
+        }
         self.state.new_connection().await;
         let mut received = 0u64;
         loop {
