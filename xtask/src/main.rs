@@ -2,6 +2,9 @@
 //!
 //! - `test`: builds the binaries the end-to-end tests run, then the whole suite
 //!   (nextest when installed, else cargo test). The e2e tests need root.
+//! - `bench`: builds release binaries, then the criterion benchmarks (root): rule
+//!   installation against the per-rule `iptables` crate, and pod-to-pod traffic through
+//!   ztunnel against the direct path, each baseline measured in the same run.
 
 use std::process::Command;
 
@@ -44,12 +47,24 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
+fn bench(extra: &[String]) -> anyhow::Result<()> {
+    // The data-path benchmark runs the release ztunnel binary.
+    let mut build = cargo();
+    build.args(["build", "--release", "--workspace", "--bins"]);
+    run(build)?;
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "e2e"]);
+    cmd.args(extra);
+    run(cmd)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  test [args]   build the binaries and run every test (root needed for e2e)");
+            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  test [args]   build the binaries and run every test (root needed for e2e)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
             std::process::exit(2);
         }
     }

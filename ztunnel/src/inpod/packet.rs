@@ -54,6 +54,14 @@ pub fn upstream(
     if let Some(ip) = source {
         socket.set_ip_transparent(true)?;
         socket.set_freebind(true)?;
+        // Let connect() pick the source port knowing the whole 4-tuple; a port picked
+        // at bind time can clash with a recent connection under churn.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .map_err(io::Error::from)?;
         socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     }
     Ok(std::net::TcpStream::from(std::os::fd::OwnedFd::from(
