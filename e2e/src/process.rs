@@ -18,11 +18,30 @@ impl Ztunnel {
         Self::start_with(node, n, |_| {})
     }
 
-    /// Like [`Ztunnel::start`], with a chance to adjust the command (user, env, …).
+    /// Like [`Ztunnel::start`], with a chance to adjust the command (env, …).
     pub fn start_with(node: &TestNode, n: u32, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
+        Self::spawn(node, n, crate::bin_path("ztunnel"), adjust)
+    }
+
+    /// Starts ztunnel as another user. The binary is copied into the node's directory
+    /// first, so it can be run whatever the permissions of the checkout's path.
+    pub fn start_as(node: &TestNode, n: u32, uid: u32) -> Ztunnel {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let bin = node.dir.path().join("ztunnel-copy");
+        std::fs::copy(crate::bin_path("ztunnel"), &bin).expect("copy ztunnel");
+        for path in [node.dir.path(), bin.as_path()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        Self::spawn(node, n, bin, |cmd| {
+            cmd.uid(uid).gid(uid);
+        })
+    }
+
+    fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
         let log = node.dir.path().join(format!("ztunnel-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(crate::bin_path("ztunnel"));
+        let mut cmd = Command::new(bin);
         cmd.env("INPOD_UDS", node.zds_socket())
             .env("READINESS_ADDR", "127.0.0.1:0")
             .env("POD_DRAIN_GRACE", "1s")

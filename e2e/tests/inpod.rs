@@ -285,14 +285,36 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
         .expect("new connection after agent restart");
 
     // An agent that comes back without b (unenrolled meanwhile): ztunnel drains b
-    // once the snapshot is complete.
+    // once the snapshot is complete. b's in-flight connection keeps flowing for the
+    // drain grace period (1s in these tests), then is closed.
     drop(agent);
     let _agent = Agent::start(node.agent_config(), &[a.pod()]).await.unwrap();
     zt.wait_for(&["pod received snapshot sent"], 3).await;
     zt.wait_for(&["pod not in snapshot, draining proxy"], 1)
         .await;
-    wait_until("b's proxy is drained", || b.ports_of("ztunnel").is_empty()).await;
+    wait_until("b's proxy stops listening", || {
+        b.ports_of("ztunnel").is_empty()
+    })
+    .await;
     assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
+    stream.get_mut().write_all(b"in grace\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(T, stream.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        line, "in grace\n",
+        "in-flight connection cut before its grace period"
+    );
+    line.clear();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut line)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection still open after the grace period: {closed:?} {line:?}"
+    );
+    zt.wait_for(&["drain grace period over, closing connections"], 1)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,16 +391,11 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_refuses_a_ztunnel_run_by_an_unexpected_user() {
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
     let node = TestNode::new(20);
     let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    // Loosen the file modes so that only the peer check stands in the way.
-    for path in [node.dir.path(), &node.zds_socket()] {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    }
-    let zt = Ztunnel::start_with(&node, 1, |cmd| {
-        cmd.uid(65534).gid(65534);
-    });
+    let zt = Ztunnel::start_as(&node, 1, 65534);
+    // Loosen the socket's mode so that only the peer check stands in the way.
+    std::fs::set_permissions(node.zds_socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
     zt.wait_for(&["the agent closed the stream before our hello"], 3)
         .await;
     assert_eq!(agent.enroller().server().connections(), 0);
