@@ -143,12 +143,17 @@ impl Ztunnel {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then wait for the exit.
-    pub fn terminate(&mut self) {
+    /// Sends SIGTERM (a pod deletion during a rolling upgrade); does not wait.
+    pub fn signal_terminate(&self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) {
+        self.signal_terminate();
         let _ = self.child.wait();
     }
 

@@ -345,6 +345,45 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
         );
     }
 
+    // Connections open while the old ztunnel is told to stop: some go through it.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let s = e2e::app::connect(&a, server.addr, T)
+            .await
+            .expect("connect");
+        let mut s = BufReader::new(s);
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        held.push(s);
+    }
+    let through_old: usize = [&a, &b]
+        .iter()
+        .map(|p| {
+            p.exec(&["ss", "-ntpH", "state", "established"])
+                .matches(&format!("pid={},", old.pid()))
+                .count()
+        })
+        .sum();
+    assert!(
+        through_old > 0,
+        "no held connection went through the old ztunnel"
+    );
+    old.signal_terminate();
+    old.wait_for(&["shutting down: draining every pod proxy"], 1)
+        .await;
+    for (i, s) in held.iter_mut().enumerate() {
+        s.get_mut().write_all(b"upgrade\n").await.unwrap();
+        let mut line = String::new();
+        tokio::time::timeout(T, s.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            line, "upgrade\n",
+            "connection {i} was cut when the old ztunnel began draining"
+        );
+    }
     old.terminate();
     for i in 0..5 {
         let response = request(&a, server.addr, T)

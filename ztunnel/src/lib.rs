@@ -14,8 +14,12 @@ use inpod::statemanager::{InpodProxyFactory, StateManager};
 use inpod::workloadmanager::WorkloadProxyManager;
 use proxy::ProxyConfig;
 
-/// Runs ztunnel until the returned future is dropped.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs ztunnel until `shutdown` completes, then leaves the agent's stream and drains
+/// every pod proxy (listeners close at once, connections get the drain grace period).
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let proxy_cfg = Arc::new(ProxyConfig {
         mark: cfg.packet_mark,
         reuse_port: cfg.inpod_port_reuse,
@@ -25,8 +29,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let state = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
     let readiness = readiness::bind(cfg.readiness_addr).await?;
     tokio::spawn(readiness::serve(readiness, state.ready()));
-    WorkloadProxyManager::new(cfg.inpod_uds.clone(), state, cfg.zds_timeout)
-        .run()
-        .await;
+    let zds = WorkloadProxyManager::new(cfg.inpod_uds.clone(), state.clone(), cfg.zds_timeout);
+    tokio::select! {
+        _ = zds.run() => {}
+        _ = shutdown => {}
+    }
+    state.shutdown().await;
     Ok(())
 }

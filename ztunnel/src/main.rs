@@ -14,16 +14,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = ztunnel::run(cfg) => r,
-        _ = term.recv() => {
-            tracing::info!("received SIGTERM, exiting");
-            Ok(())
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         }
-        r = tokio::signal::ctrl_c() => {
-            r?;
-            tracing::info!("interrupted, exiting");
-            Ok(())
-        }
-    }
+    };
+    ztunnel::run(cfg, shutdown).await?;
+    tracing::info!("exiting");
+    Ok(())
 }

@@ -145,6 +145,30 @@ impl StateManager {
         self.state.lock().await.snapshot = Some(HashSet::new());
     }
 
+    /// Process shutdown: every proxy stops listening at once (so a newer ztunnel bound
+    /// beside it takes all new connections) and in-flight connections get the drain
+    /// grace period. Returns when all are gone.
+    pub async fn shutdown(&self) {
+        let pods: Vec<PodState> = {
+            let mut st = self.state.lock().await;
+            st.synced = false;
+            let pods = st.pods.drain().map(|(_, p)| p).collect();
+            self.update_ready(&st);
+            pods
+        };
+        info!(pods = pods.len(), "shutting down: draining every pod proxy");
+        let drains: Vec<_> = pods
+            .into_iter()
+            .filter_map(|p| match p.status {
+                Status::Running(proxy) => Some(tokio::spawn(proxy.drain())),
+                Status::Retrying { .. } => None,
+            })
+            .collect();
+        for d in drains {
+            let _ = d.await;
+        }
+    }
+
     /// Number of pods with a proxy (running or retrying).
     pub async fn pod_count(&self) -> usize {
         self.state.lock().await.pods.len()
