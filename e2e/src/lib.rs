@@ -8,9 +8,11 @@
 
 pub mod app;
 pub mod cni;
+pub mod mesh;
 pub mod node;
 pub mod process;
 
+pub use mesh::Mesh;
 pub use node::{TestNode, TestPod};
 pub use process::Ztunnel;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use e2e::app::{echo_server, request, seen_peer};
 use e2e::node::normalize_save;
-use e2e::{TestNode, Ztunnel};
+use e2e::{Mesh, TestNode, Ztunnel};
 use istio_cni::{Agent, EnrollStatus};
 
 const T: Duration = Duration::from_secs(3);
@@ -14,17 +14,14 @@ const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 async fn enrolled(agent: &Agent, pod: &e2e::TestPod) {
     let status = agent.enroller().enroll(&pod.pod()).await.expect("enroll");
-    assert_eq!(status, EnrollStatus::Enabled);
+    assert_eq!(status, EnrollStatus::Enabled, "pod {}", pod.name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
     let node = TestNode::new(11);
     let pod = node.add_pod("sleep");
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let zt = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &pod).await;
+    let Mesh { agent, ztunnel: zt } = Mesh::start(&node, &[&pod]).await;
 
     assert_eq!(
         pod.ports_of("ztunnel"),
@@ -77,11 +74,10 @@ async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
 async fn pod_to_pod_traffic_passes_through_ztunnel_on_both_sides() {
     let node = TestNode::new(12);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let zt = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &a).await;
-    enrolled(&agent, &b).await;
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start(&node, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
 
     let response = request(&a, server.addr, T)
@@ -146,11 +142,7 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
         "OTHER_CNI",
     ]);
     let before = rules_only(&a.iptables_save());
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let zt = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &a).await;
-    enrolled(&agent, &b).await;
+    let Mesh { agent, ztunnel: zt } = Mesh::start(&node, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
     request(&a, server.addr, T).await.expect("through ztunnel");
     zt.wait_for(&["direction=\"outbound\""], 1).await;
@@ -190,11 +182,10 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
         node.add_pod("httpbin"),
         node.add_pod("outside"),
     );
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let mut zt1 = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &a).await;
-    enrolled(&agent, &b).await;
+    let Mesh {
+        agent,
+        ztunnel: mut zt1,
+    } = Mesh::start(&node, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
     request(&a, server.addr, T).await.expect("through ztunnel");
 
@@ -234,11 +225,7 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
 async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
     let node = TestNode::new(15);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let zt = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &a).await;
-    enrolled(&agent, &b).await;
+    let Mesh { agent, ztunnel: zt } = Mesh::start(&node, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
 
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -321,11 +308,10 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
 async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
     let node = TestNode::new(16);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    let mut old = Ztunnel::start(&node, 1);
-    agent.enroller().server().wait_for_connections(1).await;
-    enrolled(&agent, &a).await;
-    enrolled(&agent, &b).await;
+    let Mesh {
+        agent,
+        ztunnel: mut old,
+    } = Mesh::start(&node, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
 
     let new = Ztunnel::start(&node, 2);

@@ -20,6 +20,15 @@ pub enum ExecError {
     },
 }
 
+/// A command for `program` whose process starts inside `netns`.
+pub fn in_netns(netns: &protocol::Netns, program: &str) -> Result<Command, ExecError> {
+    netns.command(program).map_err(|source| ExecError::Spawn {
+        program: program.to_string(),
+        source,
+        hint: "",
+    })
+}
+
 /// Runs `cmd` to completion, feeding it `stdin`; returns its stdout.
 pub fn run(mut cmd: Command, stdin: Option<&str>) -> Result<String, ExecError> {
     let program = cmd.get_program().to_string_lossy().into_owned();

@@ -15,13 +15,7 @@ pub fn flush_redirected(netns: &Netns, cfg: &RuleConfig) -> Result<(), ExecError
         vec!["-D", "--mark", mark.as_str()],
         vec!["-D", "-p", "tcp", "--reply-port-src", port.as_str()],
     ] {
-        let mut cmd = netns
-            .command("conntrack")
-            .map_err(|source| ExecError::Spawn {
-                program: "conntrack".into(),
-                source,
-                hint: "",
-            })?;
+        let mut cmd = exec::in_netns(netns, "conntrack")?;
         cmd.args(&args);
         match exec::run(cmd, None) {
             Ok(_) => {}

@@ -102,24 +102,12 @@ pub struct Iptables {
 
 impl Iptables {
     pub fn save(&self, netns: &Netns) -> Result<Vec<SavedTable>, IptablesError> {
-        let cmd = netns
-            .command(self.backend.save_bin())
-            .map_err(|source| ExecError::Spawn {
-                program: self.backend.save_bin().into(),
-                source,
-                hint: "",
-            })?;
+        let cmd = exec::in_netns(netns, self.backend.save_bin())?;
         Ok(parse_save(&exec::run(cmd, None)?)?)
     }
 
     pub fn restore(&self, netns: &Netns, input: &str) -> Result<(), IptablesError> {
-        let mut cmd = netns
-            .command(self.backend.restore_bin())
-            .map_err(|source| ExecError::Spawn {
-                program: self.backend.restore_bin().into(),
-                source,
-                hint: "",
-            })?;
+        let mut cmd = exec::in_netns(netns, self.backend.restore_bin())?;
         cmd.arg("--noflush")
             .arg("--wait")
             .arg(self.lock_wait.as_secs().max(1).to_string());

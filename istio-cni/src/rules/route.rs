@@ -44,11 +44,7 @@ impl PolicyRoute {
     }
 
     fn batch(netns: &Netns, script: &str) -> Result<String, ExecError> {
-        let mut cmd = netns.command("ip").map_err(|source| ExecError::Spawn {
-            program: "ip".into(),
-            source,
-            hint: "",
-        })?;
+        let mut cmd = exec::in_netns(netns, "ip")?;
         cmd.args(["-4", "-batch", "-"]);
         exec::run(cmd, Some(script))
     }
