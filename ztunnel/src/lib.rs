@@ -3,9 +3,11 @@
 //! created inside that namespace.
 
 pub mod config;
+pub mod identity;
 pub mod inpod;
 pub mod proxy;
 pub mod readiness;
+pub mod tls;
 
 use std::sync::Arc;
 
