@@ -1,7 +1,7 @@
 //! Workload identities (SPIFFE IDs), the local CA that signs their certificates when
 //! there is no control plane, and the manager that keeps them fresh.
 //!
-//! - [`Identity`]: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! - [`Identity`], written `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //! - [`ca`]: a root certificate + key from PEM files (RSA or ECDSA) signing short-lived
 //!   ECDSA P-256 workload certificates.
 //! - [`manager`]: one certificate per identity, renewed at half-life.
