@@ -2,11 +2,13 @@
 //! network namespace from the node agent and proxies the pod's traffic from listeners
 //! created inside that namespace.
 
+pub mod authz;
 pub mod config;
 pub mod identity;
 pub mod inpod;
 pub mod proxy;
 pub mod readiness;
+pub mod state;
 pub mod tls;
 
 use std::sync::Arc;
