@@ -39,6 +39,42 @@ pub struct Config {
     /// Timeout of each upstream connect.
     #[arg(long, env = "CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Workloads, services and policies (YAML). Without it, traffic is proxied in
+    /// plaintext and nothing is in the mesh.
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    pub local_xds_path: Option<PathBuf>,
+    /// How often the local config file is checked for changes.
+    #[arg(long, env = "LOCAL_XDS_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub local_xds_poll: Duration,
+    /// The mesh root certificate (PEM), RSA or ECDSA.
+    #[arg(long, env = "LOCAL_CA_CERT")]
+    pub local_ca_cert: Option<PathBuf>,
+    /// The mesh root key (PEM, mode 0600).
+    #[arg(long, env = "LOCAL_CA_KEY")]
+    pub local_ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; they are renewed at half-life.
+    #[arg(long, env = "WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+    /// Log format: plain or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; with none, ztunnel runs the proxy.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Creates a new mesh root (ECDSA P-256) for a quickstart: writes ca.crt and
+    /// ca.key (mode 0600) into the directory.
+    CreateRoot {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+        validity: Duration,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 impl Config {
@@ -54,11 +90,27 @@ impl Config {
             format!("pod_drain_grace: {:?}", self.pod_drain_grace),
             format!("zds_timeout: {:?}", self.zds_timeout),
             format!("connect_timeout: {:?}", self.connect_timeout),
+            format!(
+                "local_xds_path: {}",
+                self.local_xds_path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            format!(
+                "local_ca_cert: {}",
+                self.local_ca_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            format!("workload_cert_ttl: {:?}", self.workload_cert_ttl),
+            format!("log_format: {}", self.log_format),
         ]
     }
 }
 
-/// `5s`, `500ms`, `2m`, or a bare number of seconds.
+/// `5s`, `500ms`, `2m`, `24h`, `30d`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -72,7 +124,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        "d" => Ok(Duration::from_secs(n * 86400)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h or d)")),
     }
 }
 
@@ -102,7 +156,8 @@ mod tests {
         assert!(parse_duration("fast")
             .unwrap_err()
             .contains("not a duration"));
-        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

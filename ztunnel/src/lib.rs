@@ -14,9 +14,60 @@ pub mod tls;
 use std::sync::Arc;
 
 use config::Config;
+use identity::manager::CertManager;
 use inpod::statemanager::{InpodProxyFactory, StateManager};
 use inpod::workloadmanager::WorkloadProxyManager;
-use proxy::ProxyConfig;
+use proxy::pool::HboneConfig;
+use proxy::{MeshConfig, ProxyConfig};
+use state::Store;
+
+/// The mesh side, when a local config is given: its state (reloaded on change) and the
+/// local CA.
+fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
+    let Some(path) = &cfg.local_xds_path else {
+        return Ok(None);
+    };
+    let (Some(ca_cert), Some(ca_key)) = (&cfg.local_ca_cert, &cfg.local_ca_key) else {
+        anyhow::bail!(
+            "LOCAL_XDS_PATH needs LOCAL_CA_CERT and LOCAL_CA_KEY (make a root with `ztunnel create-root --out-dir DIR`)"
+        );
+    };
+    let state = state::watch::load(path)?;
+    let store = Store::new(state);
+    tokio::spawn(state::watch::watch(
+        path.clone(),
+        store.clone(),
+        cfg.local_xds_poll,
+    ));
+    let ca = identity::ca::LocalCa::from_files(ca_cert, ca_key)?;
+    let certs = CertManager::new(Arc::new(ca), cfg.workload_cert_ttl, tls::provider());
+    Ok(Some(Arc::new(MeshConfig {
+        store,
+        certs,
+        hbone: HboneConfig::default(),
+    })))
+}
+
+/// Writes a new root into `dir`: ca.crt (0644) and ca.key (0600).
+pub fn create_root(
+    trust_domain: &str,
+    validity: std::time::Duration,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (cert, key) = identity::ca::LocalCa::generate_root(trust_domain, validity)?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("ca.crt"), cert)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("ca.key"))?;
+    f.write_all(key.as_bytes())?;
+    Ok(())
+}
 
 /// Runs ztunnel until `shutdown` completes, then leaves the agent's stream and drains
 /// every pod proxy (listeners close at once, connections get the drain grace period).
@@ -29,6 +80,7 @@ pub async fn run(
         reuse_port: cfg.inpod_port_reuse,
         drain_grace: cfg.pod_drain_grace,
         connect_timeout: cfg.connect_timeout,
+        mesh: mesh_config(&cfg)?,
     });
     let state = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
     let readiness = readiness::bind(cfg.readiness_addr).await?;

@@ -1,18 +1,30 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use ztunnel::config::Config;
+use ztunnel::config::{Command, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
+    if let Some(Command::CreateRoot {
+        trust_domain,
+        validity,
+        out_dir,
+    }) = &cfg.command
+    {
+        ztunnel::create_root(trust_domain, *validity, out_dir)?;
+        println!("wrote {0}/ca.crt and {0}/ca.key", out_dir.display());
+        return Ok(());
+    }
     for line in cfg.startup_lines() {
         println!("{line}");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    if cfg.log_format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

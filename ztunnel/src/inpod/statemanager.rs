@@ -19,7 +19,7 @@ use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::inpod::netns::InpodNetns;
-use crate::proxy::{PodContext, PodProxy, ProxyConfig};
+use crate::proxy::{PodContext, PodMesh, PodProxy, ProxyConfig};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -59,12 +59,17 @@ impl ProxyFactory for InpodProxyFactory {
     ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
         let cfg = self.cfg.clone();
         Box::pin(async move {
+            let mesh = match &cfg.mesh {
+                Some(m) => Some(PodMesh::for_pod(m, &info)?),
+                None => None,
+            };
             let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
             let ctx = PodContext {
                 uid,
                 info,
                 netns,
                 cfg,
+                mesh,
             };
             let proxy = PodProxy::start(ctx)
                 .await
@@ -115,7 +120,7 @@ impl StateManager {
             state: Arc::default(),
             factory,
             ready: Arc::new(watch::channel(false).0),
-            retry_backoff: (Duration::from_millis(200), Duration::from_secs(10)),
+            retry_backoff: (Duration::from_millis(200), Duration::from_secs(5)),
         }
     }
 

@@ -1,24 +1,142 @@
-//! Inbound HBONE (15008). The listener is bound (so the pod's TPROXY rule for 15008
-//! has a socket to deliver to), but mutual-TLS termination is not part of this build:
-//! connections are closed, never passed to the app in plaintext.
+//! Inbound HBONE (15008): mutual TLS as the pod's workload identity, then HTTP/2
+//! CONNECT requests, each a tunnel to the app.
+//!
+//! Each CONNECT is checked: its authority must be `<this pod's ip>:<port>` (400
+//! otherwise), policy must allow it given the peer's proven identity (401), and the app
+//! must accept the connection, made from the client's own address (503 if not). Then
+//! 200 and the stream carries the bytes. Without a mesh configuration there is no
+//! identity to terminate TLS with: connections are closed, never passed on in clear.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use super::live::Attrs;
 use super::relay::Flow;
-use super::PodContext;
+use super::{is_ztunnel_port, MeshConfig, PodContext};
+use crate::authz::Decision;
+use crate::identity::Identity;
+use crate::tls;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
-    let dst = stream.local_addr().unwrap_or(peer);
-    Flow {
-        ctx: &ctx,
-        direction: "inbound",
-        src: peer,
-        dst,
-        started: Instant::now(),
+    let local = stream.local_addr().unwrap_or(peer);
+    let (Some(mesh), Some(pod)) = (ctx.cfg.mesh.clone(), ctx.mesh.as_ref()) else {
+        Flow::new(&ctx, "inbound", peer, local).log(
+            0,
+            0,
+            Some("refused: HBONE needs a mesh configuration (LOCAL_XDS_PATH)"),
+        );
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(mesh.hbone.handshake_timeout, pod.acceptor.accept(stream));
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            Flow::new(&ctx, "inbound", peer, local).log(
+                0,
+                0,
+                Some(&format!("TLS handshake failed: {e}")),
+            );
+            return;
+        }
+        Err(_) => {
+            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some("TLS handshake timed out"));
+            return;
+        }
+    };
+    let peer_id = tls::peer_identity(tls.get_ref().1);
+    let service = {
+        let (ctx, mesh) = (ctx.clone(), mesh.clone());
+        hyper::service::service_fn(move |req| {
+            let (ctx, mesh, peer_id) = (ctx.clone(), mesh.clone(), peer_id.clone());
+            async move { Ok::<_, Infallible>(tunnel(ctx, mesh, req, peer, peer_id).await) }
+        })
+    };
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(mesh.hbone.stream_window)
+        .initial_connection_window_size(mesh.hbone.connection_window)
+        .max_concurrent_streams(mesh.hbone.max_streams_per_connection as u32)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, "HBONE connection ended: {e}");
     }
-    .log(0, 0, Some("refused: HBONE is not served by this build"));
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut resp = Response::new(Empty::new());
+    *resp.status_mut() = code;
+    resp
+}
+
+async fn tunnel(
+    ctx: Arc<PodContext>,
+    mesh: Arc<MeshConfig>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    peer_id: Option<Identity>,
+) -> Response<Empty<Bytes>> {
+    let target = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let mut flow = Flow::new(&ctx, "inbound", peer, target.unwrap_or(peer));
+    flow.src_identity = peer_id.clone();
+    let (Some(target), true) = (target, req.method() == Method::CONNECT) else {
+        flow.log(0, 0, Some("bad request: not a CONNECT to ip:port"));
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let state = mesh.store.get();
+    let Some(w) = ctx.workload(&state) else {
+        flow.log(0, 0, Some("pod has no workload entry"));
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    flow.dst_identity = Some(w.identity());
+    if !w.ips.contains(&target.ip()) || is_ztunnel_port(target.port()) {
+        flow.log(0, 0, Some("bad request: authority is not this pod's app"));
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let attrs = Attrs {
+        src_ip: peer.ip(),
+        src_identity: peer_id,
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    if let Decision::Deny { policy } = attrs.decide(&state, &w) {
+        flow.log(0, 0, Some(&format!("denied by policy {policy}")));
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    drop(state);
+    let upstream = match ctx.connect(target, Some(peer.ip())).await {
+        Ok(u) => u,
+        Err(e) => {
+            flow.log(0, 0, Some(&format!("connect {target}: {e}")));
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let (src_identity, dst_identity) = (flow.src_identity.take(), flow.dst_identity.take());
+    tokio::spawn(async move {
+        let mut flow = Flow::new(&ctx, "inbound", peer, target);
+        flow.src_identity = src_identity;
+        flow.dst_identity = dst_identity;
+        let Some(pod) = ctx.mesh.as_ref() else { return };
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let registration = pod.live.register(attrs);
+                flow.relay(TokioIo::new(upgraded), upstream, Some(&registration))
+                    .await
+            }
+            Err(e) => flow.log(0, 0, Some(&format!("CONNECT upgrade failed: {e}"))),
+        }
+    });
+    status(StatusCode::OK)
 }

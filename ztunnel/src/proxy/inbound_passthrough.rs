@@ -1,19 +1,21 @@
 //! Inbound plaintext (15006): connections from clients outside the mesh, delivered by
-//! TPROXY with their original destination as the local address. ztunnel connects to
-//! the app from the client's own address (a transparent bind), so the app sees the
-//! real peer; the pod's connmark rule and policy route bring the replies back.
+//! TPROXY with their original destination as the local address. Policy applies (with
+//! no peer identity). ztunnel connects to the app from the client's own address (a
+//! transparent bind), so the app sees the real peer; the pod's connmark rule and policy
+//! route bring the replies back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
 
+use super::live::Attrs;
 use super::relay::Flow;
 use super::{is_ztunnel_port, PodContext};
+use crate::authz::Decision;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
     let dst = match stream.local_addr() {
         Ok(d) => d,
         Err(e) => {
@@ -21,19 +23,37 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let flow = Flow {
-        ctx: &ctx,
-        direction: "inbound",
-        src: peer,
-        dst,
-        started,
-    };
+    let mut flow = Flow::new(&ctx, "inbound", peer, dst);
     if is_ztunnel_port(dst.port()) {
         flow.log(0, 0, Some("refused: destination is ztunnel itself"));
         return;
     }
-    match ctx.connect(dst, Some(peer.ip())).await {
-        Ok(upstream) => flow.relay(stream, upstream).await,
-        Err(e) => flow.log(0, 0, Some(&format!("connect {dst}: {e}"))),
-    }
+    let attrs = Attrs {
+        src_ip: peer.ip(),
+        src_identity: None,
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let registration = match (&ctx.cfg.mesh, &ctx.mesh) {
+        (Some(mesh), Some(pod)) => {
+            let state = mesh.store.get();
+            let Some(w) = ctx.workload(&state) else {
+                flow.log(0, 0, Some("refused: pod has no workload entry"));
+                return;
+            };
+            flow.dst_identity = Some(w.identity());
+            if let Decision::Deny { policy } = attrs.decide(&state, &w) {
+                flow.log(0, 0, Some(&format!("denied by policy {policy}")));
+                return;
+            }
+            Some(pod.live.register(attrs))
+        }
+        _ => None,
+    };
+    let upstream = match ctx.connect(dst, Some(peer.ip())).await {
+        Ok(u) => u,
+        Err(e) => return flow.log(0, 0, Some(&format!("connect {dst}: {e}"))),
+    };
+    let _ = upstream.set_nodelay(true);
+    flow.relay(stream, upstream, registration.as_ref()).await
 }

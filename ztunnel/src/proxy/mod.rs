@@ -9,7 +9,9 @@
 
 pub mod inbound;
 pub mod inbound_passthrough;
+pub mod live;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
 
 use std::future::Future;
@@ -24,8 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::identity::manager::{CertManager, IdentityCert};
 use crate::inpod::netns::InpodNetns;
 use crate::inpod::packet::{self, ListenerOpts};
+use crate::state::{MeshState, Store, Workload};
+use live::LiveConns;
+use pool::{HboneConfig, Pool};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
@@ -39,8 +45,56 @@ pub fn is_ztunnel_port(port: u16) -> bool {
     )
 }
 
+/// What pods in the mesh share: the mesh state, the CA, HBONE tuning. Absent when
+/// ztunnel runs without a local config: then traffic is proxied in plaintext only.
+pub struct MeshConfig {
+    pub store: Arc<Store>,
+    pub certs: Arc<CertManager>,
+    pub hbone: HboneConfig,
+}
+
+/// A pod's part of the mesh: its workload identity's certificate, its TLS acceptor,
+/// its HBONE connections and its live inbound connections.
+pub struct PodMesh {
+    pub cert: Arc<IdentityCert>,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub pool: Pool,
+    pub live: LiveConns,
+}
+
+impl PodMesh {
+    /// The mesh side of a new pod proxy: the pod must have a workload entry (matched by
+    /// namespace and name, and service account when the agent gave one).
+    pub fn for_pod(mesh: &MeshConfig, info: &WorkloadInfo) -> Result<PodMesh, String> {
+        let state = mesh.store.get();
+        let w = state
+            .workload_by_name(&info.namespace, &info.name)
+            .ok_or_else(|| {
+                format!(
+                    "no workload {}/{} in the local config yet; the pod waits for one",
+                    info.namespace, info.name
+                )
+            })?;
+        if !info.service_account.is_empty() && info.service_account != w.service_account {
+            return Err(format!(
+                "pod {}/{} runs as service account {:?}, its workload entry says {:?}",
+                info.namespace, info.name, info.service_account, w.service_account
+            ));
+        }
+        let cert = mesh.certs.get(&w.identity()).map_err(|e| e.to_string())?;
+        let server = crate::tls::server_config(cert.clone(), mesh.certs.ca().root())
+            .map_err(|e| format!("TLS server config: {e}"))?;
+        Ok(PodMesh {
+            cert,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            pool: Pool::default(),
+            live: LiveConns::default(),
+        })
+    }
+}
+
 /// Settings shared by every pod proxy.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProxyConfig {
     /// `SO_MARK` on every socket made for a pod.
     pub mark: u32,
@@ -48,6 +102,7 @@ pub struct ProxyConfig {
     /// How long in-flight connections may finish after a pod is drained.
     pub drain_grace: Duration,
     pub connect_timeout: Duration,
+    pub mesh: Option<Arc<MeshConfig>>,
 }
 
 /// What a connection handler knows about its pod.
@@ -56,9 +111,17 @@ pub struct PodContext {
     pub info: WorkloadInfo,
     pub netns: InpodNetns,
     pub cfg: Arc<ProxyConfig>,
+    pub mesh: Option<PodMesh>,
 }
 
 impl PodContext {
+    /// The pod's workload entry in the current mesh state.
+    pub fn workload(&self, state: &MeshState) -> Option<Arc<Workload>> {
+        state
+            .workload_by_name(&self.info.namespace, &self.info.name)
+            .cloned()
+    }
+
     /// Connects to `dest` from inside the pod's netns, with the mark (and, with
     /// `source`, from that address, transparently).
     pub async fn connect(
@@ -131,6 +194,7 @@ impl PodProxy {
             proxy.serve(plain, inbound_passthrough::handle);
             proxy.serve(hbone, inbound::handle);
         }
+        proxy.watch_policies();
         Ok(proxy)
     }
 
@@ -168,6 +232,30 @@ impl PodProxy {
                 }
             }
             // Dropping the listener here closes the port at once.
+        });
+    }
+
+    /// On every mesh state change, re-checks the pod's live inbound connections and
+    /// closes those the new policies deny. Ends when the pod's connections are closed.
+    fn watch_policies(&self) {
+        let Some(mesh) = self.ctx.cfg.mesh.clone() else {
+            return;
+        };
+        let ctx = Arc::downgrade(&self.ctx);
+        let close = self.close_connections.clone();
+        let mut changes = mesh.store.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = close.cancelled() => return,
+                }
+                let Some(ctx) = ctx.upgrade() else { return };
+                let state = mesh.store.get();
+                if let (Some(pod), Some(w)) = (&ctx.mesh, ctx.workload(&state)) {
+                    pod.live.recheck(&state, &w);
+                }
+            }
         });
     }
 

@@ -1,49 +1,79 @@
 //! Outbound (15001): the app's connections, redirected by the pod's nat rule. The
-//! original destination comes from conntrack (`SO_ORIGINAL_DST`); ztunnel connects to
-//! it from inside the pod's netns with its mark, so the rules let it out.
+//! original destination comes from conntrack (`SO_ORIGINAL_DST`). A mesh workload (or a
+//! service VIP, via one of its endpoints) is reached over HBONE; anything else is
+//! passed through as plain TCP, connected from inside the pod's netns with the mark.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
 
 use super::relay::Flow;
 use super::{is_ztunnel_port, PodContext};
 use crate::inpod::packet;
+use crate::state::localconfig::Protocol;
+use crate::state::Destination;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
     let dst = match packet::original_dst(&stream) {
         Ok(d) => d,
         Err(e) => {
             let local = stream.local_addr().unwrap_or(peer);
-            Flow {
-                ctx: &ctx,
-                direction: "outbound",
-                src: peer,
-                dst: local,
-                started,
-            }
-            .log(0, 0, Some(&format!("no original destination: {e}")));
+            Flow::new(&ctx, "outbound", peer, local).log(
+                0,
+                0,
+                Some(&format!("no original destination: {e}")),
+            );
             return;
         }
-    };
-    let flow = Flow {
-        ctx: &ctx,
-        direction: "outbound",
-        src: peer,
-        dst,
-        started,
     };
     // A connection made straight to 15001 (not redirected) has itself as its original
     // destination; forwarding it, or anything aimed at our ports, would loop.
     if stream.local_addr().ok() == Some(dst) || is_ztunnel_port(dst.port()) {
-        flow.log(0, 0, Some("refused: destination is ztunnel itself"));
+        Flow::new(&ctx, "outbound", peer, dst).log(
+            0,
+            0,
+            Some("refused: destination is ztunnel itself"),
+        );
         return;
     }
+    if let (Some(mesh), Some(pod)) = (&ctx.cfg.mesh, &ctx.mesh) {
+        let state = mesh.store.get();
+        match state.resolve(dst) {
+            Destination::Workload(w, target) if w.protocol == Protocol::Hbone => {
+                let mut flow = Flow::new(&ctx, "outbound", peer, target);
+                flow.src_identity = Some(pod.cert.identity.clone());
+                flow.dst_identity = Some(w.identity());
+                drop(state);
+                match pod
+                    .pool
+                    .connect(&ctx, mesh, pod.cert.clone(), w.identity(), target, peer)
+                    .await
+                {
+                    Ok((tunnel, stream_slot)) => {
+                        flow.relay(stream, tunnel, None).await;
+                        drop(stream_slot);
+                    }
+                    Err(e) => flow.log(0, 0, Some(&format!("HBONE: {e}"))),
+                }
+                return;
+            }
+            Destination::Workload(_, target) | Destination::Unknown(target) => {
+                return passthrough(&ctx, stream, peer, target).await;
+            }
+        }
+    }
+    passthrough(&ctx, stream, peer, dst).await
+}
+
+async fn passthrough(ctx: &PodContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    let flow = Flow::new(ctx, "outbound", peer, dst);
     match ctx.connect(dst, None).await {
-        Ok(upstream) => flow.relay(stream, upstream).await,
+        Ok(upstream) => {
+            let _ = upstream.set_nodelay(true);
+            flow.relay(stream, upstream, None).await
+        }
         Err(e) => flow.log(0, 0, Some(&format!("connect {dst}: {e}"))),
     }
 }

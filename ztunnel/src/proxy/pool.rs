@@ -1,0 +1,221 @@
+//! The HBONE client: HTTP/2 over mutual TLS to a peer's 15008, with connections pooled
+//! per (source identity, destination identity, destination address).
+//!
+//! Many CONNECT streams share one connection (up to a limit, then a new connection is
+//! opened); a connection that broke is never handed out again; idle connections are
+//! closed after a timeout. Each pod has its own pool: its connections are sockets in
+//! its own netns.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::{debug, info};
+
+use super::{MeshConfig, PodContext};
+use crate::identity::manager::IdentityCert;
+use crate::identity::Identity;
+use crate::proxy::INBOUND_HBONE_PORT;
+use crate::tls;
+
+/// Tuning of HBONE connections.
+#[derive(Clone, Debug)]
+pub struct HboneConfig {
+    pub max_streams_per_connection: usize,
+    pub idle_timeout: Duration,
+    /// HTTP/2 flow-control windows, sized for throughput (the defaults are 64 KiB).
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HboneConfig {
+    fn default() -> Self {
+        HboneConfig {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    src: Identity,
+    dst: Identity,
+    addr: SocketAddr,
+}
+
+struct Conn {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    last_used: Mutex<Instant>,
+}
+
+impl Conn {
+    fn usable(&self, max: usize) -> bool {
+        !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < max
+    }
+}
+
+/// Holds one stream's place on its connection; released on drop.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("TLS config: {0}")]
+    Config(rustls::Error),
+    #[error("HTTP/2 with {0}: {1}")]
+    H2(SocketAddr, hyper::Error),
+    #[error("{0} answered CONNECT with {1}")]
+    Status(SocketAddr, StatusCode),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("building the CONNECT request: {0}")]
+    Request(hyper::http::Error),
+}
+
+/// The pod's HBONE connections.
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
+    /// Connections opened so far (observability and tests).
+    pub opened: AtomicUsize,
+}
+
+impl Pool {
+    /// Opens a CONNECT tunnel to `target` (the workload's `ip:port`) through its
+    /// ztunnel at `<ip>:15008`, proving `src` and requiring the peer to prove `dst`.
+    pub async fn connect(
+        &self,
+        ctx: &PodContext,
+        mesh: &MeshConfig,
+        cert: Arc<IdentityCert>,
+        dst: Identity,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), HboneError> {
+        let cfg = &mesh.hbone;
+        let key = Key {
+            src: cert.identity.clone(),
+            dst: dst.clone(),
+            addr: SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
+        };
+        let conn = match self.reuse(&key, cfg) {
+            Some(c) => c,
+            None => self.open(ctx, mesh, cert, key).await?,
+        };
+        let guard = StreamGuard(conn.streams.clone());
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for=\"{client}\""))
+            .body(Empty::<Bytes>::new())
+            .map_err(HboneError::Request)?;
+        let mut sender = conn.sender.clone();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| HboneError::H2(target, e))?;
+        if resp.status() != StatusCode::OK {
+            return Err(HboneError::Status(target, resp.status()));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| HboneError::H2(target, e))?;
+        Ok((TokioIo::new(upgraded), guard))
+    }
+
+    fn reuse(&self, key: &Key, cfg: &HboneConfig) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        let now = Instant::now();
+        // Drop what is broken or has idled out; nothing broken is handed out again.
+        list.retain(|c| {
+            let idle = c.streams.load(Ordering::Acquire) == 0
+                && now.duration_since(*c.last_used.lock().unwrap_or_else(|p| p.into_inner()))
+                    > cfg.idle_timeout;
+            !c.sender.is_closed() && !idle
+        });
+        let c = list
+            .iter()
+            .find(|c| c.usable(cfg.max_streams_per_connection))?
+            .clone();
+        c.streams.fetch_add(1, Ordering::AcqRel);
+        *c.last_used.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        Some(c)
+    }
+
+    async fn open(
+        &self,
+        ctx: &PodContext,
+        mesh: &MeshConfig,
+        cert: Arc<IdentityCert>,
+        key: Key,
+    ) -> Result<Arc<Conn>, HboneError> {
+        let cfg = &mesh.hbone;
+        let addr = key.addr;
+        let tcp = ctx
+            .connect(addr, None)
+            .await
+            .map_err(|e| HboneError::Connect(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let root = mesh.certs.ca().root().clone();
+        let config =
+            tls::client_config(cert, &root, key.dst.clone()).map_err(HboneError::Config)?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tls = tokio::time::timeout(
+            cfg.handshake_timeout,
+            connector.connect(tls::server_name(addr.ip()), tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout("TLS handshake"))?
+        .map_err(|e| HboneError::Tls(addr, e))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(cfg.stream_window)
+            .initial_connection_window_size(cfg.connection_window)
+            .max_concurrent_reset_streams(1024)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| HboneError::H2(addr, e))?;
+        let dst = key.dst.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, "HBONE connection ended: {e}");
+            }
+        });
+        let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(src = %key.src, dst = %dst, %addr, opened = n, "new HBONE connection");
+        let conn = Arc::new(Conn {
+            sender,
+            streams: Arc::new(AtomicUsize::new(1)),
+            last_used: Mutex::new(Instant::now()),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+}
