@@ -26,6 +26,15 @@ impl Drop for EchoServer {
 
 /// Starts the server on `port` in `pod`. Each connection first gets `peer=<addr>\n`.
 pub async fn echo_server(pod: &TestPod, port: u16) -> EchoServer {
+    serve(pod, port, None).await
+}
+
+/// Like [`echo_server`], with a second greeting line `server=<pod name>\n`.
+pub async fn named_echo_server(pod: &TestPod, port: u16) -> EchoServer {
+    serve(pod, port, Some(format!("server={}\n", pod.name))).await
+}
+
+async fn serve(pod: &TestPod, port: u16, greeting: Option<String>) -> EchoServer {
     let std_listener = pod
         .netns()
         .run(move || -> io::Result<std::net::TcpListener> {
@@ -38,8 +47,11 @@ pub async fn echo_server(pod: &TestPod, port: u16) -> EchoServer {
     let listener = TcpListener::from_std(std_listener).expect("tokio listener");
     let task = tokio::spawn(async move {
         while let Ok((mut stream, peer)) = listener.accept().await {
+            let greeting = greeting.clone().unwrap_or_default();
             tokio::spawn(async move {
-                let _ = stream.write_all(format!("peer={peer}\n").as_bytes()).await;
+                let _ = stream
+                    .write_all(format!("peer={peer}\n{greeting}").as_bytes())
+                    .await;
                 let (mut r, mut w) = stream.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
@@ -67,9 +79,19 @@ pub async fn connect(pod: &TestPod, dst: SocketAddr, timeout: Duration) -> io::R
 /// One request: connect, send `hello\n`, half-close, read everything back.
 /// Returns what the server said: `peer=<addr>\nhello\n` from the echo server.
 pub async fn request(pod: &TestPod, dst: SocketAddr, timeout: Duration) -> io::Result<String> {
+    exchange(pod, dst, "hello\n", timeout).await
+}
+
+/// Like [`request`], sending `payload`.
+pub async fn exchange(
+    pod: &TestPod,
+    dst: SocketAddr,
+    payload: &str,
+    timeout: Duration,
+) -> io::Result<String> {
     let mut stream = connect(pod, dst, timeout).await?;
     let exchange = async {
-        stream.write_all(b"hello\n").await?;
+        stream.write_all(payload.as_bytes()).await?;
         stream.shutdown().await?;
         let mut out = String::new();
         stream.read_to_string(&mut out).await?;

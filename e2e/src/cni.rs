@@ -122,6 +122,9 @@ pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) 
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": subnet }]],
+                // A default route, as pods have: without one, connecting to a service
+                // VIP fails in routing before the pod's nat rule can redirect it.
+                "routes": [{ "dst": "0.0.0.0/0" }],
                 "dataDir": ipam_dir,
             }
         }]

@@ -7,8 +7,10 @@
 //! cleaned up when the test fails too. These tests need root.
 
 pub mod app;
+pub mod capture;
 pub mod cni;
 pub mod mesh;
+pub mod mesh_files;
 pub mod node;
 pub mod process;
 

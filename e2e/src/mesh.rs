@@ -26,6 +26,21 @@ impl Mesh {
         mesh
     }
 
+    /// Like [`Mesh::start`] with ztunnel in mesh mode (the node's local config, which
+    /// must be written first, and CA), plus `env` for ztunnel.
+    pub async fn start_in_mesh(node: &TestNode, pods: &[&TestPod], env: &[(&str, &str)]) -> Mesh {
+        let agent = Agent::start(node.agent_config(), &[])
+            .await
+            .expect("start agent");
+        let ztunnel = Ztunnel::start_mesh(node, 1, env);
+        agent.enroller().server().wait_for_connections(1).await;
+        let mesh = Mesh { agent, ztunnel };
+        for pod in pods {
+            mesh.enroll(pod).await;
+        }
+        mesh
+    }
+
     /// Enrolls `pod`, which must end up enabled.
     pub async fn enroll(&self, pod: &TestPod) {
         let status = self

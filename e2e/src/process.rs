@@ -23,6 +23,21 @@ impl Ztunnel {
         Self::spawn(node, n, crate::bin_path("ztunnel"), adjust)
     }
 
+    /// Starts ztunnel in mesh mode: the node's local config and CA, short reload poll,
+    /// plus `env`.
+    pub fn start_mesh(node: &TestNode, n: u32, env: &[(&str, &str)]) -> Ztunnel {
+        let mesh = node.mesh_files();
+        Self::start_with(node, n, |cmd| {
+            cmd.env("LOCAL_XDS_PATH", &mesh.config)
+                .env("LOCAL_CA_CERT", &mesh.ca_cert)
+                .env("LOCAL_CA_KEY", &mesh.ca_key)
+                .env("LOCAL_XDS_POLL", "100ms");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+        })
+    }
+
     /// Starts ztunnel as another user. The binary is copied into the node's directory
     /// first, so it can be run whatever the permissions of the checkout's path.
     pub fn start_as(node: &TestNode, n: u32, uid: u32) -> Ztunnel {

@@ -3,6 +3,7 @@
 //! renewal changes what new connections present without touching live ones.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -18,6 +19,7 @@ pub struct IdentityCert {
     pub identity: Identity,
     current: RwLock<Arc<CertifiedKey>>,
     renew_at: RwLock<SystemTime>,
+    generation: AtomicU64,
 }
 
 impl IdentityCert {
@@ -27,6 +29,11 @@ impl IdentityCert {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// 1 for the first certificate, +1 at each renewal.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -90,6 +97,7 @@ impl CertManager {
             identity: identity.clone(),
             current: RwLock::new(key),
             renew_at: RwLock::new(renew_at),
+            generation: AtomicU64::new(1),
         });
         certs.insert(identity.clone(), Arc::downgrade(&cert));
         tokio::spawn(renew_loop(self.clone(), Arc::downgrade(&cert)));
@@ -112,7 +120,8 @@ async fn renew_loop(manager: Arc<CertManager>, cert: Weak<IdentityCert>) {
             Ok((key, renew_at)) => {
                 *live.current.write().unwrap_or_else(|p| p.into_inner()) = key;
                 *live.renew_at.write().unwrap_or_else(|p| p.into_inner()) = renew_at;
-                info!(identity = %live.identity, "renewed workload certificate");
+                let generation = live.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                info!(identity = %live.identity, generation, "renewed workload certificate");
             }
             Err(e) => {
                 warn!(identity = %live.identity, "renewing workload certificate failed, retrying: {e}");

@@ -59,11 +59,17 @@ struct Conn {
     sender: SendRequest<Empty<Bytes>>,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
+    /// Generation of the client certificate the connection was opened with: after a
+    /// renewal no new stream is put on it, so new connections show the new certificate
+    /// while established streams carry on.
+    cert_generation: u64,
 }
 
 impl Conn {
-    fn usable(&self, max: usize) -> bool {
-        !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < max
+    fn usable(&self, max: usize, cert_generation: u64) -> bool {
+        !self.sender.is_closed()
+            && self.streams.load(Ordering::Acquire) < max
+            && self.cert_generation == cert_generation
     }
 }
 
@@ -98,6 +104,9 @@ pub enum HboneError {
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
+    /// One opener at a time per key, so a burst of first requests shares one new
+    /// connection instead of each opening its own.
+    opening: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// Connections opened so far (observability and tests).
     pub opened: AtomicUsize,
 }
@@ -120,9 +129,22 @@ impl Pool {
             dst: dst.clone(),
             addr: SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
         };
-        let conn = match self.reuse(&key, cfg) {
+        let conn = match self.reuse(&key, cfg, cert.generation()) {
             Some(c) => c,
-            None => self.open(ctx, mesh, cert, key).await?,
+            None => {
+                let gate = self
+                    .opening
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let _opening = gate.lock().await;
+                match self.reuse(&key, cfg, cert.generation()) {
+                    Some(c) => c,
+                    None => self.open(ctx, mesh, cert, key).await?,
+                }
+            }
         };
         let guard = StreamGuard(conn.streams.clone());
         let req = Request::builder()
@@ -145,7 +167,7 @@ impl Pool {
         Ok((TokioIo::new(upgraded), guard))
     }
 
-    fn reuse(&self, key: &Key, cfg: &HboneConfig) -> Option<Arc<Conn>> {
+    fn reuse(&self, key: &Key, cfg: &HboneConfig, cert_generation: u64) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(key)?;
         let now = Instant::now();
@@ -158,7 +180,7 @@ impl Pool {
         });
         let c = list
             .iter()
-            .find(|c| c.usable(cfg.max_streams_per_connection))?
+            .find(|c| c.usable(cfg.max_streams_per_connection, cert_generation))?
             .clone();
         c.streams.fetch_add(1, Ordering::AcqRel);
         *c.last_used.lock().unwrap_or_else(|p| p.into_inner()) = now;
@@ -180,6 +202,7 @@ impl Pool {
             .map_err(|e| HboneError::Connect(addr, e))?;
         let _ = tcp.set_nodelay(true);
         let root = mesh.certs.ca().root().clone();
+        let cert_generation = cert.generation();
         let config =
             tls::client_config(cert, &root, key.dst.clone()).map_err(HboneError::Config)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -204,11 +227,12 @@ impl Pool {
             }
         });
         let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
-        info!(src = %key.src, dst = %dst, %addr, opened = n, "new HBONE connection");
+        info!(src = %key.src, dst = %dst, %addr, opened = n, cert_generation, "new HBONE connection");
         let conn = Arc::new(Conn {
             sender,
             streams: Arc::new(AtomicUsize::new(1)),
             last_used: Mutex::new(Instant::now()),
+            cert_generation,
         });
         self.conns
             .lock()

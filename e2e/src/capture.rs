@@ -1,0 +1,90 @@
+//! A packet capture on an interface with tcpdump, for tests that must show what crosses
+//! the wire (and what does not).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::TestPod;
+
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    log: PathBuf,
+}
+
+/// What was captured.
+pub struct Captured {
+    /// One line per packet: `tcpdump -nn` summaries.
+    pub packets: String,
+    /// Packet contents as ASCII (`tcpdump -A`).
+    pub ascii: String,
+}
+
+impl Capture {
+    /// Starts capturing `filter` on `pod`'s `eth0`, the wire between it and the other
+    /// pods (a capture on the bridge device itself would not see switched frames);
+    /// returns once tcpdump listens.
+    pub fn on_pod(pod: &TestPod, filter: &str, dir: &std::path::Path) -> Capture {
+        let file = dir.join(format!("{}.pcap", pod.name));
+        let log = dir.join(format!("{}.tcpdump.log", pod.name));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns_name, "tcpdump"])
+            .args([
+                "--immediate-mode",
+                "-i",
+                "eth0",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("tcpdump log"))
+            .spawn()
+            .expect("tcpdump (install the tcpdump package)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            assert!(Instant::now() < deadline, "tcpdump did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Capture { child, file, log }
+    }
+
+    /// Stops the capture and reads it back.
+    pub fn stop(mut self) -> Captured {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let read = |extra: &[&str]| {
+            let out = Command::new("tcpdump")
+                .args(["-nn", "-r"])
+                .arg(&self.file)
+                .args(extra)
+                .stderr(Stdio::null())
+                .output()
+                .expect("tcpdump -r");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let _ = &self.log;
+        Captured {
+            packets: read(&[]),
+            ascii: read(&["-A"]),
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

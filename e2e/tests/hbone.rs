@@ -1,0 +1,420 @@
+//! Acceptance tests of the mesh data path: HBONE (HTTP/2 CONNECT over mutual TLS)
+//! between pods, identities from the local CA, workloads and policies from the local
+//! config file. Real network namespaces on a CNI bridge, real processes. Root only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::app::{echo_server, exchange, named_echo_server, request, seen_peer};
+use e2e::capture::Capture;
+use e2e::mesh_files::{identity_of, workload, NAMESPACE};
+use e2e::{Mesh, TestNode, TestPod};
+
+const T: Duration = Duration::from_secs(5);
+
+fn config(workloads: &[String], rest: &str) -> String {
+    format!("workloads:\n{}{rest}", workloads.concat())
+}
+
+fn mesh_workloads(pods: &[&TestPod]) -> Vec<String> {
+    pods.iter().map(|p| workload(p, "HBONE", "")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_to_pod_traffic_is_mutual_tls_on_15008_with_both_identities_logged() {
+    let node = TestNode::new(31);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[]).await;
+    let server = echo_server(&b, 8080).await;
+
+    let capture = Capture::on_pod(&b, "tcp", node.dir.path());
+    let payload = "the-app-payload-0123456789\n";
+    let response = exchange(&a, server.addr, payload, T)
+        .await
+        .expect("a -> b over HBONE");
+    let wire = capture.stop();
+
+    assert_eq!(
+        seen_peer(&response),
+        Some(a.ip),
+        "b's app must see a's IP: {response}"
+    );
+    assert!(response.ends_with(payload), "{response}");
+    assert!(
+        wire.packets.contains(&format!("> {}.15008:", b.ip)),
+        "no HBONE on the wire:\n{}",
+        wire.packets
+    );
+    assert!(
+        !wire.packets.contains(&format!("{}.8080", b.ip)),
+        "plaintext to the app port on the wire:\n{}",
+        wire.packets
+    );
+    assert!(
+        !wire.ascii.contains("the-app-payload"),
+        "app payload visible on the wire"
+    );
+
+    let (sa, sb) = (identity_of(&a), identity_of(&b));
+    let (src, dst) = (format!("src.identity={sa}"), format!("dst.identity={sb}"));
+    zt.wait_for(&["direction=\"outbound\"", &src, &dst, "pod=sleep"], 1)
+        .await;
+    zt.wait_for(
+        &[
+            "direction=\"inbound\"",
+            &src,
+            &dst,
+            "pod=httpbin",
+            &format!("src.addr={}:", a.ip),
+        ],
+        1,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_policy_stops_connections_and_removing_it_lets_them_through() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let node = TestNode::new(32);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let workloads = mesh_workloads(&[&a, &b]);
+    node.write_mesh_config(&config(&workloads, ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[]).await;
+    let server = echo_server(&b, 8080).await;
+
+    let held = e2e::app::connect(&a, server.addr, T).await.unwrap();
+    let mut held = BufReader::new(held);
+    let mut line = String::new();
+    held.read_line(&mut line).await.unwrap();
+
+    let deny = format!(
+        "policies:\n- {{name: deny-8080, namespace: {NAMESPACE}, scope: Namespace, action: Deny, rules: [[[{{destinationPorts: [8080]}}]]]}}\n"
+    );
+    node.write_mesh_config(&config(&workloads, &deny));
+    zt.wait_for(&["local config reloaded"], 1).await;
+    // The live connection is re-checked and closed.
+    line.clear();
+    let closed = tokio::time::timeout(T, held.read_line(&mut line))
+        .await
+        .expect("held connection closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?} {line:?}");
+    zt.wait_for(
+        &["denied by policy ambient-demo/deny-8080 after a config change"],
+        1,
+    )
+    .await;
+    // New connections are refused, and the log names the policy.
+    let response = request(&a, server.addr, T).await.unwrap_or_default();
+    assert!(
+        seen_peer(&response).is_none(),
+        "denied connection reached the app: {response}"
+    );
+    zt.wait_for(
+        &[
+            "direction=\"inbound\"",
+            "denied by policy ambient-demo/deny-8080",
+        ],
+        1,
+    )
+    .await;
+
+    node.write_mesh_config(&config(&workloads, ""));
+    zt.wait_for(&["local config reloaded"], 2).await;
+    let response = request(&a, server.addr, T).await.expect("allowed again");
+    assert_eq!(seen_peer(&response), Some(a.ip));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_clients_use_15006_and_mesh_pods_reach_non_mesh_servers_in_plaintext() {
+    let node = TestNode::new(33);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let (outside, legacy) = (node.add_pod("outside"), node.add_pod("legacy"));
+    let mut workloads = mesh_workloads(&[&a, &b]);
+    workloads.push(workload(&legacy, "TCP", ""));
+    node.write_mesh_config(&config(&workloads, ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[]).await;
+    let server = echo_server(&b, 8080).await;
+    let legacy_server = echo_server(&legacy, 9090).await;
+
+    let response = request(&outside, server.addr, T)
+        .await
+        .expect("outside -> b through 15006");
+    assert_eq!(seen_peer(&response), Some(outside.ip));
+    zt.wait_for(
+        &[
+            "direction=\"inbound\"",
+            &format!("src.addr={}:", outside.ip),
+            "src.identity= ",
+            "pod=httpbin",
+        ],
+        1,
+    )
+    .await;
+
+    let capture = Capture::on_pod(&legacy, "tcp", node.dir.path());
+    let response = exchange(&a, legacy_server.addr, "plain-for-legacy\n", T)
+        .await
+        .expect("a -> legacy");
+    let wire = capture.stop();
+    assert_eq!(seen_peer(&response), Some(a.ip));
+    assert!(
+        wire.ascii.contains("plain-for-legacy"),
+        "passthrough is plain TCP"
+    );
+    zt.wait_for(
+        &[
+            "direction=\"outbound\"",
+            &format!("dst.addr={}", legacy_server.addr),
+            "dst.identity= ",
+        ],
+        1,
+    )
+    .await;
+}
+
+/// Opens TLS from `from`'s netns to `to`'s 15008 as `cert`, expecting the server to be
+/// `to`; returns the first error either side reported.
+async fn handshake_to(
+    from: &TestPod,
+    to: &TestPod,
+    cert: Arc<ztunnel::identity::manager::IdentityCert>,
+    root: &rustls::pki_types::CertificateDer<'static>,
+    expect: ztunnel::identity::Identity,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = e2e::app::connect(from, std::net::SocketAddr::new(to.ip, 15008), T)
+        .await
+        .map_err(|e| e.to_string())?;
+    let cfg = ztunnel::tls::client_config(cert, root, expect).map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ztunnel::tls::server_name(to.ip), tcp)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    // TLS 1.3: the server judges our certificate after we finish; its verdict arrives
+    // as an alert on the next read.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(T, tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => Err("server closed".into()),
+        Ok(Err(e)) => Err(format!("server: {e}")),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_from_another_root_or_outside_the_trust_domain_are_refused_at_the_handshake() {
+    use ztunnel::identity::{ca::LocalCa, manager::CertManager, Identity};
+    let node = TestNode::new(34);
+    let (b, outside) = (node.add_pod("httpbin"), node.add_pod("outside"));
+    node.write_mesh_config(&config(&mesh_workloads(&[&b]), ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&b], &[]).await;
+    let files = node.mesh_files();
+    let mesh_ca = Arc::new(LocalCa::from_files(&files.ca_cert, &files.ca_key).unwrap());
+    let root = mesh_ca.root().clone();
+    let mesh = CertManager::new(mesh_ca, Duration::from_secs(3600), ztunnel::tls::provider());
+    let (other_cert, other_key) =
+        LocalCa::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
+    let other = CertManager::new(
+        Arc::new(LocalCa::from_pem(&other_cert, &other_key).unwrap()),
+        Duration::from_secs(3600),
+        ztunnel::tls::provider(),
+    );
+    let httpbin: Identity = identity_of(&b).parse().unwrap();
+    let sleep = Identity::new("cluster.local", NAMESPACE, "sleep");
+
+    // Sanity: a proper mesh client completes the handshake (and gets HTTP/2 settings).
+    handshake_to(
+        &outside,
+        &b,
+        mesh.get(&sleep).unwrap(),
+        &root,
+        httpbin.clone(),
+    )
+    .await
+    .expect("a mesh client is accepted");
+
+    let err = handshake_to(
+        &outside,
+        &b,
+        other.get(&sleep).unwrap(),
+        &root,
+        httpbin.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("server"), "{err}");
+    zt.wait_for(&["TLS handshake failed", "invalid peer certificate"], 1)
+        .await;
+
+    let foreign = Identity::new("evil.example", NAMESPACE, "sleep");
+    let err = handshake_to(
+        &outside,
+        &b,
+        mesh.get(&foreign).unwrap(),
+        &root,
+        httpbin.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("server"), "{err}");
+    zt.wait_for(&["TLS handshake failed", "outside trust domain"], 1)
+        .await;
+
+    // And a client that expects another identity than the server proves gives up.
+    let wrong = Identity::new("cluster.local", NAMESPACE, "not-httpbin");
+    let err = handshake_to(&outside, &b, mesh.get(&sleep).unwrap(), &root, wrong)
+        .await
+        .unwrap_err();
+    assert!(err.contains("not the expected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_vip_spreads_connections_over_its_endpoints() {
+    let node = TestNode::new(35);
+    let a = node.add_pod("sleep");
+    let (b1, b2) = (node.add_pod("echo-1"), node.add_pod("echo-2"));
+    let svc = format!("\"{NAMESPACE}/echo.{NAMESPACE}.svc.cluster.local\"");
+    let extra = format!("  services: {{{svc}: {{80: 8080}}}}\n");
+    let workloads = vec![
+        workload(&a, "HBONE", ""),
+        workload(&b1, "HBONE", &extra),
+        workload(&b2, "HBONE", &extra),
+    ];
+    let services = format!(
+        "services:\n- {{name: echo, namespace: {NAMESPACE}, hostname: echo.{NAMESPACE}.svc.cluster.local, vips: [\"/10.96.35.10\"], ports: {{80: 8080}}}}\n"
+    );
+    node.write_mesh_config(&config(&workloads, &services));
+    let Mesh {
+        agent: _agent,
+        ztunnel: _zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b1, &b2], &[]).await;
+    let _s1 = named_echo_server(&b1, 8080).await;
+    let _s2 = named_echo_server(&b2, 8080).await;
+
+    let vip: std::net::SocketAddr = "10.96.35.10:80".parse().unwrap();
+    let mut served = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let response = request(&a, vip, T).await.expect("request to the VIP");
+        assert_eq!(seen_peer(&response), Some(a.ip), "{response}");
+        let server = response.lines().nth(1).unwrap_or_default().to_string();
+        *served.entry(server).or_insert(0) += 1;
+    }
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        ["server=echo-1", "server=echo-2"],
+        "{served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_renewal_keeps_connections_and_new_ones_use_the_new_certificate() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let node = TestNode::new(36);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[("WORKLOAD_CERT_TTL", "4s")]).await;
+    let server = echo_server(&b, 8080).await;
+    let held = e2e::app::connect(&a, server.addr, T).await.unwrap();
+    let mut held = BufReader::new(held);
+    let mut line = String::new();
+    held.read_line(&mut line).await.unwrap();
+    zt.wait_for(&["new HBONE connection", "cert_generation=1"], 1)
+        .await;
+
+    zt.wait_for(&["renewed workload certificate", &identity_of(&a)], 1)
+        .await;
+    held.get_mut().write_all(b"after renewal\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(T, held.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        line, "after renewal\n",
+        "the established connection survived the renewal"
+    );
+
+    let response = request(&a, server.addr, T).await.expect("new connection");
+    assert_eq!(seen_peer(&response), Some(a.ip));
+    let renewed = zt
+        .logs()
+        .lines()
+        .filter(|l| l.contains("new HBONE connection") && !l.contains("cert_generation=1 "))
+        .count();
+    assert!(
+        renewed >= 1,
+        "no HBONE connection with the renewed certificate:\n{}",
+        zt.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parallel_connections_share_one_tls_connection() {
+    let node = TestNode::new(37);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[]).await;
+    let server = echo_server(&b, 8080).await;
+    let requests = (0..20).map(|_| request(&a, server.addr, T));
+    for response in futures_join_all(requests).await {
+        assert_eq!(seen_peer(&response.expect("request")), Some(a.ip));
+    }
+    zt.wait_for(&["direction=\"inbound\"", "pod=httpbin"], 20)
+        .await;
+    assert_eq!(
+        zt.count(&["new HBONE connection"]),
+        1,
+        "20 streams should share one connection"
+    );
+}
+
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(f);
+    }
+    let mut out = Vec::new();
+    let mut pinned: Vec<_> = set.into_iter().map(Box::pin).collect();
+    // Poll all concurrently.
+    let results = std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out.len() <= i {
+                out.resize_with(i + 1, || None);
+            }
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(std::mem::take(&mut out))
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
