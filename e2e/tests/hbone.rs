@@ -368,16 +368,20 @@ async fn certificate_renewal_keeps_connections_and_new_ones_use_the_new_certific
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_parallel_connections_share_one_tls_connection() {
     let node = TestNode::new(37);
-    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let (a, b) = (Arc::new(node.add_pod("sleep")), node.add_pod("httpbin"));
     node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
     let Mesh {
         agent: _agent,
         ztunnel: zt,
     } = Mesh::start_in_mesh(&node, &[&a, &b], &[]).await;
     let server = echo_server(&b, 8080).await;
-    let requests = (0..20).map(|_| request(&a, server.addr, T));
-    for response in futures_join_all(requests).await {
-        assert_eq!(seen_peer(&response.expect("request")), Some(a.ip));
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (a, addr) = (a.clone(), server.addr);
+        requests.spawn(async move { request(&a, addr, T).await });
+    }
+    while let Some(response) = requests.join_next().await {
+        assert_eq!(seen_peer(&response.unwrap().expect("request")), Some(a.ip));
     }
     zt.wait_for(&["direction=\"inbound\"", "pod=httpbin"], 20)
         .await;
@@ -386,35 +390,4 @@ async fn many_parallel_connections_share_one_tls_connection() {
         1,
         "20 streams should share one connection"
     );
-}
-
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(f);
-    }
-    let mut out = Vec::new();
-    let mut pinned: Vec<_> = set.into_iter().map(Box::pin).collect();
-    // Poll all concurrently.
-    let results = std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if out.len() <= i {
-                out.resize_with(i + 1, || None);
-            }
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(std::mem::take(&mut out))
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    results.into_iter().flatten().collect()
 }
