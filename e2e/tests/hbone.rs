@@ -129,6 +129,69 @@ async fn a_deny_policy_stops_connections_and_removing_it_lets_them_through() {
     zt.wait_for(&["local config reloaded"], 2).await;
     let response = request(&a, server.addr, T).await.expect("allowed again");
     assert_eq!(seen_peer(&response), Some(a.ip));
+
+    // A bad edit is logged and changes nothing; a good one keeps live connections.
+    let held = e2e::app::connect(&a, server.addr, T).await.unwrap();
+    let mut held = BufReader::new(held);
+    line.clear();
+    held.read_line(&mut line).await.unwrap();
+    node.write_mesh_config("workloads:\n- name: x\n  colour: red\n");
+    zt.wait_for(
+        &[
+            "local config not reloaded, keeping the last good one",
+            "colour",
+        ],
+        1,
+    )
+    .await;
+    request(&a, server.addr, T)
+        .await
+        .expect("still served by the last good config");
+    node.write_mesh_config(&config(&workloads, "services: []\n"));
+    zt.wait_for(&["local config reloaded"], 3).await;
+    use tokio::io::AsyncWriteExt;
+    held.get_mut().write_all(b"kept\n").await.unwrap();
+    line.clear();
+    tokio::time::timeout(T, held.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "kept\n", "a reload dropped an established connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_a_workload_entry_waits_until_one_appears() {
+    let node = TestNode::new(38);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    node.write_mesh_config(&config(&mesh_workloads(&[&b]), ""));
+    let Mesh { agent, ztunnel: zt } = Mesh::start_in_mesh(&node, &[&b], &[]).await;
+    let server = echo_server(&b, 8080).await;
+    let err = agent.enroller().enroll(&a.pod()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no workload ambient-demo/sleep"),
+        "{err}"
+    );
+    assert_eq!(zt.readiness().await, 503, "a pending pod means not ready");
+    let response = request(&a, server.addr, std::time::Duration::from_secs(1)).await;
+    assert!(
+        response.map(|r| seen_peer(&r).is_none()).unwrap_or(true),
+        "a pending pod's traffic must fail closed"
+    );
+
+    node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
+    zt.wait_readiness(200).await;
+    let response = request(&a, server.addr, T)
+        .await
+        .expect("a -> b once a has its entry");
+    assert_eq!(seen_peer(&response), Some(a.ip));
+    zt.wait_for(
+        &[
+            "direction=\"outbound\"",
+            &format!("src.identity={}", identity_of(&a)),
+        ],
+        1,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,9 @@ pub struct Config {
     /// Lifetime of workload certificates; they are renewed at half-life.
     #[arg(long, env = "WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
+    /// An HBONE connection that carried no stream for this long is closed.
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub pool_unused_release_timeout: Duration,
     /// Log format: plain or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
@@ -105,6 +108,10 @@ impl Config {
                     .unwrap_or_default()
             ),
             format!("workload_cert_ttl: {:?}", self.workload_cert_ttl),
+            format!(
+                "pool_unused_release_timeout: {:?}",
+                self.pool_unused_release_timeout
+            ),
             format!("log_format: {}", self.log_format),
         ]
     }

@@ -44,7 +44,10 @@ fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
     Ok(Some(Arc::new(MeshConfig {
         store,
         certs,
-        hbone: HboneConfig::default(),
+        hbone: HboneConfig {
+            idle_timeout: cfg.pool_unused_release_timeout,
+            ..HboneConfig::default()
+        },
     })))
 }
 

@@ -40,7 +40,7 @@ impl Default for HboneConfig {
     fn default() -> Self {
         HboneConfig {
             max_streams_per_connection: 100,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             handshake_timeout: Duration::from_secs(10),
@@ -66,6 +66,17 @@ struct Conn {
 }
 
 impl Conn {
+    /// No stream for at least `timeout`.
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
+            && self
+                .last_used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                >= timeout
+    }
+
     fn usable(&self, max: usize, cert_generation: u64) -> bool {
         !self.sender.is_closed()
             && self.streams.load(Ordering::Acquire) < max
@@ -73,12 +84,14 @@ impl Conn {
     }
 }
 
-/// Holds one stream's place on its connection; released on drop.
-pub struct StreamGuard(Arc<AtomicUsize>);
+/// Holds one stream's place on its connection; released on drop, which counts as a
+/// use of the connection for the idle timeout.
+pub struct StreamGuard(Arc<Conn>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -146,7 +159,7 @@ impl Pool {
                 }
             }
         };
-        let guard = StreamGuard(conn.streams.clone());
+        let guard = StreamGuard(conn.clone());
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -172,12 +185,7 @@ impl Pool {
         let list = conns.get_mut(key)?;
         let now = Instant::now();
         // Drop what is broken or has idled out; nothing broken is handed out again.
-        list.retain(|c| {
-            let idle = c.streams.load(Ordering::Acquire) == 0
-                && now.duration_since(*c.last_used.lock().unwrap_or_else(|p| p.into_inner()))
-                    > cfg.idle_timeout;
-            !c.sender.is_closed() && !idle
-        });
+        list.retain(|c| !c.sender.is_closed() && !c.idle_for(cfg.idle_timeout));
         let c = list
             .iter()
             .find(|c| c.usable(cfg.max_streams_per_connection, cert_generation))?
@@ -220,19 +228,36 @@ impl Pool {
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| HboneError::H2(addr, e))?;
-        let dst = key.dst.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%addr, "HBONE connection ended: {e}");
-            }
-        });
         let n = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
-        info!(src = %key.src, dst = %dst, %addr, opened = n, cert_generation, "new HBONE connection");
+        info!(src = %key.src, dst = %key.dst, %addr, opened = n, cert_generation, "new HBONE connection");
         let conn = Arc::new(Conn {
             sender,
             streams: Arc::new(AtomicUsize::new(1)),
             last_used: Mutex::new(Instant::now()),
             cert_generation,
+        });
+        // The connection's driver. It also closes the connection once it has carried no
+        // stream for the idle timeout; the pool then sees it closed and drops it.
+        let (watched, idle_timeout) = (Arc::downgrade(&conn), cfg.idle_timeout);
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            loop {
+                tokio::select! {
+                    ended = &mut connection => {
+                        if let Err(e) = ended {
+                            debug!(%addr, "HBONE connection ended: {e}");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(idle_timeout / 4) => {
+                        let idle = watched.upgrade().is_none_or(|c| c.idle_for(idle_timeout));
+                        if idle {
+                            info!(%addr, "closing idle HBONE connection");
+                            return;
+                        }
+                    }
+                }
+            }
         });
         self.conns
             .lock()
