@@ -1,16 +1,16 @@
-//! What ztunnel costs on the data path, measured against the direct path in the same
-//! run: pod-to-pod bulk throughput and connection rate between two pods that are not
-//! enrolled (baseline) and two that are (each byte crosses the client's ztunnel
-//! outbound and the server's ztunnel inbound). Real netns on a CNI bridge, ztunnel as
-//! a release build.
+//! What ztunnel costs on the data path, against the direct path measured in the same
+//! run: pod-to-pod bulk throughput and connection rate between pods that are not
+//! enrolled (the baseline), pods enrolled as plain TCP workloads (passthrough out,
+//! 15006 in), and mesh pods (HBONE: HTTP/2 CONNECT over mTLS between the two sides).
+//! Real netns on a CNI bridge, ztunnel as a release build.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use e2e::app::connect;
-use e2e::{TestNode, TestPod, Ztunnel};
-use istio_cni::Agent;
+use e2e::mesh_files::workload;
+use e2e::{Mesh, TestNode, TestPod};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 
@@ -63,23 +63,36 @@ fn bench(c: &mut Criterion) {
     assert!(nix::unistd::geteuid().is_root(), "benchmarks need root");
     let rt = Runtime::new().unwrap();
     let node = TestNode::new(90);
-    // Separate pod pairs for the two paths: each connection leaves a TIME_WAIT entry in
-    // the client pod's port space (two through ztunnel, whose upstream socket lives in
-    // the pod too), so sharing one client pod would bias the second measurement.
-    let (direct_client, direct_server) =
-        (node.add_pod("direct-client"), node.add_pod("direct-server"));
-    let (mesh_client, mesh_server) = (node.add_pod("mesh-client"), node.add_pod("mesh-server"));
-    let (direct_dst, _s1) = rt.block_on(sink(&direct_server, 9000));
-    let (mesh_dst, _s2) = rt.block_on(sink(&mesh_server, 9000));
-
-    let agent = rt.block_on(Agent::start(node.agent_config(), &[])).unwrap();
-    let _zt = Ztunnel::start(&node, 1);
-    rt.block_on(async {
-        agent.enroller().server().wait_for_connections(1).await;
-        for p in [&mesh_client, &mesh_server] {
-            agent.enroller().enroll(&p.pod()).await.expect("enroll");
-        }
-    });
+    // A pod pair per path: each connection leaves TIME_WAIT entries in the client
+    // pod's port space (two through ztunnel, whose upstream socket lives in the pod
+    // too), so sharing a client pod would bias whichever path is measured later.
+    let pairs = [
+        ("direct", node.add_pod("d-client"), node.add_pod("d-server")),
+        (
+            "through ztunnel, plaintext",
+            node.add_pod("p-client"),
+            node.add_pod("p-server"),
+        ),
+        (
+            "through ztunnel, HBONE (mTLS)",
+            node.add_pod("h-client"),
+            node.add_pod("h-server"),
+        ),
+    ];
+    let workloads: String = [
+        workload(&pairs[1].1, "TCP", ""),
+        workload(&pairs[1].2, "TCP", ""),
+        workload(&pairs[2].1, "HBONE", ""),
+        workload(&pairs[2].2, "HBONE", ""),
+    ]
+    .concat();
+    node.write_mesh_config(&format!("workloads:\n{workloads}"));
+    let enrolled: Vec<&TestPod> = pairs[1..].iter().flat_map(|(_, c, s)| [c, s]).collect();
+    let _mesh = rt.block_on(Mesh::start_in_mesh(&node, &enrolled, &[]));
+    let sinks: Vec<_> = pairs
+        .iter()
+        .map(|(_, _, server)| rt.block_on(sink(server, 9000)))
+        .collect();
 
     let run = |from: &TestPod, dst: SocketAddr, iters: u64, bytes: usize| {
         rt.block_on(async {
@@ -94,12 +107,9 @@ fn bench(c: &mut Criterion) {
     let mut bulk = c.benchmark_group("pod-to-pod bulk 16MiB");
     bulk.throughput(Throughput::Bytes(BULK as u64))
         .sample_size(10);
-    bulk.bench_function("baseline: direct", |b| {
-        b.iter_custom(|i| run(&direct_client, direct_dst, i, BULK))
-    });
-    bulk.bench_function("through ztunnel (both sides)", |b| {
-        b.iter_custom(|i| run(&mesh_client, mesh_dst, i, BULK))
-    });
+    for ((name, client, _), (dst, _)) in pairs.iter().zip(&sinks) {
+        bulk.bench_function(*name, |b| b.iter_custom(|i| run(client, *dst, i, BULK)));
+    }
     bulk.finish();
 
     let mut conns = c.benchmark_group("pod-to-pod connection (connect, 1 byte, close)");
@@ -107,12 +117,9 @@ fn bench(c: &mut Criterion) {
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
-    conns.bench_function("baseline: direct", |b| {
-        b.iter_custom(|i| run(&direct_client, direct_dst, i, 1))
-    });
-    conns.bench_function("through ztunnel (both sides)", |b| {
-        b.iter_custom(|i| run(&mesh_client, mesh_dst, i, 1))
-    });
+    for ((name, client, _), (dst, _)) in pairs.iter().zip(&sinks) {
+        conns.bench_function(*name, |b| b.iter_custom(|i| run(client, *dst, i, 1)));
+    }
     conns.finish();
 }
 

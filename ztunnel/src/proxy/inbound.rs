@@ -63,6 +63,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(mesh.hbone.stream_window)
         .initial_connection_window_size(mesh.hbone.connection_window)
+        .max_frame_size(mesh.hbone.max_frame_size)
         .max_concurrent_streams(mesh.hbone.max_streams_per_connection as u32)
         .serve_connection(TokioIo::new(tls), service)
         .await;

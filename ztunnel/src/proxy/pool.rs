@@ -33,6 +33,8 @@ pub struct HboneConfig {
     /// HTTP/2 flow-control windows, sized for throughput (the defaults are 64 KiB).
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept (the default is 16 KiB).
+    pub max_frame_size: u32,
     pub handshake_timeout: Duration,
 }
 
@@ -43,6 +45,7 @@ impl Default for HboneConfig {
             idle_timeout: Duration::from_secs(300),
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -224,6 +227,7 @@ impl Pool {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(cfg.stream_window)
             .initial_connection_window_size(cfg.connection_window)
+            .max_frame_size(cfg.max_frame_size)
             .max_concurrent_reset_streams(1024)
             .handshake(TokioIo::new(tls))
             .await
