@@ -2,6 +2,7 @@
 //! idempotently inside a pod's netns, checked for drift, and removed without a trace.
 
 pub mod conntrack;
+pub mod hostprobe;
 pub mod iptables;
 pub mod render;
 pub mod route;
@@ -24,6 +25,8 @@ pub enum RulesError {
     Route(#[source] ExecError),
     #[error("conntrack flush in the pod netns: {0}")]
     Conntrack(#[source] ExecError),
+    #[error("ipset: {0}")]
+    Ipset(#[source] ExecError),
 }
 
 /// The result of checking a netns against the expected redirection.
@@ -79,12 +82,8 @@ impl Redirection {
         })
     }
 
-    /// Brings the netns to exactly the expected redirection, writing only if it drifted.
-    ///
-    /// iptables commits table by table; if the restore fails on a netns that had none
-    /// of our rules, what was committed is removed again (all or nothing). On a netns
-    /// that was already redirected the rules are left as they are: half the rules
-    /// still fail closed, none would fail open.
+    /// Brings the netns to exactly the expected redirection, writing only if it drifted
+    /// (see [`write_tables`] for what a failed write leaves).
     pub fn apply(&self, netns: &Netns) -> Result<Applied, RulesError> {
         let saved = self.iptables.save(netns)?;
         let drift = save::drift(&self.ruleset, &saved);
@@ -93,25 +92,7 @@ impl Redirection {
             return Ok(Applied::Unchanged);
         }
         if !drift.is_clean() {
-            let fresh = saved.iter().all(|t| {
-                self.ruleset
-                    .tables
-                    .iter()
-                    .filter(|w| w.table == t.name)
-                    .all(|w| w.chains.iter().all(|c| !t.has_chain(c)))
-            });
-            let input = iptables::apply_input(&self.ruleset, &saved);
-            if let Err(e) = self.iptables.restore(netns, &input) {
-                if fresh {
-                    if let Ok(now) = self.iptables.save(netns) {
-                        let undo = iptables::remove_input(&self.ruleset, &now);
-                        if !undo.is_empty() {
-                            let _ = self.iptables.restore(netns, &undo);
-                        }
-                    }
-                }
-                return Err(e.into());
-            }
+            write_tables(&self.iptables, &self.ruleset, netns, &saved)?;
         }
         self.route.apply(netns, route).map_err(RulesError::Route)?;
         Ok(Applied::Changed)
@@ -129,4 +110,37 @@ impl Redirection {
         self.route.remove(netns, route).map_err(RulesError::Route)?;
         conntrack::flush_redirected(netns, &self.cfg).map_err(RulesError::Conntrack)
     }
+}
+
+/// Writes `want` over what `saved` shows, in one `iptables-restore`.
+///
+/// iptables commits table by table; if the restore fails on a netns that had none of
+/// our chains, what was committed is removed again (all or nothing). On a netns that
+/// already had them the rules are left as they are: in a pod, half the rules still
+/// fail closed, none would fail open.
+pub(crate) fn write_tables(
+    iptables: &Iptables,
+    want: &Ruleset,
+    netns: &Netns,
+    saved: &[save::SavedTable],
+) -> Result<(), RulesError> {
+    let fresh = saved.iter().all(|t| {
+        want.tables
+            .iter()
+            .filter(|w| w.table == t.name)
+            .all(|w| w.chains.iter().all(|c| !t.has_chain(c)))
+    });
+    let input = iptables::apply_input(want, saved);
+    if let Err(e) = iptables.restore(netns, &input) {
+        if fresh {
+            if let Ok(now) = iptables.save(netns) {
+                let undo = iptables::remove_input(want, &now);
+                if !undo.is_empty() {
+                    let _ = iptables.restore(netns, &undo);
+                }
+            }
+        }
+        return Err(e.into());
+    }
+    Ok(())
 }

@@ -124,6 +124,27 @@ pub fn render(cfg: &RuleConfig) -> Ruleset {
     }
 }
 
+/// Host netns chain for kubelet probes.
+pub const POSTRT_CHAIN: &str = "ISTIO_POSTRT";
+
+/// The host-side rule for kubelet probes: locally originated TCP to an enrolled pod's IP
+/// (a member of `set`) is SNATed to the probe address, which the pod's rules let
+/// straight through to the app instead of capturing it.
+pub fn render_host_probe(cfg: &RuleConfig, set: &str) -> Ruleset {
+    Ruleset {
+        tables: vec![TableRules {
+            table: "nat",
+            chains: vec![POSTRT_CHAIN],
+            jumps: vec![format!("-A POSTROUTING -j {POSTRT_CHAIN}")],
+            rules: vec![format!(
+                "-A {POSTRT_CHAIN} -p tcp -m owner --socket-exists -m set --match-set {set} dst \
+                 -j SNAT --to-source {}",
+                cfg.probe_ip
+            )],
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
