@@ -7,6 +7,7 @@
 //! - [`agent`]: all of it wired together.
 
 pub mod agent;
+pub mod discovery;
 pub mod enroll;
 pub mod exec;
 pub mod rules;

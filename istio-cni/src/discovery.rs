@@ -1,0 +1,132 @@
+//! Finding the network namespaces of pods that already run, without the CNI plugin's
+//! help (an agent that starts after its pods, or restarts).
+//!
+//! Kubelet puts every container's processes in a cgroup whose path carries the pod's
+//! UID: `…/kubepods/besteffort/pod<uid>/<container>` with the cgroupfs driver, or
+//! `…/kubepods-besteffort-pod<uid with _>.slice/…` with systemd. Scanning /proc for
+//! processes of a wanted pod gives its netns; the host netns is skipped (hostNetwork
+//! pods share it), and a match is confirmed by an interface in that netns carrying
+//! one of the pod's IPs.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+
+use protocol::{Netns, NetnsId};
+
+/// The pod UID in a `/proc/<pid>/cgroup` file, if the process belongs to a pod.
+pub fn pod_uid_in_cgroup(contents: &str) -> Option<String> {
+    contents
+        .lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .flat_map(|path| path.split('/'))
+        .find_map(|segment| {
+            let at = segment.rfind("pod")?;
+            let candidate = segment[at + 3..]
+                .trim_end_matches(".slice")
+                .replace('_', "-");
+            is_uid(&candidate).then_some(candidate)
+        })
+}
+
+/// 8-4-4-4-12 hex digits.
+fn is_uid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Addresses of the interfaces in `netns`.
+fn addresses(netns: &Netns) -> io::Result<Vec<IpAddr>> {
+    netns.run(|| -> io::Result<Vec<IpAddr>> {
+        let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+        Ok(addrs
+            .filter_map(|a| a.address)
+            .filter_map(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect())
+    })?
+}
+
+/// Scans `proc_root` (normally `/proc`) for the pods in `wanted` (uid -> pod IPs) and
+/// returns the netns of each one found. Processes that vanish mid-scan are skipped.
+pub fn find_pod_netns(
+    proc_root: &Path,
+    wanted: &HashMap<String, Vec<IpAddr>>,
+) -> io::Result<HashMap<String, Netns>> {
+    let host = Netns::current()?.id();
+    let mut found: HashMap<String, Netns> = HashMap::new();
+    let mut rejected: HashSet<(String, NetnsId)> = HashSet::new();
+    for entry in std::fs::read_dir(proc_root)? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+            continue;
+        };
+        let Some(uid) = pod_uid_in_cgroup(&cgroup) else {
+            continue;
+        };
+        let Some(ips) = wanted.get(&uid) else {
+            continue;
+        };
+        if found.contains_key(&uid) {
+            continue;
+        }
+        let Ok(netns) = Netns::open(&dir.join("ns/net")) else {
+            continue;
+        };
+        if netns.id() == host || rejected.contains(&(uid.clone(), netns.id())) {
+            continue;
+        }
+        if addresses(&netns)?.iter().any(|a| ips.contains(a)) {
+            found.insert(uid, netns);
+        } else {
+            rejected.insert((uid, netns.id()));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "1e054806-e667-4109-a5af-08b3e6ba0c42";
+
+    #[test]
+    fn uids_come_from_both_kubelet_cgroup_layouts() {
+        let cgroupfs = format!("12:pids:/kubepods/besteffort/pod{UID}/0123abcd\n0::/\n");
+        assert_eq!(pod_uid_in_cgroup(&cgroupfs).as_deref(), Some(UID));
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-99.scope\n",
+            UID.replace('-', "_")
+        );
+        assert_eq!(pod_uid_in_cgroup(&systemd).as_deref(), Some(UID));
+        let guaranteed = format!("0::/kubepods/pod{UID}/c1\n");
+        assert_eq!(pod_uid_in_cgroup(&guaranteed).as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn non_pod_processes_and_garbage_have_no_uid() {
+        for s in [
+            "0::/\n",
+            "9:name=systemd:/system.slice/sshd.service\n",
+            "0::/kubepods/podnotauid/c\n",
+            "garbage",
+            "",
+        ] {
+            assert_eq!(pod_uid_in_cgroup(s), None, "{s:?}");
+        }
+    }
+}
