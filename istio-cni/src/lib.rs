@@ -10,6 +10,7 @@ pub mod agent;
 pub mod discovery;
 pub mod enroll;
 pub mod exec;
+pub mod k8s;
 pub mod rules;
 pub mod zds_server;
 

@@ -1,0 +1,181 @@
+//! Which pods belong in the mesh, decided from the pod and its namespace alone.
+//!
+//! A pod is enrolled when it or its namespace carries `istio.io/dataplane-mode=ambient`,
+//! unless the pod says `istio.io/dataplane-mode=none`. Never enrolled: pods that have
+//! terminated or are being deleted, hostNetwork pods, pods with an Istio sidecar, the
+//! ztunnel pods themselves, and pods in excluded namespaces.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+/// The label that puts a pod or namespace in (or, on a pod, out of) the mesh.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The annotation the agent writes on enrolled pods.
+pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+/// Present on pods that run an Istio sidecar.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub excluded_namespaces: Vec<String>,
+    /// `app` label value of ztunnel's own pods.
+    pub ztunnel_app: String,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Selection {
+            excluded_namespaces: vec!["kube-system".into()],
+            ztunnel_app: "ztunnel".into(),
+        }
+    }
+}
+
+/// The decision, with the reason when the pod stays out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Enroll,
+    Skip(&'static str),
+}
+
+fn label<'a>(
+    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    key: &str,
+) -> Option<&'a str> {
+    labels?.get(key).map(String::as_str)
+}
+
+impl Selection {
+    pub fn decide(&self, pod: &Pod, namespace: Option<&Namespace>) -> Verdict {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if meta.deletion_timestamp.is_some() {
+            return Verdict::Skip("being deleted");
+        }
+        if matches!(phase, Some("Succeeded") | Some("Failed")) {
+            return Verdict::Skip("terminated");
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            return Verdict::Skip("hostNetwork");
+        }
+        if meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
+        {
+            return Verdict::Skip("has a sidecar");
+        }
+        if label(meta.labels.as_ref(), "app") == Some(self.ztunnel_app.as_str()) {
+            return Verdict::Skip("is ztunnel");
+        }
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        if self.excluded_namespaces.iter().any(|e| e == ns) {
+            return Verdict::Skip("namespace excluded");
+        }
+        match label(meta.labels.as_ref(), DATAPLANE_MODE) {
+            Some("none") => return Verdict::Skip("pod opted out (dataplane-mode=none)"),
+            Some("ambient") => return Verdict::Enroll,
+            _ => {}
+        }
+        match namespace.and_then(|n| label(n.metadata.labels.as_ref(), DATAPLANE_MODE)) {
+            Some("ambient") => Verdict::Enroll,
+            _ => Verdict::Skip("not labelled ambient"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("demo".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn ns(labels: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some("demo".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    const AMBIENT: (&str, &str) = (DATAPLANE_MODE, "ambient");
+
+    #[test]
+    fn the_namespace_or_the_pod_label_enrolls_and_none_opts_out() {
+        let s = Selection::default();
+        assert_eq!(
+            s.decide(&pod(&[]), Some(&ns(&[]))),
+            Verdict::Skip("not labelled ambient")
+        );
+        assert_eq!(s.decide(&pod(&[]), Some(&ns(&[AMBIENT]))), Verdict::Enroll);
+        assert_eq!(s.decide(&pod(&[AMBIENT]), Some(&ns(&[]))), Verdict::Enroll);
+        assert_eq!(s.decide(&pod(&[AMBIENT]), None), Verdict::Enroll);
+        let none = pod(&[(DATAPLANE_MODE, "none")]);
+        assert!(matches!(
+            s.decide(&none, Some(&ns(&[AMBIENT]))),
+            Verdict::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn some_pods_are_never_enrolled() {
+        let s = Selection::default();
+        let ambient = ns(&[AMBIENT]);
+        let mut host = pod(&[]);
+        host.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            host_network: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(
+            s.decide(&host, Some(&ambient)),
+            Verdict::Skip("hostNetwork")
+        );
+        let mut sidecar = pod(&[]);
+        sidecar.metadata.annotations =
+            Some([(SIDECAR_STATUS.to_string(), "{}".to_string())].into());
+        assert_eq!(
+            s.decide(&sidecar, Some(&ambient)),
+            Verdict::Skip("has a sidecar")
+        );
+        assert_eq!(
+            s.decide(&pod(&[("app", "ztunnel")]), Some(&ambient)),
+            Verdict::Skip("is ztunnel")
+        );
+        let mut system = pod(&[AMBIENT]);
+        system.metadata.namespace = Some("kube-system".into());
+        assert_eq!(s.decide(&system, None), Verdict::Skip("namespace excluded"));
+        let mut done = pod(&[AMBIENT]);
+        done.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Succeeded".into()),
+            ..Default::default()
+        });
+        assert_eq!(s.decide(&done, None), Verdict::Skip("terminated"));
+        let mut deleting = pod(&[AMBIENT]);
+        deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert_eq!(s.decide(&deleting, None), Verdict::Skip("being deleted"));
+    }
+}
