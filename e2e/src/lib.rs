@@ -9,6 +9,7 @@
 pub mod app;
 pub mod capture;
 pub mod cni;
+pub mod kube_api;
 pub mod mesh;
 pub mod mesh_files;
 pub mod node;
