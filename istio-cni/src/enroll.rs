@@ -128,7 +128,16 @@ impl Enroller {
     /// [`EnrollStatus::Pending`] when no ztunnel is connected. On error the rules stay
     /// in place, so the pod fails closed; the caller retries or unenrolls.
     pub async fn enroll(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
-        let netns = Self::open(pod)?;
+        self.enroll_netns(pod, Self::open(pod)?).await
+    }
+
+    /// [`enroll`](Self::enroll) with the pod's netns already open (found by /proc
+    /// discovery rather than given as a path).
+    pub async fn enroll_netns(
+        &self,
+        pod: &Pod,
+        netns: Arc<Netns>,
+    ) -> Result<EnrollStatus, EnrollError> {
         let applied = self
             .blocking(&pod.uid, netns.clone(), |r, ns| r.apply(ns))
             .await?;
@@ -172,7 +181,16 @@ impl Enroller {
     /// repairs their rules only where they drifted and puts them in the snapshot, all
     /// before any ztunnel connects. A pod whose netns cannot be opened is sent as Keep.
     pub async fn adopt(&self, pod: &Pod) -> Result<(), EnrollError> {
-        match Self::open(pod) {
+        self.adopt_netns(pod, Self::open(pod)).await
+    }
+
+    /// [`adopt`](Self::adopt) with the netns lookup already done.
+    pub async fn adopt_netns(
+        &self,
+        pod: &Pod,
+        netns: Result<Arc<Netns>, EnrollError>,
+    ) -> Result<(), EnrollError> {
+        match netns {
             Ok(netns) => {
                 let applied = self
                     .blocking(&pod.uid, netns.clone(), |r, ns| r.apply(ns))

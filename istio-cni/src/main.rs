@@ -1,12 +1,23 @@
 //! `istio-cni`: the ambient node agent.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use istio_cni::discovery::find_pod_netns;
+use istio_cni::k8s::controller::{
+    pod_ips, to_enroll_pod, Controller, ControllerConfig, Enrolled, PodKey,
+};
+use istio_cni::k8s::selection::{Selection, REDIRECTION_ANNOTATION};
+use istio_cni::rules::hostprobe::HostProbes;
 use istio_cni::rules::{Backend, Iptables, RuleConfig};
-use istio_cni::{Agent, AgentConfig};
+use istio_cni::{Agent, AgentConfig, EnrollStatus};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use protocol::Netns;
 use tracing_subscriber::EnvFilter;
 
 /// The ambient node agent: sets up in-pod traffic redirection and hands pods' network
@@ -30,6 +41,27 @@ struct Args {
     /// Seconds to wait for each ZDS write and ack.
     #[arg(long, env = "ZDS_TIMEOUT", default_value_t = 5)]
     zds_timeout: u64,
+    /// This node's name. With it, the agent watches the Kubernetes API and enrolls the
+    /// node's pods; without it, it only serves ZDS.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// kubeconfig to reach the API server (default: in-cluster config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Where to look for pods' processes.
+    #[arg(long, env = "PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Namespaces whose pods are never enrolled (comma-separated).
+    #[arg(
+        long,
+        env = "AMBIENT_EXCLUDED_NAMESPACES",
+        default_value = "kube-system",
+        value_delimiter = ','
+    )]
+    excluded_namespaces: Vec<String>,
+    /// The ipset of enrolled pod IPs that host probe rules SNAT to.
+    #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET)]
+    host_probe_set: String,
 }
 
 #[tokio::main]
@@ -44,23 +76,121 @@ async fn main() -> anyhow::Result<()> {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
         other => other.parse().map_err(anyhow::Error::msg)?,
     };
+    let iptables = Iptables {
+        backend,
+        lock_wait: Duration::from_secs(args.iptables_lock_wait),
+    };
     let cfg = AgentConfig {
-        zds_socket: args.ztunnel_uds,
+        zds_socket: args.ztunnel_uds.clone(),
         zds_socket_mode: 0o600,
         zds_timeout: Duration::from_secs(args.zds_timeout),
         rules: RuleConfig::default(),
-        iptables: Iptables {
-            backend,
-            lock_wait: Duration::from_secs(args.iptables_lock_wait),
-        },
+        iptables: iptables.clone(),
     };
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
     println!("zds_timeout: {:?}", cfg.zds_timeout);
-    let _agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
-    shutdown_signal().await?;
-    tracing::info!("shutting down");
-    Ok(())
+    println!("node_name: {}", args.node_name.as_deref().unwrap_or(""));
+    println!(
+        "excluded_namespaces: {}",
+        args.excluded_namespaces.join(",")
+    );
+    println!("host_probe_set: {}", args.host_probe_set);
+    let Some(node) = args.node_name.clone() else {
+        let _agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
+        return shutdown_signal().await;
+    };
+    let client = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).context("reading the kubeconfig")?;
+            kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?
+        }
+        None => kube::Client::try_default()
+            .await
+            .context("in-cluster Kubernetes config")?,
+    };
+
+    // Pods this node enrolled before the agent (re)started: find their netns in /proc
+    // and hand them to ztunnel's snapshot before serving.
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&on_node)
+        .await
+        .context("listing this node's pods")?;
+    let annotated: Vec<&Pod> = pods
+        .items
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+                .is_some_and(|v| v == "enabled" || v == "pending")
+        })
+        .collect();
+    let wanted: HashMap<String, Vec<_>> = annotated
+        .iter()
+        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), pod_ips(p)))
+        .collect();
+    let mut found = find_pod_netns(&args.proc_root, &wanted).context("scanning /proc for pods")?;
+    let mut adopted = HashMap::new();
+    let mut probe_members = BTreeMap::new();
+    let mut adopt = Vec::new();
+    for p in annotated {
+        let epod = to_enroll_pod(p);
+        let netns = found.remove(epod.uid.as_str()).map(Arc::new);
+        tracing::info!(uid = %epod.uid, found = netns.is_some(), "adopting a pod enrolled before this agent started");
+        for ip in &epod.ips {
+            probe_members.insert(*ip, epod.uid.clone());
+        }
+        adopted.insert(
+            PodKey {
+                namespace: epod.namespace.clone(),
+                name: epod.name.clone(),
+            },
+            Enrolled {
+                uid: epod.uid.clone(),
+                ips: epod.ips.clone(),
+                status: EnrollStatus::Enabled,
+            },
+        );
+        adopt.push((epod, Some(netns)));
+    }
+    let agent = Agent::start_adopting(cfg, adopt)
+        .await
+        .context("starting the agent")?;
+
+    let host = Netns::current().context("opening the host netns")?;
+    let probes = HostProbes::new(&RuleConfig::default(), iptables, &args.host_probe_set);
+    probes
+        .install(&host)
+        .context("installing host probe rules")?;
+    probes
+        .sync(&host, &probe_members)
+        .context("syncing the host probe set")?;
+
+    let (_controller, run) = Controller::new(
+        client,
+        agent.enroller().clone(),
+        Some((probes, host)),
+        ControllerConfig {
+            node_name: node,
+            selection: Selection {
+                excluded_namespaces: args.excluded_namespaces,
+                ..Selection::default()
+            },
+            proc_root: args.proc_root,
+            workers: 2,
+        },
+        adopted,
+    );
+    tokio::select! {
+        _ = run => Ok(()),
+        r = shutdown_signal() => r,
+    }
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
@@ -70,5 +200,6 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
         r = tokio::signal::ctrl_c() => r?,
     }
+    tracing::info!("shutting down");
     Ok(())
 }

@@ -173,6 +173,11 @@ impl ZdsServer {
         *self.inner.connected.borrow()
     }
 
+    /// Ticks when the number of connected ztunnels changes.
+    pub fn subscribe_connections(&self) -> watch::Receiver<usize> {
+        self.inner.connected.subscribe()
+    }
+
     /// Waits until at least `n` ztunnels are connected.
     pub async fn wait_for_connections(&self, n: usize) {
         let mut rx = self.inner.connected.subscribe();

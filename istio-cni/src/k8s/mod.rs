@@ -1,5 +1,6 @@
 //! Kubernetes-driven enrollment: which pods belong in the mesh, and (with the watches
 //! that feed it) keeping the node's enrollment in step with the API server.
 
+pub mod controller;
 pub mod queue;
 pub mod selection;
