@@ -8,6 +8,8 @@
 
 pub mod app;
 pub mod capture;
+pub mod cgroups;
+pub mod cluster;
 pub mod cni;
 pub mod kube_api;
 pub mod mesh;
@@ -17,7 +19,7 @@ pub mod process;
 
 pub use mesh::Mesh;
 pub use node::{TestNode, TestPod};
-pub use process::Ztunnel;
+pub use process::{AgentProcess, Ztunnel};
 
 use std::path::PathBuf;
 

@@ -27,6 +27,16 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 impl TestNode {
     /// `index` (1–250) keeps concurrently running tests on different subnets.
     pub fn new(index: u8) -> TestNode {
+        Self::build(index, false)
+    }
+
+    /// A node whose bridge has the gateway address (.1), so the host itself reaches
+    /// the pods (as kubelet's probes do).
+    pub fn with_gateway(index: u8) -> TestNode {
+        Self::build(index, true)
+    }
+
+    fn build(index: u8, gateway: bool) -> TestNode {
         crate::require_root();
         let id = format!("{index}{}", std::process::id() % 100_000);
         let dir = tempfile::Builder::new()
@@ -35,12 +45,13 @@ impl TestNode {
             .expect("temp dir");
         let bridge = format!("ztbr{id}");
         let subnet = format!("10.248.{index}.0/24");
-        let conflist = cni::bridge_conflist(
+        let mut conflist = cni::bridge_conflist(
             &format!("e2e-{id}"),
             &bridge,
             &subnet,
             &dir.path().join("ipam"),
         );
+        conflist["plugins"][0]["isGateway"] = serde_json::json!(gateway);
         let ip_forward_before = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
         TestNode {
             id,

@@ -1,5 +1,5 @@
-//! ztunnel as a real process: started with the environment a DaemonSet would give it,
-//! its logs captured to a file the test can wait on. Killed on drop.
+//! ztunnel and the agent as real processes: started with the environment a DaemonSet
+//! would give them, their logs captured to a file the test can wait on. Killed on drop.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,7 +12,36 @@ pub struct Ztunnel {
     log: PathBuf,
 }
 
+/// The node agent (`istio-cni`) in Kubernetes mode: same handle, another binary.
+pub type AgentProcess = Ztunnel;
+
 impl Ztunnel {
+    /// Starts the agent binary for `node`, watching the API server behind `kubeconfig`
+    /// as node `node_name`, serving the node's ZDS socket; `n` names its log file.
+    pub fn start_agent(
+        node: &TestNode,
+        n: u32,
+        kubeconfig: &std::path::Path,
+        node_name: &str,
+        probe_set: &str,
+    ) -> AgentProcess {
+        let log = node.dir.path().join(format!("agent-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(crate::bin_path("istio-cni"))
+            .env("NODE_NAME", node_name)
+            .env("KUBECONFIG", kubeconfig)
+            .env("ZTUNNEL_UDS", node.zds_socket())
+            .env("HOST_PROBE_SET", probe_set)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start istio-cni");
+        Ztunnel { child, log }
+    }
+
     /// Starts ztunnel number `n` of `node`, connecting to the node's ZDS socket.
     pub fn start(node: &TestNode, n: u32) -> Ztunnel {
         Self::start_with(node, n, |_| {})
