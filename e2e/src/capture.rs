@@ -59,6 +59,19 @@ impl Capture {
 
     /// Stops the capture and reads it back.
     pub fn stop(mut self) -> Captured {
+        // On SIGINT tcpdump breaks out of its loop and drops what is still in its ring
+        // buffer: first wait until the capture file stops growing.
+        let size = || std::fs::metadata(&self.file).map(|m| m.len()).unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut last = size();
+        loop {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = size();
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,

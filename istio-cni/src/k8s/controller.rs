@@ -257,6 +257,12 @@ impl Controller {
         let workers = futures::future::join_all((0..self.cfg.workers.max(1)).map(|_| {
             let this = self.clone();
             async move {
+                // Deciding before both initial lists are in would take a pod of a
+                // labelled namespace for an unlabelled one.
+                let ready = tokio::join!(this.pods.wait_until_ready(), this.namespaces.wait_until_ready());
+                if ready.0.is_err() || ready.1.is_err() {
+                    return;
+                }
                 loop {
                     let key = this.queue.next().await;
                     let result = this.reconcile(&key).await;
