@@ -112,6 +112,37 @@ pub fn to_enroll_pod(pod: &Pod) -> enroll::Pod {
     }
 }
 
+/// Retry delays for a failing watch: 200 ms doubling to 5 s, back to 200 ms after a
+/// success. kube's default (client-go's, up to 30 s) is gentler on a struggling API
+/// server, but leaves a node's pods unreconciled for too long after a short outage; two
+/// watches from one agent per node are a light load.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: Duration::from_millis(200),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = WatchBackoff::default();
+    }
+}
+
 pub struct Controller {
     client: kube::Client,
     enroller: Enroller,
@@ -186,12 +217,12 @@ impl Controller {
             pod_writer,
             watcher(Api::<Pod>::all(client.clone()), on_node),
         )
-        .default_backoff();
+        .backoff(WatchBackoff::default());
         let namespaces = reflector::reflector(
             ns_writer,
             watcher(Api::<Namespace>::all(client), watcher::Config::default()),
         )
-        .default_backoff();
+        .backoff(WatchBackoff::default());
         let this = self.clone();
         let pod_events = async move {
             let mut pods = std::pin::pin!(pods);
