@@ -7,6 +7,7 @@
 //! - [`agent`]: all of it wired together.
 
 pub mod agent;
+pub mod cni;
 pub mod discovery;
 pub mod enroll;
 pub mod exec;

@@ -59,13 +59,31 @@ struct Args {
         value_delimiter = ','
     )]
     excluded_namespaces: Vec<String>,
+    /// Where the CNI plugin reaches the agent.
+    #[arg(long, env = "PLUGIN_EVENT_SOCKET", default_value = istio_cni::cni::event::DEFAULT_SOCKET)]
+    plugin_event_socket: PathBuf,
     /// The ipset of enrolled pod IPs that host probe rules SNAT to.
     #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET)]
     host_probe_set: String,
 }
 
+/// One binary, two roles: run by a container runtime (`CNI_COMMAND` set) it is the
+/// chained CNI plugin; otherwise it is the node agent.
+fn main() -> std::process::ExitCode {
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return istio_cni::cni::plugin::main();
+    }
+    match agent_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn agent_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -96,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
         args.excluded_namespaces.join(",")
     );
     println!("host_probe_set: {}", args.host_probe_set);
+    println!(
+        "plugin_event_socket: {}",
+        args.plugin_event_socket.display()
+    );
     let Some(node) = args.node_name.clone() else {
         let _agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
         return shutdown_signal().await;
@@ -172,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
         .sync(&host, &probe_members)
         .context("syncing the host probe set")?;
 
-    let (_controller, run) = Controller::new(
+    let (controller, run) = Controller::new(
         client,
         agent.enroller().clone(),
         Some((probes, host)),
@@ -187,6 +209,9 @@ async fn main() -> anyhow::Result<()> {
         },
         adopted,
     );
+    let plugin_events = istio_cni::cni::server::bind(&args.plugin_event_socket)
+        .with_context(|| format!("binding {}", args.plugin_event_socket.display()))?;
+    tokio::spawn(istio_cni::cni::server::serve(plugin_events, controller));
     tokio::select! {
         _ = run => Ok(()),
         r = shutdown_signal() => r,

@@ -360,7 +360,18 @@ impl Controller {
         let netns = found
             .remove(epod.uid.as_str())
             .ok_or_else(|| ReconcileError::NoNetns(pod_name.clone()))?;
-        let status = self.enroller.enroll_netns(&epod, Arc::new(netns)).await?;
+        self.finish_enroll(key, epod, Arc::new(netns)).await?;
+        Ok(())
+    }
+
+    /// Enrolls a pod whose netns is known: rules, ztunnel, probe set, annotation.
+    async fn finish_enroll(
+        &self,
+        key: &PodKey,
+        epod: enroll::Pod,
+        netns: Arc<Netns>,
+    ) -> Result<EnrollStatus, ReconcileError> {
+        let status = self.enroller.enroll_netns(&epod, netns).await?;
         if let Some((probes, host)) = &self.probes {
             for ip in &epod.ips {
                 probes.add(host, &epod.uid, *ip)?;
@@ -370,8 +381,8 @@ impl Controller {
             EnrollStatus::Enabled => "enabled",
             EnrollStatus::Pending => "pending",
         };
-        self.annotate(pod, Some(value)).await?;
-        info!(pod = %pod_name, uid = %epod.uid, status = value, "pod enrolled");
+        self.annotate_key(key, Some(value)).await?;
+        info!(pod = %format!("{}/{}", key.namespace, key.name), uid = %epod.uid, status = value, "pod enrolled");
         self.enrolled().insert(
             key.clone(),
             Enrolled {
@@ -380,7 +391,34 @@ impl Controller {
                 status,
             },
         );
-        Ok(())
+        Ok(status)
+    }
+
+    /// CNI ADD: the plugin found the pod belongs in the mesh and gave its netns path.
+    /// Answers once it is enrolled; the watch later finds it already done.
+    pub async fn add_from_cni(&self, epod: enroll::Pod) -> Result<EnrollStatus, ReconcileError> {
+        let key = PodKey {
+            namespace: epod.namespace.clone(),
+            name: epod.name.clone(),
+        };
+        if let Some(cur) = self.enrolled().get(&key).filter(|e| e.uid == epod.uid) {
+            return Ok(cur.status);
+        }
+        let netns = Netns::open(&epod.netns_path).map_err(|source| enroll::EnrollError::Netns {
+            uid: epod.uid.clone(),
+            path: epod.netns_path.clone(),
+            source,
+        })?;
+        self.finish_enroll(&key, epod, Arc::new(netns)).await
+    }
+
+    /// CNI DEL: the pod's sandbox is going away; reconcile it now rather than wait for
+    /// the pod object's deletion.
+    pub async fn forget_from_cni(&self, namespace: &str, name: &str, _uid: &str) {
+        self.queue.add(PodKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
     }
 
     async fn remove(
@@ -405,7 +443,10 @@ impl Controller {
 
     /// Sets (or with `None` removes) the redirection annotation, through pods/status.
     async fn annotate(&self, pod: &Pod, value: Option<&str>) -> Result<(), ReconcileError> {
-        let key = PodKey::of(pod);
+        self.annotate_key(&PodKey::of(pod), value).await
+    }
+
+    async fn annotate_key(&self, key: &PodKey, value: Option<&str>) -> Result<(), ReconcileError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
         let patch = json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
         match api

@@ -1,0 +1,104 @@
+//! The CNI plugin <-> agent messages: one JSON request and one JSON response per
+//! connection on a Unix stream socket (`/var/run/istio-cni/pluginevent.sock`).
+//!
+//! Both carry a version. After an upgrade the installed plugin may be older or newer
+//! than the running agent: the agent answers every version up to its own, and refuses a
+//! newer one with an error that says so, which the plugin reports as a CNI error.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The version this build speaks.
+pub const EVENT_VERSION: u32 = 1;
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/var/run/istio-cni/pluginevent.sock";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Command {
+    /// Enroll the pod (it belongs in the mesh): answer once it is, or with the error.
+    Add,
+    /// The pod's sandbox is going away.
+    Del,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Request {
+    pub version: u32,
+    pub command: Command,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub pod_uid: String,
+    pub service_account: String,
+    pub netns: PathBuf,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub version: u32,
+    /// Empty on success.
+    #[serde(default)]
+    pub error: String,
+    /// `enabled` or `pending` after an Add.
+    #[serde(default)]
+    pub status: String,
+}
+
+impl Response {
+    pub fn ok(status: &str) -> Response {
+        Response {
+            version: EVENT_VERSION,
+            error: String::new(),
+            status: status.to_string(),
+        }
+    }
+
+    pub fn err(error: impl Into<String>) -> Response {
+        Response {
+            version: EVENT_VERSION,
+            error: error.into(),
+            status: String::new(),
+        }
+    }
+}
+
+/// The agent's check of a request's version.
+pub fn check_version(version: u32) -> Result<(), String> {
+    if version == 0 || version > EVENT_VERSION {
+        return Err(format!(
+            "the plugin speaks plugin-event version {version}, this agent only up to {EVENT_VERSION}: upgrade the agent"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_newer_versions_are_refused_clearly() {
+        let r = Request {
+            version: EVENT_VERSION,
+            command: Command::Add,
+            pod_name: "p".into(),
+            pod_namespace: "n".into(),
+            pod_uid: "u".into(),
+            service_account: "sa".into(),
+            netns: "/var/run/netns/x".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains("\"podNamespace\":\"n\""), "{text}");
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(check_version(1).is_ok());
+        assert!(check_version(2).unwrap_err().contains("upgrade the agent"));
+    }
+}
