@@ -123,6 +123,45 @@ impl Cluster {
         }
     }
 
+    /// Our plugin's entry in the node's conflist.
+    pub fn plugin_conf(&self) -> serde_json::Value {
+        json!({
+            "type": "istio-cni",
+            "kubeconfig": self.kubeconfig,
+            "agent_socket": self.node.dir.path().join("pluginevent.sock"),
+            "timeout_seconds": 5,
+        })
+    }
+
+    /// Creates the pod's API object as the scheduler and kubelet would before the
+    /// sandbox exists: on this node, no IP yet. Returns its uid.
+    pub fn create_pod_object(&self, namespace: &str, name: &str) -> String {
+        let pod = self.api.create_pod(Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(self.node_name.clone()),
+                service_account_name: Some(name.into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                ..Default::default()
+            }),
+        });
+        pod.metadata.uid.unwrap_or_default()
+    }
+
+    /// Runs the sandbox creation of a pod whose object exists: the CNI chain with our
+    /// plugin last, with kubelet's `CNI_ARGS`.
+    pub fn start_sandbox(&self, namespace: &str, name: &str) -> (TestPod, Result<(), String>) {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
+        self.node.add_pod_via_chain(name, self.plugin_conf(), &args)
+    }
+
     pub fn start_agent(&self, n: u32) -> AgentProcess {
         Ztunnel::start_agent(
             &self.node,

@@ -9,11 +9,17 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-/// Where Debian's containernetworking-plugins puts the plugins.
-pub fn plugin_dir() -> PathBuf {
-    std::env::var_os("CNI_PATH")
+/// Where plugins are looked up, in order: Debian's containernetworking-plugins
+/// (`/usr/lib/cni`, or `$CNI_PATH`), then the workspace's binaries (our `istio-cni`).
+pub fn plugin_dirs() -> Vec<PathBuf> {
+    let system = std::env::var_os("CNI_PATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/cni"))
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/cni"));
+    let ours = crate::bin_path("istio-cni")
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    vec![system, ours]
 }
 
 /// One CNI invocation's parameters.
@@ -21,25 +27,32 @@ pub struct Invocation<'a> {
     pub container_id: &'a str,
     pub netns: &'a Path,
     pub ifname: &'a str,
+    /// `CNI_ARGS`, as kubelet sets them (`K8S_POD_NAMESPACE=…;K8S_POD_NAME=…`).
+    pub args: &'a str,
 }
 
 fn exec_plugin(command: &str, conf: &Value, inv: &Invocation<'_>) -> anyhow::Result<Value> {
     let kind = conf["type"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("plugin config without type: {conf}"))?;
-    let dir = plugin_dir();
-    let bin = dir.join(kind);
-    anyhow::ensure!(
-        bin.exists(),
-        "CNI plugin {} not found: install containernetworking-plugins",
-        bin.display()
-    );
+    let dirs = plugin_dirs();
+    let bin = dirs
+        .iter()
+        .map(|d| d.join(kind))
+        .find(|b| b.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "CNI plugin {kind} not found in {dirs:?}: install containernetworking-plugins"
+            )
+        })?;
+    let path = std::env::join_paths(&dirs)?;
     let mut child = Command::new(&bin)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", inv.container_id)
         .env("CNI_NETNS", inv.netns)
         .env("CNI_IFNAME", inv.ifname)
-        .env("CNI_PATH", &dir)
+        .env("CNI_ARGS", inv.args)
+        .env("CNI_PATH", path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -81,6 +81,41 @@ impl TestNode {
         }
     }
 
+    /// Starts a pod through a chain that ends with `plugin` (our `istio-cni`), with
+    /// `args` as `CNI_ARGS`. The pod comes back even when ADD failed (the error is
+    /// what the chain printed), so that dropping it cleans up.
+    pub fn add_pod_via_chain(
+        &self,
+        name: &str,
+        plugin: serde_json::Value,
+        args: &str,
+    ) -> (TestPod, Result<(), String>) {
+        let netns_name = format!("zt{}-{name}", self.id);
+        sh("ip", &["netns", "add", &netns_name]);
+        let mut conflist = self.conflist.clone();
+        if let Some(plugins) = conflist["plugins"].as_array_mut() {
+            plugins.push(plugin);
+        }
+        let mut pod = TestPod {
+            name: name.to_string(),
+            uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),
+            netns_path: PathBuf::from("/var/run/netns").join(&netns_name),
+            netns_name,
+            ip: IpAddr::from([0, 0, 0, 0]),
+            conflist,
+            args: args.to_string(),
+        };
+        let result = cni::add(&cni::loopback_conflist(), &pod.invocation("lo"))
+            .and_then(|_| cni::add(&pod.conflist, &pod.invocation("eth0")));
+        match result {
+            Ok(r) => {
+                pod.ip = cni::first_ip(&r).expect("pod IP");
+                (pod, Ok(()))
+            }
+            Err(e) => (pod, Err(e.to_string())),
+        }
+    }
+
     /// Starts a pod: a netns, then the loopback and bridge plugins, as a runtime would.
     pub fn add_pod(&self, name: &str) -> TestPod {
         let netns_name = format!("zt{}-{name}", self.id);
@@ -92,6 +127,7 @@ impl TestNode {
             netns_name,
             ip: IpAddr::from([0, 0, 0, 0]),
             conflist: self.conflist.clone(),
+            args: String::new(),
         };
         let result = (|| {
             cni::add(&cni::loopback_conflist(), &pod.invocation("lo"))?;
@@ -123,6 +159,7 @@ pub struct TestPod {
     pub netns_path: PathBuf,
     pub ip: IpAddr,
     conflist: Value,
+    args: String,
 }
 
 impl TestPod {
@@ -131,6 +168,7 @@ impl TestPod {
             container_id: &self.netns_name,
             netns: &self.netns_path,
             ifname,
+            args: &self.args,
         }
     }
 

@@ -32,6 +32,10 @@ impl Ztunnel {
             .env("KUBECONFIG", kubeconfig)
             .env("ZTUNNEL_UDS", node.zds_socket())
             .env("HOST_PROBE_SET", probe_set)
+            .env(
+                "PLUGIN_EVENT_SOCKET",
+                node.dir.path().join("pluginevent.sock"),
+            )
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
