@@ -36,6 +36,11 @@ impl Ztunnel {
                 "PLUGIN_EVENT_SOCKET",
                 node.dir.path().join("pluginevent.sock"),
             )
+            // Never the machine's own CNI directories or ports.
+            .env("CNI_CONF_DIR", node.dir.path().join("net.d"))
+            .env("CNI_BIN_DIR", node.dir.path().join("cni-bin"))
+            .env("AGENT_READINESS_ADDR", "127.0.0.1:0")
+            .env("UNINSTALL_CNI_ON_EXIT", "true")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -35,12 +35,8 @@ async fn a_pod_created_through_the_chain_is_captured_before_its_first_byte() {
         .await
         .expect("first connection");
     assert_eq!(seen_peer(&response), Some(pod.ip));
-    assert_eq!(
-        zt.count(&["direction=\"outbound\"", "pod=sleep"]),
-        1,
-        "{}",
-        zt.logs()
-    );
+    zt.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1)
+        .await;
     let annotated = cluster
         .api
         .pod("demo", "sleep")

@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod enroll;
 pub mod exec;
 pub mod k8s;
+pub mod readyz;
 pub mod rules;
 pub mod zds_server;
 

@@ -62,6 +62,22 @@ struct Args {
     /// Where the CNI plugin reaches the agent.
     #[arg(long, env = "PLUGIN_EVENT_SOCKET", default_value = istio_cni::cni::event::DEFAULT_SOCKET)]
     plugin_event_socket: PathBuf,
+    /// The node's CNI plugin directory, where install-cni puts the plugin.
+    #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI network config directory, whose primary config gets our entry.
+    #[arg(long, env = "CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Install the plugin into the node's CNI config (and keep it there).
+    #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
+    install_cni: bool,
+    /// Remove the plugin on exit (DaemonSet removal). Off by default, so an upgrade
+    /// leaves the plugin in place and new pods wait for the new agent.
+    #[arg(long, env = "UNINSTALL_CNI_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set)]
+    uninstall_cni_on_exit: bool,
+    /// Address of `/readyz`.
+    #[arg(long, env = "AGENT_READINESS_ADDR", default_value = "0.0.0.0:8000")]
+    readiness_addr: std::net::SocketAddr,
     /// The ipset of enrolled pod IPs that host probe rules SNAT to.
     #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET)]
     host_probe_set: String,
@@ -201,10 +217,10 @@ async fn agent_main() -> anyhow::Result<()> {
         ControllerConfig {
             node_name: node,
             selection: Selection {
-                excluded_namespaces: args.excluded_namespaces,
+                excluded_namespaces: args.excluded_namespaces.clone(),
                 ..Selection::default()
             },
-            proc_root: args.proc_root,
+            proc_root: args.proc_root.clone(),
             workers: 2,
         },
         adopted,
@@ -212,10 +228,92 @@ async fn agent_main() -> anyhow::Result<()> {
     let plugin_events = istio_cni::cni::server::bind(&args.plugin_event_socket)
         .with_context(|| format!("binding {}", args.plugin_event_socket.display()))?;
     tokio::spawn(istio_cni::cni::server::serve(plugin_events, controller));
-    tokio::select! {
+
+    // install-cni: the plugin goes into the node's chain only once the agent serves it.
+    let installer = args
+        .install_cni
+        .then(|| install_cni(&args))
+        .transpose()?
+        .map(Arc::new);
+    if let Some(installer) = &installer {
+        let repairer = installer.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match repairer.repair() {
+                    Err(e @ istio_cni::cni::install::InstallError::NoPrimaryConfig(_)) => {
+                        tracing::debug!("{e}")
+                    }
+                    Err(e) => tracing::warn!("repairing the CNI config: {e}"),
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    let readiness = installer.clone();
+    let ready: Arc<dyn Fn() -> bool + Send + Sync> =
+        Arc::new(move || readiness.as_ref().is_none_or(|i| i.is_installed()));
+    let readiness_addr = args.readiness_addr;
+    tokio::spawn(async move {
+        if let Err(e) = istio_cni::readyz::serve(readiness_addr, ready).await {
+            tracing::warn!("readiness endpoint: {e}");
+        }
+    });
+    let result = tokio::select! {
         _ = run => Ok(()),
         r = shutdown_signal() => r,
+    };
+    if let (Some(installer), true) = (&installer, args.uninstall_cni_on_exit) {
+        installer
+            .uninstall()
+            .context("uninstalling the CNI plugin")?;
     }
+    result
+}
+
+/// Writes the plugin's kubeconfig (0600) and installs the plugin into the chain.
+fn install_cni(args: &Args) -> anyhow::Result<istio_cni::cni::install::Installer> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let kubeconfig = args.cni_conf_dir.join("istio-cni-kubeconfig");
+    let contents = match &args.kubeconfig {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST").unwrap_or_default();
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority: {sa}/ca.crt\ncontexts:\n- name: istio-cni\n  context:\n    cluster: local\n    user: istio-cni\ncurrent-context: istio-cni\nusers:\n- name: istio-cni\n  user:\n    tokenFile: {sa}/token\n"
+            )
+            .into_bytes()
+        }
+    };
+    std::fs::create_dir_all(&args.cni_conf_dir)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&kubeconfig)
+        .with_context(|| format!("writing {}", kubeconfig.display()))?;
+    f.write_all(&contents)?;
+    let installer =
+        istio_cni::cni::install::Installer::new(istio_cni::cni::install::InstallConfig {
+            bin_dir: args.cni_bin_dir.clone(),
+            conf_dir: args.cni_conf_dir.clone(),
+            source_binary: std::env::current_exe().context("locating the agent binary")?,
+            plugin_conf: serde_json::json!({
+                "kubeconfig": kubeconfig,
+                "agent_socket": args.plugin_event_socket,
+                "exclude_namespaces": args.excluded_namespaces,
+            }),
+        });
+    if let Err(e) = installer.install() {
+        // No primary config yet (the primary CNI installs it later): the repair loop
+        // installs us as soon as it appears.
+        tracing::warn!("installing the CNI plugin: {e}; will retry");
+    }
+    Ok(installer)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -5,5 +5,6 @@
 //! - [`server`]: the agent's socket that receives them.
 
 pub mod event;
+pub mod install;
 pub mod plugin;
 pub mod server;

@@ -1,0 +1,411 @@
+//! install-cni: puts the plugin into the node's CNI setup and keeps it there.
+//!
+//! - The plugin binary is copied into the CNI bin dir atomically (temp file, rename).
+//! - Our entry is appended, last, to the node's primary network config: the lexically
+//!   first `.conf`/`.conflist` in the conf dir. A `.conf` becomes a `.conflist` holding
+//!   the original plugin then ours. The file's other plugins and its mode are kept.
+//! - [`Installer::repair`] puts back what another agent (the primary CNI's, typically)
+//!   rewrote or removed; callers run it on a timer and it is rate-limited.
+//! - [`Installer::uninstall`] restores the original config byte for byte and removes
+//!   what we added. An agent restart (upgrade) does not uninstall: the plugin stays, so
+//!   new pods wait for the new agent instead of starting uncaptured.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+/// The plugin's file name in the bin dir, and its `type` in the config.
+pub const PLUGIN_NAME: &str = "istio-cni";
+
+#[derive(Clone, Debug)]
+pub struct InstallConfig {
+    pub bin_dir: PathBuf,
+    pub conf_dir: PathBuf,
+    /// The plugin binary to install (normally the agent's own executable).
+    pub source_binary: PathBuf,
+    /// Our entry in the chain (its `type` is set to `istio-cni`).
+    pub plugin_conf: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no CNI network config (.conf or .conflist) in {0} yet")]
+    NoPrimaryConfig(PathBuf),
+    #[error("{path} is not a valid CNI config: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What we changed, so uninstall can undo exactly that.
+#[derive(Clone, Debug)]
+struct Original {
+    /// The file we modified (or the `.conf` we converted) and its bytes before.
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// The `.conflist` we wrote in place of a `.conf`.
+    written: PathBuf,
+}
+
+pub struct Installer {
+    cfg: InstallConfig,
+    original: Mutex<Option<Original>>,
+    repairs: Mutex<Vec<Instant>>,
+}
+
+/// More repairs than this within [`LOOP_WINDOW`] means someone keeps undoing us.
+const LOOP_LIMIT: usize = 5;
+const LOOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// Writes `bytes` to `path` atomically, with `mode`.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    let tmp = path.with_file_name(format!(
+        ".{}.istio-cni-tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// The primary config: lexically first `.conf` or `.conflist`.
+pub fn primary_config(conf_dir: &Path) -> Result<Option<PathBuf>, InstallError> {
+    let mut candidates: Vec<PathBuf> = fs::read_dir(conf_dir)
+        .map_err(io(conf_dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("conf") | Some("conflist")
+                )
+        })
+        .collect();
+    candidates.sort();
+    Ok(candidates.into_iter().next())
+}
+
+fn has_our_plugin(conflist: &Value) -> bool {
+    conflist["plugins"]
+        .as_array()
+        .and_then(|p| p.last())
+        .is_some_and(|p| p["type"] == PLUGIN_NAME)
+}
+
+impl Installer {
+    pub fn new(mut cfg: InstallConfig) -> Installer {
+        cfg.plugin_conf["type"] = json!(PLUGIN_NAME);
+        Installer {
+            cfg,
+            original: Mutex::new(None),
+            repairs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the binary and our entry are both in place.
+    pub fn is_installed(&self) -> bool {
+        let binary = self.cfg.bin_dir.join(PLUGIN_NAME).exists();
+        let chained = primary_config(&self.cfg.conf_dir)
+            .ok()
+            .flatten()
+            .and_then(|p| fs::read(&p).ok())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| has_our_plugin(&v));
+        binary && chained
+    }
+
+    /// Installs the binary and the chain entry (idempotent).
+    pub fn install(&self) -> Result<(), InstallError> {
+        self.install_binary()?;
+        self.install_config()
+    }
+
+    fn install_binary(&self) -> Result<(), InstallError> {
+        let dest = self.cfg.bin_dir.join(PLUGIN_NAME);
+        let bytes = fs::read(&self.cfg.source_binary).map_err(io(&self.cfg.source_binary))?;
+        if fs::read(&dest).is_ok_and(|have| have == bytes) {
+            return Ok(());
+        }
+        fs::create_dir_all(&self.cfg.bin_dir).map_err(io(&self.cfg.bin_dir))?;
+        write_atomic(&dest, &bytes, 0o755)?;
+        info!(path = %dest.display(), "installed the CNI plugin binary");
+        Ok(())
+    }
+
+    fn install_config(&self) -> Result<(), InstallError> {
+        let conf_dir = &self.cfg.conf_dir;
+        let path = primary_config(conf_dir)?
+            .ok_or_else(|| InstallError::NoPrimaryConfig(conf_dir.clone()))?;
+        let bytes = fs::read(&path).map_err(io(&path))?;
+        let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
+        let parsed: Value =
+            serde_json::from_slice(&bytes).map_err(|e| InstallError::BadConfig {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let is_list = path.extension().and_then(|e| e.to_str()) == Some("conflist");
+        if is_list && has_our_plugin(&parsed) {
+            return Ok(());
+        }
+        let mut list = if is_list {
+            parsed
+        } else {
+            // A single plugin config becomes a list: the plugin, then ours.
+            let mut plugin = parsed.clone();
+            let obj = plugin
+                .as_object_mut()
+                .ok_or_else(|| InstallError::BadConfig {
+                    path: path.clone(),
+                    reason: "not a JSON object".into(),
+                })?;
+            let (version, name) = (obj.remove("cniVersion"), obj.remove("name"));
+            json!({"cniVersion": version, "name": name, "plugins": [plugin]})
+        };
+        let plugins = list["plugins"]
+            .as_array_mut()
+            .ok_or_else(|| InstallError::BadConfig {
+                path: path.clone(),
+                reason: "no plugins list".into(),
+            })?;
+        // Drop a stale entry of ours that is not last, then append.
+        plugins.retain(|p| p["type"] != PLUGIN_NAME);
+        plugins.push(self.cfg.plugin_conf.clone());
+        let written = path.with_extension("conflist");
+        let out = serde_json::to_vec_pretty(&list).map_err(|e| InstallError::BadConfig {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        {
+            let mut original = self.original.lock().unwrap_or_else(|p| p.into_inner());
+            if original.is_none() {
+                *original = Some(Original {
+                    path: path.clone(),
+                    bytes,
+                    written: written.clone(),
+                });
+            }
+        }
+        write_atomic(&written, &out, mode)?;
+        if written != path {
+            fs::remove_file(&path).map_err(io(&path))?;
+        }
+        info!(path = %written.display(), "added istio-cni to the CNI chain");
+        Ok(())
+    }
+
+    /// Puts back whatever is missing. Returns whether anything was repaired. Repairs
+    /// beyond [`LOOP_LIMIT`] a minute are refused with a warning: something keeps
+    /// rewriting the config and fighting it would only spin.
+    pub fn repair(&self) -> Result<bool, InstallError> {
+        if self.is_installed() {
+            return Ok(false);
+        }
+        if primary_config(&self.cfg.conf_dir)?.is_none() {
+            // Nothing to chain onto yet: waiting is not a fight.
+            return Err(InstallError::NoPrimaryConfig(self.cfg.conf_dir.clone()));
+        }
+        {
+            let mut repairs = self.repairs.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            repairs.retain(|t| now.duration_since(*t) < LOOP_WINDOW);
+            if repairs.len() >= LOOP_LIMIT {
+                warn!("the CNI config keeps being rewritten ({} repairs in {LOOP_WINDOW:?}): another agent is fighting istio-cni; pausing repairs", repairs.len());
+                return Ok(false);
+            }
+            repairs.push(now);
+        }
+        warn!("the istio-cni plugin or its chain entry is missing; repairing");
+        // Whatever is on disk now is the new "original" to keep.
+        *self.original.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.install()?;
+        Ok(true)
+    }
+
+    /// Removes what we added and restores the original config byte for byte.
+    pub fn uninstall(&self) -> Result<(), InstallError> {
+        if let Some(orig) = self
+            .original
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let mode = fs::metadata(&orig.written)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
+            if orig.written != orig.path {
+                let _ = fs::remove_file(&orig.written);
+            }
+            write_atomic(&orig.path, &orig.bytes, mode)?;
+        }
+        let binary = self.cfg.bin_dir.join(PLUGIN_NAME);
+        match fs::remove_file(&binary) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&binary)(e)),
+        }
+        info!("istio-cni uninstalled from the CNI configuration");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dirs {
+        _root: tempfile::TempDir,
+        cfg: InstallConfig,
+    }
+
+    fn dirs() -> Dirs {
+        let root = tempfile::tempdir().unwrap();
+        let (bin, conf) = (root.path().join("bin"), root.path().join("net.d"));
+        fs::create_dir_all(&conf).unwrap();
+        let source = root.path().join("istio-cni-build");
+        fs::write(&source, b"#!plugin v1").unwrap();
+        let cfg = InstallConfig {
+            bin_dir: bin,
+            conf_dir: conf,
+            source_binary: source,
+            plugin_conf: json!({"kubeconfig": "/etc/cni/net.d/istio-cni-kubeconfig"}),
+        };
+        Dirs { _root: root, cfg }
+    }
+
+    const CONFLIST: &str = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"k8s-pod-network\",\n  \"plugins\": [ {\"type\": \"bridge\"}, {\"type\": \"portmap\", \"capabilities\": {\"portMappings\": true}} ]\n}\n";
+
+    fn read_json(p: &Path) -> Value {
+        serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn our_plugin_goes_last_in_the_primary_conflist_and_uninstall_restores_it_exactly() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        fs::set_permissions(&primary, fs::Permissions::from_mode(0o640)).unwrap();
+        fs::write(d.cfg.conf_dir.join("99-other.conflist"), CONFLIST).unwrap();
+        let inst = Installer::new(d.cfg.clone());
+        inst.install().unwrap();
+        inst.install().unwrap();
+        let v = read_json(&primary);
+        let types: Vec<&str> = v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["type"].as_str())
+            .collect();
+        assert_eq!(
+            types,
+            ["bridge", "portmap", "istio-cni"],
+            "appended once, last"
+        );
+        assert_eq!(
+            v["plugins"][1]["capabilities"]["portMappings"], true,
+            "other plugins kept"
+        );
+        assert_eq!(
+            fs::metadata(&primary).unwrap().permissions().mode() & 0o777,
+            0o640,
+            "mode kept"
+        );
+        assert_eq!(
+            fs::read_to_string(d.cfg.conf_dir.join("99-other.conflist")).unwrap(),
+            CONFLIST
+        );
+        let bin = d.cfg.bin_dir.join("istio-cni");
+        assert_eq!(fs::read(&bin).unwrap(), b"#!plugin v1");
+        assert_eq!(
+            fs::metadata(&bin).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        assert!(inst.is_installed());
+
+        inst.uninstall().unwrap();
+        assert_eq!(
+            fs::read_to_string(&primary).unwrap(),
+            CONFLIST,
+            "byte for byte"
+        );
+        assert!(!bin.exists());
+    }
+
+    #[test]
+    fn a_conf_becomes_a_conflist_and_comes_back_on_uninstall() {
+        let d = dirs();
+        let conf = d.cfg.conf_dir.join("10-flannel.conf");
+        let original = r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"hairpinMode":true}}"#;
+        fs::write(&conf, original).unwrap();
+        let inst = Installer::new(d.cfg.clone());
+        inst.install().unwrap();
+        assert!(!conf.exists());
+        let list = read_json(&d.cfg.conf_dir.join("10-flannel.conflist"));
+        assert_eq!(list["cniVersion"], "0.4.0");
+        assert_eq!(list["name"], "cbr0");
+        assert_eq!(list["plugins"][0]["type"], "flannel");
+        assert_eq!(list["plugins"][0]["delegate"]["hairpinMode"], true);
+        assert_eq!(list["plugins"][1]["type"], "istio-cni");
+        inst.uninstall().unwrap();
+        assert_eq!(fs::read_to_string(&conf).unwrap(), original);
+        assert!(!d.cfg.conf_dir.join("10-flannel.conflist").exists());
+    }
+
+    #[test]
+    fn a_rewritten_or_removed_chain_is_repaired_and_a_fight_is_given_up() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let inst = Installer::new(d.cfg.clone());
+        inst.install().unwrap();
+        assert!(!inst.repair().unwrap(), "nothing to repair");
+        // The primary CNI rewrites its file without us.
+        fs::write(&primary, CONFLIST).unwrap();
+        assert!(inst.repair().unwrap());
+        assert!(has_our_plugin(&read_json(&primary)));
+        // Our binary deleted.
+        fs::remove_file(d.cfg.bin_dir.join("istio-cni")).unwrap();
+        assert!(inst.repair().unwrap());
+        assert!(d.cfg.bin_dir.join("istio-cni").exists());
+        // Someone keeps undoing us: after the limit, repairs pause.
+        for _ in 0..LOOP_LIMIT {
+            fs::write(&primary, CONFLIST).unwrap();
+            let _ = inst.repair().unwrap();
+        }
+        fs::write(&primary, CONFLIST).unwrap();
+        assert!(!inst.repair().unwrap(), "repair loop detected");
+    }
+
+    #[test]
+    fn no_config_yet_and_bad_json_are_clear_errors() {
+        let d = dirs();
+        let inst = Installer::new(d.cfg.clone());
+        assert!(matches!(
+            inst.install(),
+            Err(InstallError::NoPrimaryConfig(_))
+        ));
+        fs::write(d.cfg.conf_dir.join("10-x.conflist"), "{nope").unwrap();
+        let err = inst.install().unwrap_err().to_string();
+        assert!(
+            err.contains("10-x.conflist") && err.contains("not a valid CNI config"),
+            "{err}"
+        );
+    }
+}
