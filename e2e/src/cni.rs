@@ -12,14 +12,16 @@ use serde_json::{json, Value};
 /// Where plugins are looked up, in order: Debian's containernetworking-plugins
 /// (`/usr/lib/cni`, or `$CNI_PATH`), then the workspace's binaries (our `istio-cni`).
 pub fn plugin_dirs() -> Vec<PathBuf> {
-    let system = std::env::var_os("CNI_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/cni"));
-    let ours = crate::bin_path("istio-cni")
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default();
-    vec![system, ours]
+    let mut dirs: Vec<PathBuf> = match std::env::var_os("CNI_PATH") {
+        Some(path) => std::env::split_paths(&path).collect(),
+        None => vec![PathBuf::from("/usr/lib/cni")],
+    };
+    dirs.extend(
+        crate::bin_path("istio-cni")
+            .parent()
+            .map(std::path::Path::to_path_buf),
+    );
+    dirs
 }
 
 /// One CNI invocation's parameters.

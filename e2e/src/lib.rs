@@ -31,14 +31,17 @@ pub fn require_root() {
     );
 }
 
-/// Path of a workspace binary (`ztunnel`, `istio-cni`) next to this test's target dir.
+/// Path of a workspace binary (`ztunnel`, `istio-cni`) in this build's target dir.
 pub fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let dir = exe
+    let exe = std::env::current_exe().expect("current executable");
+    // Tests live in target/<profile>/deps/, the demo in target/<profile>/.
+    let mut dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
+        .expect("the executable lives in a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let bin = dir.join(name);
     assert!(
         bin.exists(),

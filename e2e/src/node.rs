@@ -90,12 +90,28 @@ impl TestNode {
         plugin: serde_json::Value,
         args: &str,
     ) -> (TestPod, Result<(), String>) {
-        let netns_name = format!("zt{}-{name}", self.id);
-        sh("ip", &["netns", "add", &netns_name]);
         let mut conflist = self.conflist.clone();
         if let Some(plugins) = conflist["plugins"].as_array_mut() {
             plugins.push(plugin);
         }
+        self.add_pod_with_conflist(name, conflist, args)
+    }
+
+    /// The node's network config (bridge + host-local), as a primary CNI installs it.
+    pub fn conflist(&self) -> &Value {
+        &self.conflist
+    }
+
+    /// Starts a pod through `conflist` (e.g. the one install-cni wrote), as a runtime
+    /// would, with `args` as `CNI_ARGS`.
+    pub fn add_pod_with_conflist(
+        &self,
+        name: &str,
+        conflist: Value,
+        args: &str,
+    ) -> (TestPod, Result<(), String>) {
+        let netns_name = format!("zt{}-{name}", self.id);
+        sh("ip", &["netns", "add", &netns_name]);
         let mut pod = TestPod {
             name: name.to_string(),
             uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's commands.
 //!
+//! - `demo`: the main job on one machine: a local ambient node (root).
 //! - `test`: builds the binaries the end-to-end tests run, then the whole suite
 //!   (nextest when installed, else cargo test). The e2e tests need root.
 //! - `bench`: builds release binaries, then the criterion benchmarks (root): rule
@@ -47,6 +48,15 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
+fn demo() -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    run(build)?;
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "demo"]);
+    run(cmd)
+}
+
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     // The data-path benchmark runs the release ztunnel binary.
     let mut build = cargo();
@@ -63,8 +73,9 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("demo") => demo(),
         _ => {
-            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  test [args]   build the binaries and run every test (root needed for e2e)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
+            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  demo          run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root)\n  test [args]   build the binaries and run every test (root needed for e2e)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,242 @@
+//! `cargo xtask demo`: a local ambient node on this machine, with nothing faked but the
+//! Kubernetes API server.
+//!
+//! A bridge network from the real CNI `bridge`, `host-local` and `loopback` plugins;
+//! the node agent, which installs its plugin at the end of that chain; ztunnel with a
+//! local CA; a namespace `ambient-demo` labelled ambient, and a `sleep` client pod and
+//! an `httpbin` server pod started through the CNI chain as a container runtime would.
+//! It then shows what the specification's "Observing" section shows, and a request
+//! from sleep to httpbin over mTLS. Ctrl-C or the end removes everything it created.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use e2e::cluster::{Cluster, AMBIENT};
+use e2e::mesh_files::identity_of;
+use e2e::{sh, Ztunnel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NAMESPACE: &str = "ambient-demo";
+const SUBNET_INDEX: u8 = 200;
+
+fn step(text: &str) {
+    println!("\n==> {text}");
+}
+
+/// What the demo needs from the machine, with what to install when it is missing.
+fn prerequisites() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "the demo creates network namespaces and iptables rules: run it as root".into(),
+        );
+    }
+    let mut missing = Vec::new();
+    for (tool, package) in [
+        ("iptables-restore", "iptables"),
+        ("ip", "iproute2"),
+        ("ipset", "ipset"),
+        ("conntrack", "conntrack"),
+        ("ss", "iproute2"),
+    ] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(tool).exists());
+        if !found {
+            missing.push(package);
+        }
+    }
+    for plugin in ["bridge", "host-local", "loopback"] {
+        if !Path::new("/usr/lib/cni").join(plugin).exists() {
+            missing.push("containernetworking-plugins");
+        }
+    }
+    missing.dedup();
+    if !missing.is_empty() {
+        return Err(format!(
+            "missing prerequisites: apt-get install {}",
+            missing.join(" ")
+        ));
+    }
+    Ok(())
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A tiny HTTP server in the httpbin pod.
+async fn httpbin(pod: &e2e::TestPod, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = pod
+        .netns()
+        .run(move || -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })??;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = format!("hello from httpbin; you are {}\n", peer.ip());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+async fn demo() -> anyhow::Result<()> {
+    step("Kubernetes API (the in-repo test server) and namespace ambient-demo, labelled istio.io/dataplane-mode=ambient");
+    let cluster = Cluster::new(SUBNET_INDEX, false).await;
+    cluster.namespace(NAMESPACE, &[AMBIENT]);
+    println!("kubeconfig: {}", cluster.kubeconfig.display());
+
+    step("The node's primary CNI config: bridge + host-local (a private conf dir)");
+    let conf_dir = cluster.node.dir.path().join("net.d");
+    std::fs::create_dir_all(&conf_dir)?;
+    let primary = conf_dir.join("10-demo.conflist");
+    std::fs::write(
+        &primary,
+        serde_json::to_vec_pretty(cluster.node.conflist())?,
+    )?;
+    println!("{}", primary.display());
+
+    // The mesh's local config, as istiod would provide it: host-local hands out
+    // addresses in order from a fresh range, so the pods' addresses are known.
+    let ip = |n: u8| IpAddr::V4(Ipv4Addr::new(10, 248, SUBNET_INDEX, n));
+    let yaml = |sleep: IpAddr, httpbin: IpAddr| {
+        format!(
+            "workloads:\n- {{name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, workloadIps: [\"{sleep}\"], protocol: HBONE}}\n- {{name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, workloadIps: [\"{httpbin}\"], protocol: HBONE}}\n"
+        )
+    };
+    cluster.node.write_mesh_config(&yaml(ip(2), ip(3)));
+
+    step("Node agent (istio-cni): installs its CNI plugin last in the chain, watches the API");
+    let _agent = cluster.start_agent(1);
+    until("the agent chained its plugin", || {
+        std::fs::read_to_string(&primary).is_ok_and(|c| c.contains("istio-cni"))
+    })
+    .await?;
+    println!("{}", std::fs::read_to_string(&primary)?);
+
+    step("ztunnel, with a local CA (ztunnel create-root) and the local config");
+    let zt = Ztunnel::start_mesh(&cluster.node, 1, &[]);
+    zt.wait_for(&["pod received snapshot sent"], 1).await;
+
+    step("Pods sleep and httpbin, started through the CNI chain as a container runtime would");
+    let cni_path = format!(
+        "/usr/lib/cni:{}",
+        cluster.node.dir.path().join("cni-bin").display()
+    );
+    std::env::set_var("CNI_PATH", cni_path);
+    let installed: serde_json::Value = serde_json::from_slice(&std::fs::read(&primary)?)?;
+    let mut pods = Vec::new();
+    for (name, want) in [("sleep", ip(2)), ("httpbin", ip(3))] {
+        cluster.create_pod_object(NAMESPACE, name);
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}");
+        let (pod, added) = cluster
+            .node
+            .add_pod_with_conflist(name, installed.clone(), &args);
+        pods.push(pod);
+        added
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("CNI ADD for {name}"))?;
+        let pod = pods.last().context("pod")?;
+        if pod.ip != want {
+            bail!("{name} got {} but the local config expects {want}", pod.ip);
+        }
+        let annotation = cluster
+            .api
+            .pod(NAMESPACE, name)
+            .and_then(|p| p.metadata.annotations)
+            .unwrap_or_default();
+        println!(
+            "{name}: {} (netns {}), ambient.istio.io/redirection={}",
+            pod.ip,
+            pod.netns_name,
+            annotation
+                .get("ambient.istio.io/redirection")
+                .map(String::as_str)
+                .unwrap_or("-")
+        );
+    }
+    let (sleep, httpbin_pod) = (&pods[0], &pods[1]);
+    let _server = httpbin(httpbin_pod, 8000).await?;
+
+    step("$ kubectl logs ds/ztunnel -n istio-system | grep inpod");
+    for line in zt.logs().lines().filter(|l| l.contains("inpod")) {
+        println!("{line}");
+    }
+    step("$ kubectl debug sleep ... -- ss -ntlp");
+    print!("{}", sleep.exec(&["ss", "-ntlp"]));
+    step("$ kubectl debug sleep ... -- iptables-save");
+    print!("{}", sleep.exec(&["iptables-save"]));
+
+    step("sleep -> httpbin: GET http://httpbin:8000/");
+    let dst = SocketAddr::new(httpbin_pod.ip, 8000);
+    let response = e2e::app::exchange(
+        sleep,
+        dst,
+        "GET / HTTP/1.1\r\nhost: httpbin\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await
+    .context("request from sleep to httpbin")?;
+    print!("{response}");
+    if !response.contains("hello from httpbin") {
+        bail!("unexpected response");
+    }
+    let (src, dst_id) = (identity_of(sleep), identity_of(httpbin_pod));
+    let src_field = format!("src.identity={src}");
+    let dst_field = format!("dst.identity={dst_id}");
+    zt.wait_for(&["access", &src_field, &dst_field], 2).await;
+    step("ztunnel access log: the request went over mTLS (HBONE), both identities proven");
+    for line in zt.logs().lines().filter(|l| l.contains(" access: ")) {
+        println!("{line}");
+    }
+    step("Done; removing everything the demo created");
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    if let Err(problem) = prerequisites() {
+        eprintln!("{problem}");
+        return ExitCode::from(2);
+    }
+    let code = tokio::select! {
+        r = demo() => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted; removing everything the demo created");
+            ExitCode::SUCCESS
+        }
+    };
+    // Everything the demo made is owned by values dropped by now (pods: CNI DEL and
+    // netns; the bridge; the processes; the host probe rules).
+    let leftover = sh("ip", &["netns", "list"]);
+    if leftover.contains(&format!("zt{SUBNET_INDEX}")) {
+        eprintln!("warning: network namespaces left behind:\n{leftover}");
+    }
+    code
+}
