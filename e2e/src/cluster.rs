@@ -93,11 +93,31 @@ impl Cluster {
             ip_suffix(&pod)
         );
         let process = PodProcess::start(&self.cgroups, &uid, Some(&pod.netns_name));
-        self.api.create_pod(Pod {
+        let mut object = self.pod_object(namespace, name, pairs);
+        object.metadata.uid = Some(uid.clone());
+        object.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(pod.ip.to_string()),
+            pod_ips: Some(vec![PodIP {
+                ip: pod.ip.to_string(),
+            }]),
+            ..Default::default()
+        });
+        self.api.create_pod(object);
+        KubePod {
+            pod,
+            uid,
+            namespace: namespace.into(),
+            _process: process,
+        }
+    }
+
+    /// A pod object scheduled on this node, its service account named after it.
+    fn pod_object(&self, namespace: &str, name: &str, pairs: &[(&str, &str)]) -> Pod {
+        Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
-                uid: Some(uid.clone()),
                 labels: labels(pairs),
                 ..Default::default()
             },
@@ -106,20 +126,7 @@ impl Cluster {
                 service_account_name: Some(name.into()),
                 ..Default::default()
             }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: Some(pod.ip.to_string()),
-                pod_ips: Some(vec![PodIP {
-                    ip: pod.ip.to_string(),
-                }]),
-                ..Default::default()
-            }),
-        });
-        KubePod {
-            pod,
-            uid,
-            namespace: namespace.into(),
-            _process: process,
+            status: None,
         }
     }
 
@@ -136,22 +143,12 @@ impl Cluster {
     /// Creates the pod's API object as the scheduler and kubelet would before the
     /// sandbox exists: on this node, no IP yet. Returns its uid.
     pub fn create_pod_object(&self, namespace: &str, name: &str) -> String {
-        let pod = self.api.create_pod(Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(namespace.into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(self.node_name.clone()),
-                service_account_name: Some(name.into()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Pending".into()),
-                ..Default::default()
-            }),
+        let mut object = self.pod_object(namespace, name, &[]);
+        object.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            ..Default::default()
         });
+        let pod = self.api.create_pod(object);
         pod.metadata.uid.unwrap_or_default()
     }
 

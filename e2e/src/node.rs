@@ -134,23 +134,10 @@ impl TestNode {
 
     /// Starts a pod: a netns, then the loopback and bridge plugins, as a runtime would.
     pub fn add_pod(&self, name: &str) -> TestPod {
-        let netns_name = format!("zt{}-{name}", self.id);
-        sh("ip", &["netns", "add", &netns_name]);
-        let mut pod = TestPod {
-            name: name.to_string(),
-            uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),
-            netns_path: PathBuf::from("/var/run/netns").join(&netns_name),
-            netns_name,
-            ip: IpAddr::from([0, 0, 0, 0]),
-            conflist: self.conflist.clone(),
-            args: String::new(),
-        };
-        let result = (|| {
-            cni::add(&cni::loopback_conflist(), &pod.invocation("lo"))?;
-            cni::add(&pod.conflist, &pod.invocation("eth0"))
-        })()
-        .unwrap_or_else(|e| panic!("CNI ADD for {name}: {e}"));
-        pod.ip = cni::first_ip(&result).expect("pod IP");
+        let (pod, added) = self.add_pod_with_conflist(name, self.conflist.clone(), "");
+        if let Err(e) = added {
+            panic!("CNI ADD for {name}: {e}");
+        }
         pod
     }
 }
