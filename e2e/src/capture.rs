@@ -10,7 +10,6 @@ use crate::TestPod;
 pub struct Capture {
     child: Child,
     file: PathBuf,
-    log: PathBuf,
 }
 
 /// What was captured.
@@ -54,7 +53,7 @@ impl Capture {
             assert!(Instant::now() < deadline, "tcpdump did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Capture { child, file, log }
+        Capture { child, file }
     }
 
     /// Stops the capture and reads it back.
@@ -87,7 +86,6 @@ impl Capture {
                 .expect("tcpdump -r");
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        let _ = &self.log;
         Captured {
             packets: read(&[]),
             ascii: read(&["-A"]),

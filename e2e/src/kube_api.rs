@@ -67,7 +67,6 @@ struct Store {
     oldest: u64,
     watchers: Vec<Watcher>,
     fail_next: usize,
-    requests: usize,
 }
 
 fn key(kind: Kind, ns: &str, name: &str) -> (u8, String, String) {
@@ -242,11 +241,6 @@ impl ApiServer {
         let mut s = self.lock();
         s.history.clear();
         s.oldest = s.rv + 1;
-    }
-
-    /// Requests served so far.
-    pub fn requests(&self) -> usize {
-        self.lock().requests
     }
 }
 
@@ -481,7 +475,6 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
     let lock = || store.lock().unwrap_or_else(|p| p.into_inner());
     {
         let mut s = lock();
-        s.requests += 1;
         if s.fail_next > 0 {
             s.fail_next -= 1;
             return status(

@@ -7,15 +7,18 @@ use std::time::{Duration, Instant};
 
 use crate::node::TestNode;
 
-pub struct Ztunnel {
+/// A project binary running as a process, its output in a log file.
+pub struct Process {
     child: Child,
     log: PathBuf,
 }
 
-/// The node agent (`istio-cni`) in Kubernetes mode: same handle, another binary.
-pub type AgentProcess = Ztunnel;
+/// ztunnel.
+pub type Ztunnel = Process;
+/// The node agent (`istio-cni`) in Kubernetes mode.
+pub type AgentProcess = Process;
 
-impl Ztunnel {
+impl Process {
     /// Starts the agent binary for `node`, watching the API server behind `kubeconfig`
     /// as node `node_name`, serving the node's ZDS socket; `n` names its log file.
     pub fn start_agent(
@@ -48,7 +51,7 @@ impl Ztunnel {
             .stderr(file)
             .spawn()
             .expect("start istio-cni");
-        Ztunnel { child, log }
+        Process { child, log }
     }
 
     /// Starts ztunnel number `n` of `node`, connecting to the node's ZDS socket.
@@ -107,7 +110,7 @@ impl Ztunnel {
             .stderr(file);
         adjust(&mut cmd);
         let child = cmd.spawn().expect("start ztunnel");
-        Ztunnel { child, log }
+        Process { child, log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -222,7 +225,7 @@ impl Ztunnel {
     }
 }
 
-impl Drop for Ztunnel {
+impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {

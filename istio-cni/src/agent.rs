@@ -44,36 +44,26 @@ impl Agent {
     /// Adopts `enrolled` (pods this node had enrolled before the agent started), then
     /// binds the socket and serves, so the first ztunnel to connect gets them all.
     pub async fn start(cfg: AgentConfig, enrolled: &[Pod]) -> Result<Agent, AgentError> {
-        let adopt = enrolled.iter().map(|p| (p.clone(), None)).collect();
+        let adopt = enrolled
+            .iter()
+            .map(|p| (p.clone(), Enroller::open(p)))
+            .collect();
         Self::start_adopting(cfg, adopt).await
     }
 
-    /// Like [`Agent::start`], for pods whose netns was found already (or not: `Some(None)`
-    /// means "not found, keep ztunnel's proxy"; `None` means "open the pod's path").
+    /// Like [`Agent::start`], with each pod's netns already looked up (an `Err` when it
+    /// could not be found: ztunnel is told to keep its proxy).
     pub async fn start_adopting(
         cfg: AgentConfig,
-        enrolled: Vec<(Pod, Option<Option<std::sync::Arc<protocol::Netns>>>)>,
+        enrolled: Vec<(Pod, Result<std::sync::Arc<protocol::Netns>, EnrollError>)>,
     ) -> Result<Agent, AgentError> {
         if cfg.zds_socket_mode & 0o002 != 0 {
             return Err(AgentError::WorldWritable(cfg.zds_socket_mode));
         }
         let server = ZdsServer::new(cfg.zds_timeout);
         let enroller = Enroller::new(Redirection::new(cfg.rules, cfg.iptables), server.clone());
-        for (pod, found) in enrolled {
-            match found {
-                None => enroller.adopt(&pod).await?,
-                Some(found) => {
-                    let netns = found.ok_or_else(|| EnrollError::Netns {
-                        uid: pod.uid.clone(),
-                        path: pod.netns_path.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "no process of the pod found in /proc",
-                        ),
-                    });
-                    enroller.adopt_netns(&pod, netns).await?
-                }
-            }
+        for (pod, netns) in enrolled {
+            enroller.adopt(&pod, netns).await?;
         }
         let listener = SeqpacketListener::bind(&cfg.zds_socket, cfg.zds_socket_mode)?;
         let serve = tokio::spawn(server.serve(listener));

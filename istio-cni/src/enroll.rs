@@ -112,7 +112,8 @@ impl Enroller {
             })
     }
 
-    fn open(pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
+    /// Opens the pod's netns from its path.
+    pub fn open(pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
         Netns::open(&pod.netns_path)
             .map(Arc::new)
             .map_err(|source| EnrollError::Netns {
@@ -177,15 +178,11 @@ impl Enroller {
             })
     }
 
-    /// Adopts pods that were enrolled before this agent started (an agent restart):
-    /// repairs their rules only where they drifted and puts them in the snapshot, all
-    /// before any ztunnel connects. A pod whose netns cannot be opened is sent as Keep.
-    pub async fn adopt(&self, pod: &Pod) -> Result<(), EnrollError> {
-        self.adopt_netns(pod, Self::open(pod)).await
-    }
-
-    /// [`adopt`](Self::adopt) with the netns lookup already done.
-    pub async fn adopt_netns(
+    /// Adopts a pod that was enrolled before this agent started (an agent restart):
+    /// repairs its rules only where they drifted and puts it in the snapshot, before
+    /// any ztunnel connects. A pod whose netns could not be found (`Err`) is sent as
+    /// Keep, so ztunnel keeps whatever proxy it runs for it.
+    pub async fn adopt(
         &self,
         pod: &Pod,
         netns: Result<Arc<Netns>, EnrollError>,

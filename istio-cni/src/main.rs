@@ -14,7 +14,7 @@ use istio_cni::k8s::controller::{
 use istio_cni::k8s::selection::{Selection, REDIRECTION_ANNOTATION};
 use istio_cni::rules::hostprobe::HostProbes;
 use istio_cni::rules::{Backend, Iptables, RuleConfig};
-use istio_cni::{Agent, AgentConfig, EnrollStatus};
+use istio_cni::{Agent, AgentConfig, EnrollError, EnrollStatus};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use protocol::Netns;
@@ -179,8 +179,18 @@ async fn agent_main() -> anyhow::Result<()> {
     let mut adopt = Vec::new();
     for p in annotated {
         let epod = to_enroll_pod(p);
-        let netns = found.remove(epod.uid.as_str()).map(Arc::new);
-        tracing::info!(uid = %epod.uid, found = netns.is_some(), "adopting a pod enrolled before this agent started");
+        let netns = found
+            .remove(epod.uid.as_str())
+            .map(Arc::new)
+            .ok_or_else(|| EnrollError::Netns {
+                uid: epod.uid.clone(),
+                path: args.proc_root.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no process of the pod found",
+                ),
+            });
+        tracing::info!(uid = %epod.uid, found = netns.is_ok(), "adopting a pod enrolled before this agent started");
         for ip in &epod.ips {
             probe_members.insert(*ip, epod.uid.clone());
         }
@@ -195,7 +205,7 @@ async fn agent_main() -> anyhow::Result<()> {
                 status: EnrollStatus::Enabled,
             },
         );
-        adopt.push((epod, Some(netns)));
+        adopt.push((epod, netns));
     }
     let agent = Agent::start_adopting(cfg, adopt)
         .await

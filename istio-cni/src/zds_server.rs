@@ -114,11 +114,6 @@ impl ZdsServer {
         }
     }
 
-    /// Uids in the snapshot.
-    pub fn pods(&self) -> Vec<WorkloadUid> {
-        self.state().pods.keys().cloned().collect()
-    }
-
     /// Records the pod and sends its Add to the newest ztunnel, waiting for the ack.
     pub async fn add(
         &self,

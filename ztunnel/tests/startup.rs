@@ -16,8 +16,8 @@ fn ztunnel(env: &[(&str, &std::path::Path)]) -> (bool, String) {
     )
 }
 
-#[test]
-fn a_bad_local_config_stops_ztunnel_with_the_field_and_line() {
+/// A directory with a fresh root (`ca.crt`, `ca.key`) and `config.yaml` holding `yaml`.
+fn mesh_dir(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     ztunnel::create_root(
         "cluster.local",
@@ -26,11 +26,13 @@ fn a_bad_local_config_stops_ztunnel_with_the_field_and_line() {
     )
     .unwrap();
     let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        "workloads:\n- name: a\n  namespace: b\n  colour: red\n",
-    )
-    .unwrap();
+    std::fs::write(&config, yaml).unwrap();
+    (dir, config)
+}
+
+#[test]
+fn a_bad_local_config_stops_ztunnel_with_the_field_and_line() {
+    let (dir, config) = mesh_dir("workloads:\n- name: a\n  namespace: b\n  colour: red\n");
     let (ok, out) = ztunnel(&[
         ("LOCAL_XDS_PATH", &config),
         ("LOCAL_CA_CERT", &dir.path().join("ca.crt")),
@@ -42,9 +44,7 @@ fn a_bad_local_config_stops_ztunnel_with_the_field_and_line() {
 
 #[test]
 fn a_local_config_without_a_ca_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(&config, "workloads: []\n").unwrap();
+    let (_dir, config) = mesh_dir("workloads: []\n");
     let (ok, out) = ztunnel(&[("LOCAL_XDS_PATH", &config)]);
     assert!(!ok);
     assert!(out.contains("LOCAL_CA_CERT"), "{out}");
@@ -53,17 +53,9 @@ fn a_local_config_without_a_ca_is_refused() {
 #[test]
 fn a_ca_key_readable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    ztunnel::create_root(
-        "cluster.local",
-        std::time::Duration::from_secs(3600),
-        dir.path(),
-    )
-    .unwrap();
+    let (dir, config) = mesh_dir("workloads: []\n");
     let key = dir.path().join("ca.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(&config, "workloads: []\n").unwrap();
     let (ok, out) = ztunnel(&[
         ("LOCAL_XDS_PATH", &config),
         ("LOCAL_CA_CERT", &dir.path().join("ca.crt")),

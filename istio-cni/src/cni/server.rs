@@ -83,9 +83,7 @@ async fn handle(controller: &Controller, req: Request) -> Response {
             }
         }
         Command::Del => {
-            controller
-                .forget_from_cni(&req.pod_namespace, &req.pod_name, &req.pod_uid)
-                .await;
+            controller.forget_from_cni(&req.pod_namespace, &req.pod_name);
             Response::ok("")
         }
     }

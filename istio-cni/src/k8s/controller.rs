@@ -7,7 +7,7 @@
 //! longer does or is gone. Failures are retried with backoff. After a relist every pod
 //! is reconciled again, so a change missed while the watch was down is not lost.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -182,14 +182,6 @@ impl Controller {
 
     fn enrolled(&self) -> MutexGuard<'_, HashMap<PodKey, Enrolled>> {
         self.enrolled.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A snapshot of what is enrolled.
-    pub fn enrolled_pods(&self) -> BTreeMap<PodKey, Enrolled> {
-        self.enrolled()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
     }
 
     fn queue_all(&self) {
@@ -404,17 +396,13 @@ impl Controller {
         if let Some(cur) = self.enrolled().get(&key).filter(|e| e.uid == epod.uid) {
             return Ok(cur.status);
         }
-        let netns = Netns::open(&epod.netns_path).map_err(|source| enroll::EnrollError::Netns {
-            uid: epod.uid.clone(),
-            path: epod.netns_path.clone(),
-            source,
-        })?;
-        self.finish_enroll(&key, epod, Arc::new(netns)).await
+        let netns = Enroller::open(&epod)?;
+        self.finish_enroll(&key, epod, netns).await
     }
 
     /// CNI DEL: the pod's sandbox is going away; reconcile it now rather than wait for
     /// the pod object's deletion.
-    pub async fn forget_from_cni(&self, namespace: &str, name: &str, _uid: &str) {
+    pub fn forget_from_cni(&self, namespace: &str, name: &str) {
         self.queue.add(PodKey {
             namespace: namespace.into(),
             name: name.into(),

@@ -89,35 +89,30 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+    fn meta(namespace: Option<&str>, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(namespace.map_or("demo", |_| "p").into()),
+            namespace: namespace.map(Into::into),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
     fn pod(labels: &[(&str, &str)]) -> Pod {
         Pod {
-            metadata: ObjectMeta {
-                name: Some("p".into()),
-                namespace: Some("demo".into()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
-                ..Default::default()
-            },
+            metadata: meta(Some("demo"), labels),
             ..Default::default()
         }
     }
 
     fn ns(labels: &[(&str, &str)]) -> Namespace {
         Namespace {
-            metadata: ObjectMeta {
-                name: Some("demo".into()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
-                ..Default::default()
-            },
+            metadata: meta(None, labels),
             ..Default::default()
         }
     }

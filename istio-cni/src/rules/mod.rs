@@ -70,10 +70,6 @@ impl Redirection {
         }
     }
 
-    pub fn config(&self) -> &RuleConfig {
-        &self.cfg
-    }
-
     pub fn verify(&self, netns: &Netns) -> Result<Verification, RulesError> {
         let saved = self.iptables.save(netns)?;
         Ok(Verification {

@@ -124,11 +124,7 @@ async fn tunnel(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let (src_identity, dst_identity) = (flow.src_identity.take(), flow.dst_identity.take());
     tokio::spawn(async move {
-        let mut flow = Flow::new(&ctx, "inbound", peer, target);
-        flow.src_identity = src_identity;
-        flow.dst_identity = dst_identity;
         let Some(pod) = ctx.mesh.as_ref() else { return };
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {

@@ -164,36 +164,32 @@ impl PodProxy {
             (any(INBOUND_PLAINTEXT_PORT), opts(true)),
             (any(INBOUND_HBONE_PORT), opts(true)),
         ];
-        let std_listeners = ctx
+        let listen = |(addr, o): (SocketAddr, ListenerOpts)| {
+            packet::listener(addr, o)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on {addr}: {e}")))
+        };
+        // All three or none: a failure drops the ones already bound.
+        let [out, plain, hbone] = ctx
             .netns
-            .run(move || {
-                specs
-                    .iter()
-                    .map(|(addr, o)| {
-                        packet::listener(*addr, *o).map_err(|e| {
-                            std::io::Error::new(e.kind(), format!("listen on {addr}: {e}"))
-                        })
-                    })
-                    .collect::<std::io::Result<Vec<_>>>()
+            .run(move || -> std::io::Result<_> {
+                let [a, b, c] = specs;
+                Ok([listen(a)?, listen(b)?, listen(c)?])
             })
             .await?;
-        let mut listeners = Vec::with_capacity(3);
-        for l in std_listeners {
-            listeners.push(TcpListener::from_std(l)?);
-        }
+        let (out, plain, hbone) = (
+            TcpListener::from_std(out)?,
+            TcpListener::from_std(plain)?,
+            TcpListener::from_std(hbone)?,
+        );
         let proxy = PodProxy {
             ctx: Arc::new(ctx),
             stop_listening: CancellationToken::new(),
             close_connections: CancellationToken::new(),
             connections: TaskTracker::new(),
         };
-        let mut listeners = listeners.into_iter();
-        let (out, plain, hbone) = (listeners.next(), listeners.next(), listeners.next());
-        if let (Some(out), Some(plain), Some(hbone)) = (out, plain, hbone) {
-            proxy.serve(out, outbound::handle);
-            proxy.serve(plain, inbound_passthrough::handle);
-            proxy.serve(hbone, inbound::handle);
-        }
+        proxy.serve(out, outbound::handle);
+        proxy.serve(plain, inbound_passthrough::handle);
+        proxy.serve(hbone, inbound::handle);
         proxy.watch_policies();
         Ok(proxy)
     }

@@ -67,7 +67,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     passthrough(&ctx, stream, peer, dst).await
 }
 
-async fn passthrough(ctx: &PodContext, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
     let flow = Flow::new(ctx, "outbound", peer, dst);
     match ctx.connect(dst, None).await {
         Ok(upstream) => {

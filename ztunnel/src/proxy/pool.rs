@@ -156,10 +156,17 @@ impl Pool {
                     .or_default()
                     .clone();
                 let _opening = gate.lock().await;
-                match self.reuse(&key, cfg, cert.generation()) {
+                let conn = match self.reuse(&key, cfg, cert.generation()) {
                     Some(c) => c,
-                    None => self.open(ctx, mesh, cert, key).await?,
-                }
+                    None => self.open(ctx, mesh, cert, key.clone()).await?,
+                };
+                // The connection is pooled now, so later callers find it without the
+                // gate; drop the gate rather than keep one per key ever dialled.
+                self.opening
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                conn
             }
         };
         let guard = StreamGuard(conn.clone());

@@ -2,6 +2,7 @@
 //! connection ends.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,8 +18,8 @@ use crate::identity::Identity;
 const BUF: usize = 64 * 1024;
 
 /// One proxied connection, for the access log.
-pub struct Flow<'a> {
-    pub ctx: &'a PodContext,
+pub struct Flow {
+    pub ctx: Arc<PodContext>,
     pub direction: &'static str,
     pub src: SocketAddr,
     pub dst: SocketAddr,
@@ -27,15 +28,15 @@ pub struct Flow<'a> {
     pub dst_identity: Option<Identity>,
 }
 
-impl<'a> Flow<'a> {
+impl Flow {
     pub fn new(
-        ctx: &'a PodContext,
+        ctx: &Arc<PodContext>,
         direction: &'static str,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
         Flow {
-            ctx,
+            ctx: ctx.clone(),
             direction,
             src,
             dst,

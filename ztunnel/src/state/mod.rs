@@ -91,7 +91,8 @@ pub enum Destination {
 #[derive(Debug, Default)]
 pub struct MeshState {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
-    by_name: HashMap<(String, String), Arc<Workload>>,
+    /// namespace -> name -> workload: looked up per connection without allocating.
+    by_name: HashMap<String, HashMap<String, Arc<Workload>>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     pub policies: PolicySet,
 }
@@ -135,8 +136,11 @@ impl MeshState {
                     ));
                 }
             }
-            let key = (workload.namespace.clone(), workload.name.clone());
-            if state.by_name.insert(key, workload.clone()).is_some() {
+            let names = state.by_name.entry(workload.namespace.clone()).or_default();
+            if names
+                .insert(workload.name.clone(), workload.clone())
+                .is_some()
+            {
                 return Err(invalid(path, at, "two workloads with this namespace/name"));
             }
             workloads.push(workload);
@@ -192,7 +196,7 @@ impl MeshState {
     }
 
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_name.get(&(namespace.to_string(), name.to_string()))
+        self.by_name.get(namespace)?.get(name)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -200,7 +204,7 @@ impl MeshState {
     }
 
     pub fn workload_count(&self) -> usize {
-        self.by_name.len()
+        self.by_name.values().map(HashMap::len).sum()
     }
 
     /// Resolves where a connection to `dst` goes: a service VIP picks an endpoint
