@@ -25,20 +25,24 @@ impl Capture {
     /// pods (a capture on the bridge device itself would not see switched frames);
     /// returns once tcpdump listens.
     pub fn on_pod(pod: &TestPod, filter: &str, dir: &std::path::Path) -> Capture {
-        let file = dir.join(format!("{}.pcap", pod.name));
-        let log = dir.join(format!("{}.tcpdump.log", pod.name));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &pod.netns_name, "tcpdump"])
-            .args([
-                "--immediate-mode",
-                "-i",
-                "eth0",
-                "-U",
-                "-n",
-                "-s",
-                "0",
-                "-w",
-            ])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.netns_name, "tcpdump", "-i", "eth0"]);
+        Self::start(cmd, &pod.netns_name, filter, dir)
+    }
+
+    /// Starts capturing `filter` on the host side of `pod`'s veth: what leaves the pod,
+    /// seen from the node, whatever the pod's own netns does.
+    pub fn on_host_veth(pod: &TestPod, filter: &str, dir: &std::path::Path) -> Capture {
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", &pod.host_veth()]);
+        Self::start(cmd, &format!("{}-host", pod.netns_name), filter, dir)
+    }
+
+    fn start(mut cmd: Command, name: &str, filter: &str, dir: &std::path::Path) -> Capture {
+        let file = dir.join(format!("{name}.pcap"));
+        let log = dir.join(format!("{name}.tcpdump.log"));
+        let child = cmd
+            .args(["--immediate-mode", "-U", "-n", "-s", "0", "-w"])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())

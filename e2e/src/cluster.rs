@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::json;
 
 use crate::cgroups::{CgroupRoot, PodProcess};
+use crate::cni::{self, Invocation};
 use crate::kube_api::ApiServer;
 use crate::{AgentProcess, TestNode, TestPod, Ztunnel};
 
@@ -51,6 +52,13 @@ fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
     )
 }
 
+/// A pod as the control plane describes it to ztunnel (its workload entry).
+pub struct MeshPod<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub ip: std::net::IpAddr,
+}
+
 impl Cluster {
     pub async fn new(index: u8, gateway: bool) -> Cluster {
         let node = if gateway {
@@ -61,6 +69,40 @@ impl Cluster {
         let api = ApiServer::start().await;
         let kubeconfig = node.dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig);
+        Self::with(node, api, kubeconfig)
+    }
+
+    /// A cluster whose API server speaks HTTPS and accepts only `token`. The agent's
+    /// kubeconfig names its CA and token by path, in a directory
+    /// ([`Cluster::agent_secrets`]) that stands for the agent container's own mounts.
+    pub async fn new_secure(index: u8, token: &str) -> Cluster {
+        let node = TestNode::new(index);
+        let api = ApiServer::start_secure(&[token]).await;
+        let secrets = node.dir.path().join("agent-secrets");
+        std::fs::create_dir_all(&secrets).expect("secrets dir");
+        std::fs::write(
+            secrets.join("ca.crt"),
+            api.ca_pem.clone().unwrap_or_default(),
+        )
+        .expect("CA");
+        std::fs::write(secrets.join("token"), token).expect("token");
+        let kubeconfig = node.dir.path().join("kubeconfig");
+        let cfg = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://{}\n    certificate-authority: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\ncurrent-context: test\nusers:\n- name: agent\n  user:\n    tokenFile: {}\n",
+            api.addr,
+            secrets.join("ca.crt").display(),
+            secrets.join("token").display()
+        );
+        std::fs::write(&kubeconfig, cfg).expect("kubeconfig");
+        Self::with(node, api, kubeconfig)
+    }
+
+    /// Where the agent's credentials live (see [`Cluster::new_secure`]).
+    pub fn agent_secrets(&self) -> PathBuf {
+        self.node.dir.path().join("agent-secrets")
+    }
+
+    fn with(node: TestNode, api: ApiServer, kubeconfig: PathBuf) -> Cluster {
         Cluster {
             node_name: format!("node-{}", node.id),
             probe_set: format!("zt-e2e-{}", node.id),
@@ -85,6 +127,14 @@ impl Cluster {
     /// Starts a pod on the node (netns through CNI, a process in its cgroup) and then
     /// creates its API object, Running, with its IP.
     pub fn add_pod(&self, namespace: &str, name: &str, pairs: &[(&str, &str)]) -> KubePod {
+        let pod = self.run_pod(namespace, name);
+        self.publish(&pod, pairs);
+        pod
+    }
+
+    /// Starts a pod on the node (netns through CNI, a process in its cgroup), without
+    /// its API object yet (see [`Cluster::publish`]).
+    pub fn run_pod(&self, namespace: &str, name: &str) -> KubePod {
         let pod = self.node.add_pod(name);
         // A fresh UID: the process's pid and the pod's address make it unique.
         let uid = format!(
@@ -93,8 +143,19 @@ impl Cluster {
             ip_suffix(&pod)
         );
         let process = PodProcess::start(&self.cgroups, &uid, Some(&pod.netns_name));
-        let mut object = self.pod_object(namespace, name, pairs);
-        object.metadata.uid = Some(uid.clone());
+        KubePod {
+            pod,
+            uid,
+            namespace: namespace.into(),
+            _process: process,
+        }
+    }
+
+    /// Creates the API object of a pod started with [`Cluster::run_pod`]: Running,
+    /// with its IP, labelled `pairs`.
+    pub fn publish(&self, pod: &KubePod, pairs: &[(&str, &str)]) {
+        let mut object = self.pod_object(&pod.namespace, &pod.name, pairs);
+        object.metadata.uid = Some(pod.uid.clone());
         object.status = Some(PodStatus {
             phase: Some("Running".into()),
             pod_ip: Some(pod.ip.to_string()),
@@ -104,12 +165,28 @@ impl Cluster {
             ..Default::default()
         });
         self.api.create_pod(object);
-        KubePod {
-            pod,
-            uid,
-            namespace: namespace.into(),
-            _process: process,
+    }
+
+    /// Runs our plugin alone on a pod whose network is already up (as the last plugin
+    /// of the chain, given the primary's result): the runtime's ADD for the sandbox.
+    pub fn plugin_add(&self, pod: &KubePod) -> anyhow::Result<()> {
+        let mut conflist = self.node.conflist().clone();
+        if let Some(plugins) = conflist["plugins"].as_array_mut() {
+            plugins.push(self.plugin_conf());
         }
+        let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]});
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+            pod.namespace, pod.name, pod.uid
+        );
+        let inv = Invocation {
+            container_id: &pod.netns_name,
+            netns: &pod.netns_path,
+            ifname: "eth0",
+            args: &args,
+            hidden: &[],
+        };
+        cni::add_last(&conflist, &prev, &inv).map(drop)
     }
 
     /// A pod object scheduled on this node, its service account named after it.
@@ -155,8 +232,79 @@ impl Cluster {
     /// Runs the sandbox creation of a pod whose object exists: the CNI chain with our
     /// plugin last, with kubelet's `CNI_ARGS`.
     pub fn start_sandbox(&self, namespace: &str, name: &str) -> (TestPod, Result<(), String>) {
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
-        self.node.add_pod_via_chain(name, self.plugin_conf(), &args)
+        self.start_sandbox_at(namespace, name, None)
+    }
+
+    /// Like [`Cluster::start_sandbox`], the runtime passing the pod's uid, and with the
+    /// address pinned to `ip` (host-local's `IP` argument) when given, so the control
+    /// plane can know it in advance.
+    pub fn start_sandbox_at(
+        &self,
+        namespace: &str,
+        name: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> (TestPod, Result<(), String>) {
+        let uid = self
+            .api
+            .pod(namespace, name)
+            .and_then(|p| p.metadata.uid)
+            .unwrap_or_default();
+        let mut args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+        );
+        if let Some(ip) = ip {
+            args.push_str(&format!(";IP={ip}"));
+        }
+        let (pod, added) = self.node.add_pod_via_chain(name, self.plugin_conf(), &args);
+        if added.is_ok() && self.api.pod(namespace, name).is_some() {
+            // Kubelet reports the sandbox's address.
+            self.api
+                .set_pod_status(namespace, name, "Running", &[pod.ip]);
+        }
+        (pod, added)
+    }
+
+    /// Writes ztunnel's mesh config for `pods` (HBONE workloads, service account named
+    /// after the pod), as a control plane pushes it; with `ztunnel`, waits until that
+    /// ztunnel has reloaded it.
+    pub async fn push_mesh(&self, pods: &[MeshPod<'_>], ztunnel: Option<&Ztunnel>) {
+        let reloads = ztunnel.map(|z| z.count(&["local config reloaded"]));
+        let mut yaml = String::from("workloads:\n");
+        for p in pods {
+            yaml.push_str(&format!(
+                "- name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n",
+                name = p.name,
+                ns = p.namespace,
+                ip = p.ip
+            ));
+        }
+        self.node.write_mesh_config(&yaml);
+        if let (Some(z), Some(n)) = (ztunnel, reloads) {
+            z.wait_for(&["local config reloaded"], n + 1).await;
+        }
+    }
+
+    /// ztunnel number `n` in mesh mode (the node's local config and CA).
+    pub fn start_ztunnel_mesh(&self, n: u32) -> Ztunnel {
+        Ztunnel::start_mesh(&self.node, n, &[])
+    }
+
+    /// Removes the host probe rules and set from the machine's netns (they die with a
+    /// reboot; the cluster's drop removes them too).
+    pub fn remove_host_probes(&self) {
+        if let Ok(host) = protocol::Netns::current() {
+            let iptables = istio_cni::rules::Iptables {
+                backend: istio_cni::rules::Backend::detect()
+                    .unwrap_or(istio_cni::rules::Backend::Nft),
+                lock_wait: Duration::from_secs(5),
+            };
+            let probes = istio_cni::rules::hostprobe::HostProbes::new(
+                &istio_cni::rules::RuleConfig::default(),
+                iptables,
+                &self.probe_set,
+            );
+            let _ = probes.uninstall(&host);
+        }
     }
 
     pub fn start_agent(&self, n: u32) -> AgentProcess {
@@ -189,8 +337,13 @@ impl Cluster {
 
     /// The pod's redirection annotation.
     pub fn annotation(&self, pod: &KubePod) -> Option<String> {
+        self.annotation_of(&pod.namespace, &pod.name)
+    }
+
+    /// The redirection annotation of the pod object `namespace/name`.
+    pub fn annotation_of(&self, namespace: &str, name: &str) -> Option<String> {
         self.api
-            .pod(&pod.namespace, &pod.name)?
+            .pod(namespace, name)?
             .metadata
             .annotations?
             .get(REDIRECTION)
@@ -199,13 +352,24 @@ impl Cluster {
 
     /// Waits until the annotation is `want` (or absent with `None`).
     pub async fn wait_annotation(&self, pod: &KubePod, want: Option<&str>, agent: &AgentProcess) {
+        self.wait_annotation_of(&pod.namespace, &pod.name, want, agent)
+            .await
+    }
+
+    /// [`Cluster::wait_annotation`] by namespace and name.
+    pub async fn wait_annotation_of(
+        &self,
+        namespace: &str,
+        name: &str,
+        want: Option<&str>,
+        agent: &AgentProcess,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.annotation(pod).as_deref() != want {
+        while self.annotation_of(namespace, name).as_deref() != want {
             assert!(
                 Instant::now() < deadline,
-                "pod {} annotation stayed {:?}, expected {want:?}; agent log:\n{}",
-                pod.name,
-                self.annotation(pod),
+                "pod {name} annotation stayed {:?}, expected {want:?}; agent log:\n{}",
+                self.annotation_of(namespace, name),
                 agent.logs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -223,18 +387,6 @@ fn ip_suffix(pod: &TestPod) -> u64 {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // The agent installs host probe rules in the machine's own netns: remove them.
-        if let Ok(host) = protocol::Netns::current() {
-            let iptables = istio_cni::rules::Iptables {
-                backend: istio_cni::rules::Backend::detect()
-                    .unwrap_or(istio_cni::rules::Backend::Nft),
-                lock_wait: Duration::from_secs(5),
-            };
-            let probes = istio_cni::rules::hostprobe::HostProbes::new(
-                &istio_cni::rules::RuleConfig::default(),
-                iptables,
-                &self.probe_set,
-            );
-            let _ = probes.uninstall(&host);
-        }
+        self.remove_host_probes();
     }
 }

@@ -31,6 +31,9 @@ pub struct Invocation<'a> {
     pub ifname: &'a str,
     /// `CNI_ARGS`, as kubelet sets them (`K8S_POD_NAMESPACE=…;K8S_POD_NAME=…`).
     pub args: &'a str,
+    /// Directories hidden from the plugins (each an empty tmpfs in their mount
+    /// namespace).
+    pub hidden: &'a [PathBuf],
 }
 
 fn exec_plugin(command: &str, conf: &Value, inv: &Invocation<'_>) -> anyhow::Result<Value> {
@@ -48,7 +51,23 @@ fn exec_plugin(command: &str, conf: &Value, inv: &Invocation<'_>) -> anyhow::Res
             )
         })?;
     let path = std::env::join_paths(&dirs)?;
-    let mut child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    if !inv.hidden.is_empty() {
+        // A private mount namespace in which each hidden directory is an empty tmpfs.
+        cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg("for d in $E2E_HIDE; do mount -t tmpfs -o size=4k none \"$d\" || exit 97; done; exec \"$0\"")
+            .arg(&bin)
+            .env(
+                "E2E_HIDE",
+                inv.hidden
+                    .iter()
+                    .map(|p| p.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+    }
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", inv.container_id)
         .env("CNI_NETNS", inv.netns)
@@ -75,6 +94,15 @@ fn exec_plugin(command: &str, conf: &Value, inv: &Invocation<'_>) -> anyhow::Res
         return Ok(Value::Null);
     }
     Ok(serde_json::from_str(&stdout)?)
+}
+
+/// Runs one plugin of `conflist` (the last, as our istio-cni is) alone with `ADD`, given
+/// the result the plugins before it produced.
+pub fn add_last(conflist: &Value, prev: &Value, inv: &Invocation<'_>) -> anyhow::Result<Value> {
+    let last = plugins(conflist)?
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("empty conflist"))?;
+    exec_plugin("ADD", &plugin_conf(conflist, last, prev), inv)
 }
 
 /// Runs ADD through the conflist's plugins; returns the final result.

@@ -6,6 +6,10 @@
 //!   after the version it names; a version older than the kept history gets an
 //!   `Expired` (410) error event, so clients relist), label and field selectors,
 //!   create, update, delete, and JSON merge patch (also on `pods/{name}/status`).
+//! - A uid in a patch is a precondition, as in Kubernetes: a mismatch is 409 Conflict.
+//! - Graceful deletion: a deletion timestamp first, the object gone later.
+//! - Optionally HTTPS with a test CA and bearer tokens (401 for any other), to test
+//!   what a client does with real credentials.
 //! - Fault injection: fail the next requests with 500, cut every open watch, forget
 //!   the history (compaction).
 
@@ -67,6 +71,8 @@ struct Store {
     oldest: u64,
     watchers: Vec<Watcher>,
     fail_next: usize,
+    /// Bearer tokens accepted; `None`: no authentication.
+    tokens: Option<Vec<String>>,
 }
 
 fn key(kind: Kind, ns: &str, name: &str) -> (u8, String, String) {
@@ -140,6 +146,8 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     store: Arc<Mutex<Store>>,
     task: tokio::task::JoinHandle<()>,
+    /// With TLS: the CA (PEM) that signed the server's certificate.
+    pub ca_pem: Option<String>,
 }
 
 impl Drop for ApiServer {
@@ -151,32 +159,98 @@ impl Drop for ApiServer {
 /// Events kept for watches to resume from.
 const HISTORY: usize = 1000;
 
+/// A test CA and a server certificate it signed for 127.0.0.1.
+fn test_pki() -> (String, rustls::ServerConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-api-test-ca");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let cert = params.signed_by(&key, &issuer).expect("server cert");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca_cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    (ca_cert.pem(), config)
+}
+
 impl ApiServer {
+    /// Plain HTTP, no authentication.
     pub async fn start() -> ApiServer {
+        Self::serve(None, None).await
+    }
+
+    /// HTTPS (see [`ApiServer::ca_pem`]) accepting only bearer `tokens`.
+    pub async fn start_secure(tokens: &[&str]) -> ApiServer {
+        let (ca, tls) = test_pki();
+        let tokens = tokens.iter().map(|t| t.to_string()).collect();
+        Self::serve(Some((ca, tls)), Some(tokens)).await
+    }
+
+    async fn serve(
+        tls: Option<(String, rustls::ServerConfig)>,
+        tokens: Option<Vec<String>>,
+    ) -> ApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let store = Arc::new(Mutex::new(Store {
             oldest: 1,
+            tokens,
             ..Store::default()
         }));
         let shared = store.clone();
+        let ca_pem = tls.as_ref().map(|(ca, _)| ca.clone());
+        let acceptor = tls.map(|(_, cfg)| tokio_rustls::TlsAcceptor::from(Arc::new(cfg)));
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let store = shared.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let store = store.clone();
                         async move { Ok::<_, Infallible>(handle(store, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        ApiServer { addr, store, task }
+        ApiServer {
+            addr,
+            store,
+            task,
+            ca_pem,
+        }
+    }
+
+    /// Replaces the accepted bearer tokens (a token rotation, a revocation).
+    pub fn set_tokens(&self, tokens: &[&str]) {
+        self.lock().tokens = Some(tokens.iter().map(|t| t.to_string()).collect());
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -216,6 +290,39 @@ impl ApiServer {
 
     pub fn delete_pod(&self, ns: &str, name: &str) {
         delete(&mut self.lock(), Kind::Pod, ns, name).expect("delete pod");
+    }
+
+    /// A graceful deletion begins (`kubectl delete pod` with a grace period): the
+    /// object gets its deletion timestamp and stays until [`ApiServer::delete_pod`].
+    pub fn begin_delete_pod(&self, ns: &str, name: &str, grace_seconds: u64) -> Pod {
+        self.patch_pod(
+            ns,
+            name,
+            json!({"metadata": {
+                "deletionTimestamp": "2026-01-01T00:00:30Z",
+                "deletionGracePeriodSeconds": grace_seconds,
+            }}),
+        )
+    }
+
+    /// Sets the pod's phase and addresses, as kubelet reports them.
+    pub fn set_pod_status(
+        &self,
+        ns: &str,
+        name: &str,
+        phase: &str,
+        ips: &[std::net::IpAddr],
+    ) -> Pod {
+        let ip_list: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        self.patch_pod(
+            ns,
+            name,
+            json!({"status": {
+                "phase": phase,
+                "podIP": ips.first().map(ToString::to_string),
+                "podIPs": ip_list,
+            }}),
+        )
     }
 
     pub fn pod(&self, ns: &str, name: &str) -> Option<Pod> {
@@ -374,6 +481,17 @@ fn patch_object(
         .get(&k)
         .cloned()
         .ok_or((StatusCode::NOT_FOUND, format!("{name} not found")))?;
+    if let Some(want) = patch["metadata"]["uid"].as_str() {
+        let have = v["metadata"]["uid"].as_str().unwrap_or_default();
+        if want != have {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
+                ),
+            ));
+        }
+    }
     merge(&mut v, patch);
     s.rv += 1;
     v["metadata"]["resourceVersion"] = json!(s.rv.to_string());
@@ -475,6 +593,16 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
     let lock = || store.lock().unwrap_or_else(|p| p.into_inner());
     {
         let mut s = lock();
+        if let Some(tokens) = &s.tokens {
+            let bearer = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !bearer.is_some_and(|b| tokens.iter().any(|t| t == b)) {
+                return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+            }
+        }
         if s.fail_next > 0 {
             s.fail_next -= 1;
             return status(
@@ -601,6 +729,7 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
             };
             match result {
                 Ok(v) => respond(StatusCode::OK, v),
+                Err((code, msg)) if code == StatusCode::CONFLICT => status(code, "Conflict", &msg),
                 Err((code, msg)) => status(code, "NotFound", &msg),
             }
         }

@@ -31,8 +31,15 @@ pub fn require_root() {
     );
 }
 
-/// Path of a workspace binary (`ztunnel`, `istio-cni`) in this build's target dir.
+/// Path of a workspace binary (`ztunnel`, `istio-cni`) in this build's target dir, or
+/// in `E2E_BIN_DIR` when set: the same tests can then be run against other builds (an
+/// older release, to show a test catches what it is meant to).
 pub fn bin_path(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("E2E_BIN_DIR") {
+        let bin = PathBuf::from(dir).join(name);
+        assert!(bin.exists(), "{} is missing", bin.display());
+        return bin;
+    }
     let exe = std::env::current_exe().expect("current executable");
     // Tests live in target/<profile>/deps/, the demo in target/<profile>/.
     let mut dir = exe

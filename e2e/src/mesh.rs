@@ -18,7 +18,7 @@ impl Mesh {
             .await
             .expect("start agent");
         let ztunnel = Ztunnel::start(node, 1);
-        agent.enroller().server().wait_for_connections(1).await;
+        agent.enrollment().zds().wait_for_connections(1).await;
         let mesh = Mesh { agent, ztunnel };
         for pod in pods {
             mesh.enroll(pod).await;
@@ -33,7 +33,7 @@ impl Mesh {
             .await
             .expect("start agent");
         let ztunnel = Ztunnel::start_mesh(node, 1, env);
-        agent.enroller().server().wait_for_connections(1).await;
+        agent.enrollment().zds().wait_for_connections(1).await;
         let mesh = Mesh { agent, ztunnel };
         for pod in pods {
             mesh.enroll(pod).await;
@@ -45,7 +45,7 @@ impl Mesh {
     pub async fn enroll(&self, pod: &TestPod) {
         let status = self
             .agent
-            .enroller()
+            .enrollment()
             .enroll(&pod.pod())
             .await
             .expect("enroll");

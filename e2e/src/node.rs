@@ -16,10 +16,16 @@ use crate::sh;
 /// deletes the bridge and restores `ip_forward` (the bridge plugin turns it on).
 pub struct TestNode {
     pub id: String,
+    /// The node's subnet is 10.248.<index>.0/24.
+    pub index: u8,
     pub dir: tempfile::TempDir,
     bridge: String,
     conflist: Value,
     ip_forward_before: String,
+    /// Sandboxes created so far: each gets its own netns name.
+    sandboxes: std::sync::atomic::AtomicU32,
+    /// Directories CNI plugins must not see (see [`TestNode::hide_from_plugins`]).
+    hidden: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -55,11 +61,30 @@ impl TestNode {
         let ip_forward_before = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
         TestNode {
             id,
+            index,
             dir,
             bridge,
             conflist,
             ip_forward_before,
+            sandboxes: Default::default(),
+            hidden: Default::default(),
         }
+    }
+
+    /// From now on, CNI plugins run in a private mount namespace where `dir` is an
+    /// empty directory: what a container runtime on the host sees of a path that only
+    /// exists inside the agent's container.
+    pub fn hide_from_plugins(&self, dir: PathBuf) {
+        self.hidden
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir);
+    }
+
+    /// An address on the node's subnet (host-local hands out .2 upwards; tests pin
+    /// higher ones with `IP=` in `CNI_ARGS`).
+    pub fn ip(&self, host: u8) -> IpAddr {
+        IpAddr::from([10, 248, self.index, host])
     }
 
     /// Where the agent serves ZDS and ztunnel connects.
@@ -78,6 +103,7 @@ impl TestNode {
                 backend: Backend::detect().expect("an iptables backend"),
                 lock_wait: Duration::from_secs(5),
             },
+            proc_root: PathBuf::from("/proc"),
         }
     }
 
@@ -110,7 +136,10 @@ impl TestNode {
         conflist: Value,
         args: &str,
     ) -> (TestPod, Result<(), String>) {
-        let netns_name = format!("zt{}-{name}", self.id);
+        let n = self
+            .sandboxes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let netns_name = format!("zt{}-{n}-{name}", self.id);
         sh("ip", &["netns", "add", &netns_name]);
         let mut pod = TestPod {
             name: name.to_string(),
@@ -120,6 +149,12 @@ impl TestNode {
             ip: IpAddr::from([0, 0, 0, 0]),
             conflist,
             args: args.to_string(),
+            hidden: self
+                .hidden
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            gone: false,
         };
         let result = cni::add(&cni::loopback_conflist(), &pod.invocation("lo"))
             .and_then(|_| cni::add(&pod.conflist, &pod.invocation("eth0")));
@@ -163,6 +198,9 @@ pub struct TestPod {
     pub ip: IpAddr,
     conflist: Value,
     args: String,
+    hidden: Vec<PathBuf>,
+    /// Its netns was destroyed without a CNI DEL ([`TestPod::vanish`]).
+    gone: bool,
 }
 
 impl TestPod {
@@ -172,7 +210,45 @@ impl TestPod {
             netns: &self.netns_path,
             ifname,
             args: &self.args,
+            hidden: &self.hidden,
         }
+    }
+
+    /// The sandbox's container id, as the runtime passes it (`CNI_CONTAINERID`).
+    pub fn container_id(&self) -> &str {
+        &self.netns_name
+    }
+
+    /// The netns is destroyed the way a node reboot destroys it: no CNI DEL runs.
+    pub fn vanish(&mut self) {
+        self.gone = true;
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns_name])
+            .status();
+    }
+
+    /// The host-side end of the pod's `eth0` (the veth the bridge plugin made).
+    pub fn host_veth(&self) -> String {
+        // `eth0@ifN`: N is the peer's ifindex in the host netns.
+        let link = self.exec(&["ip", "-o", "link", "show", "eth0"]);
+        let peer: u32 = link
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.split("@if").nth(1))
+            .and_then(|i| i.trim_end_matches(':').parse().ok())
+            .unwrap_or_else(|| panic!("no veth peer in {link:?}"));
+        let host = sh("ip", &["-o", "link", "show"]);
+        host.lines()
+            .find(|l| l.starts_with(&format!("{peer}: ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(|n| {
+                n.trim_end_matches(':')
+                    .split('@')
+                    .next()
+                    .unwrap_or(n)
+                    .to_string()
+            })
+            .unwrap_or_else(|| panic!("no host interface {peer}"))
     }
 
     pub fn netns(&self) -> Netns {
@@ -188,6 +264,7 @@ impl TestPod {
             service_account: self.name.clone(),
             netns_path: self.netns_path.clone(),
             ips: vec![self.ip],
+            container_id: Some(self.netns_name.clone()),
         }
     }
 
@@ -237,6 +314,9 @@ impl TestPod {
 
 impl Drop for TestPod {
     fn drop(&mut self) {
+        if self.gone {
+            return;
+        }
         let _ = cni::del(&self.conflist, &self.invocation("eth0"));
         let _ = cni::del(&cni::loopback_conflist(), &self.invocation("lo"));
         let _ = std::process::Command::new("ip")

@@ -2,7 +2,7 @@
 //! kubelet lays them out (`…/pod<uid>/<container>`), in the pods' network namespaces.
 //! Root only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -33,7 +33,11 @@ fn running_pods_are_found_by_cgroup_uid_and_confirmed_by_ip() {
         (uh.clone(), vec![wrong_ip]),
         (unone.clone(), vec![b.ip]),
     ]);
-    let found = find_pod_netns(Path::new("/proc"), &wanted).unwrap();
+    let found = find_pod_netns(Path::new("/proc"), &wanted, &HashSet::new()).unwrap();
     assert_eq!(found.keys().collect::<Vec<_>>(), [&ua], "only a is found");
     assert_eq!(found[&ua].id(), a.netns().id(), "a's netns, not another");
+    // A torn-down sandbox is never found again, whatever still runs in it.
+    let retired = HashSet::from([a.netns().id()]);
+    let found = find_pod_netns(Path::new("/proc"), &wanted, &retired).unwrap();
+    assert!(found.is_empty(), "a retired sandbox was found");
 }

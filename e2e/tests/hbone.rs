@@ -166,7 +166,7 @@ async fn a_pod_without_a_workload_entry_waits_until_one_appears() {
     node.write_mesh_config(&config(&mesh_workloads(&[&b]), ""));
     let Mesh { agent, ztunnel: zt } = Mesh::start_in_mesh(&node, &[&b], &[]).await;
     let server = echo_server(&b, 8080).await;
-    let err = agent.enroller().enroll(&a.pod()).await.unwrap_err();
+    let err = agent.enrollment().enroll(&a.pod()).await.unwrap_err();
     assert!(
         err.to_string().contains("no workload ambient-demo/sleep"),
         "{err}"

@@ -13,7 +13,7 @@ const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-sav
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 async fn enrolled(agent: &Agent, pod: &e2e::TestPod) {
-    let status = agent.enroller().enroll(&pod.pod()).await.expect("enroll");
+    let status = agent.enrollment().enroll(&pod.pod()).await.expect("enroll");
     assert_eq!(status, EnrollStatus::Enabled, "pod {}", pod.name);
 }
 
@@ -66,7 +66,7 @@ async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
     enrolled(&agent, &pod).await;
     assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE));
     assert_eq!(zt.count(&["received netns, starting proxy"]), 1);
-    let verification = agent.enroller().verify(&pod.uid).await.unwrap().unwrap();
+    let verification = agent.enrollment().verify(&pod.uid).await.unwrap().unwrap();
     assert!(verification.is_clean(), "{verification:?}");
 }
 
@@ -148,7 +148,7 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
     zt.wait_for(&["direction=\"outbound\""], 1).await;
 
     for pod in [&a, &b] {
-        agent.enroller().unenroll(&pod.uid).await.expect("unenroll");
+        agent.enrollment().remove(&pod.uid).await.expect("unenroll");
     }
     assert_eq!(rules_only(&a.iptables_save()), before);
     assert!(
@@ -197,7 +197,7 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
     assert!(inb.is_err(), "inbound bypassed a dead ztunnel: {inb:?}");
 
     // b leaves the mesh while ztunnel is down.
-    agent.enroller().unenroll(&b.uid).await.expect("unenroll b");
+    agent.enrollment().remove(&b.uid).await.expect("unenroll b");
 
     let zt2 = Ztunnel::start(&node, 2);
     zt2.wait_for(&["pod received snapshot sent"], 1).await;
@@ -244,7 +244,7 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
         .unwrap();
     zt.wait_for(&["handling new stream"], 2).await;
     zt.wait_for(&["pod received snapshot sent"], 2).await;
-    agent.enroller().server().wait_for_connections(1).await;
+    agent.enrollment().zds().wait_for_connections(1).await;
 
     for pod in [&a, &b] {
         assert_eq!(
@@ -315,7 +315,7 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
     let server = echo_server(&b, 8080).await;
 
     let new = Ztunnel::start(&node, 2);
-    agent.enroller().server().wait_for_connections(2).await;
+    agent.enrollment().zds().wait_for_connections(2).await;
     new.wait_for(&["received netns, starting proxy"], 2).await;
     let owners: Vec<String> = a
         .listening()
@@ -389,7 +389,7 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
     let zt = Ztunnel::start(&node, 1);
     assert_eq!(zt.readiness().await, 503, "not ready before the snapshot");
     let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    agent.enroller().server().wait_for_connections(1).await;
+    agent.enrollment().zds().wait_for_connections(1).await;
     zt.wait_readiness(200).await;
 
     // Something in the pod already holds 15008 (without SO_REUSEPORT).
@@ -398,7 +398,7 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
         .run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
         .unwrap()
         .unwrap();
-    let err = agent.enroller().enroll(&pod.pod()).await.unwrap_err();
+    let err = agent.enrollment().enroll(&pod.pod()).await.unwrap_err();
     assert!(err.to_string().contains("15008"), "{err}");
     assert!(
         pod.ports_of("ztunnel").is_empty(),
@@ -423,5 +423,5 @@ async fn the_agent_refuses_a_ztunnel_run_by_an_unexpected_user() {
     std::fs::set_permissions(node.zds_socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
     zt.wait_for(&["the agent closed the stream before our hello"], 3)
         .await;
-    assert_eq!(agent.enroller().server().connections(), 0);
+    assert_eq!(agent.enrollment().zds().connections(), 0);
 }

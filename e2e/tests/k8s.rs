@@ -250,7 +250,7 @@ async fn api_errors_and_cut_watches_still_converge_without_double_enrollment() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for pod in [&a, &b] {
         assert_eq!(
-            agent.count(&["pod enrolled", &pod.uid]),
+            agent.count(&["enrolling pod", &pod.uid]),
             1,
             "pod {} enrolled more than once:\n{}",
             pod.name,

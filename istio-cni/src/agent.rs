@@ -1,13 +1,14 @@
-//! The node agent as a whole: binds the ZDS socket, adopts pods enrolled before it
-//! started, and serves ztunnel.
+//! The node agent's core: adopts the pods enrolled before it started, then serves
+//! ztunnel over ZDS and runs the enrollment's background repairs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::SeqpacketListener;
 use tokio::task::JoinHandle;
 
-use crate::enroll::{EnrollError, Enroller, Pod};
+use crate::enrollment::{Adopt, EnrollError, Enrollment, Locate, Pod};
 use crate::rules::{Iptables, Redirection, RuleConfig};
 use crate::zds_server::ZdsServer;
 
@@ -22,12 +23,26 @@ pub struct AgentConfig {
     pub zds_timeout: Duration,
     pub rules: RuleConfig,
     pub iptables: Iptables,
+    /// Where pods' processes are looked up (`/proc`).
+    pub proc_root: PathBuf,
+}
+
+impl AgentConfig {
+    /// An enrollment with this configuration's rules and ZDS server, and nothing else
+    /// (no probe set, no status writer).
+    pub fn enrollment(&self) -> Enrollment {
+        Enrollment::new(
+            Redirection::new(self.rules.clone(), self.iptables.clone()),
+            ZdsServer::new(self.zds_timeout),
+            self.proc_root.clone(),
+        )
+    }
 }
 
 /// A running agent. Dropping it stops serving and removes its socket.
 pub struct Agent {
-    enroller: Enroller,
-    serve: JoinHandle<()>,
+    enrollment: Enrollment,
+    tasks: [JoinHandle<()>; 2],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,47 +51,60 @@ pub enum AgentError {
     Bind(#[from] protocol::Error),
     #[error("ZDS socket mode {0:o} is world-writable; refusing")]
     WorldWritable(u32),
-    #[error("adopting an already enrolled pod: {0}")]
+    #[error("adopting the pods enrolled before this agent started: {0}")]
     Adopt(#[from] EnrollError),
 }
 
 impl Agent {
-    /// Adopts `enrolled` (pods this node had enrolled before the agent started), then
-    /// binds the socket and serves, so the first ztunnel to connect gets them all.
+    /// A standalone agent (no Kubernetes): adopts `enrolled`, pods this node enrolled
+    /// before, by their netns paths, then serves.
     pub async fn start(cfg: AgentConfig, enrolled: &[Pod]) -> Result<Agent, AgentError> {
         let adopt = enrolled
             .iter()
-            .map(|p| (p.clone(), Enroller::open(p)))
+            .map(|p| Adopt {
+                info: p.info(),
+                ips: p.ips.clone(),
+                locate: Locate::Path(p.netns_path.clone()),
+                annotation: None,
+            })
             .collect();
-        Self::start_adopting(cfg, adopt).await
+        Self::serve(&cfg, cfg.enrollment(), adopt).await
     }
 
-    /// Like [`Agent::start`], with each pod's netns already looked up (an `Err` when it
-    /// could not be found: ztunnel is told to keep its proxy).
-    pub async fn start_adopting(
-        cfg: AgentConfig,
-        enrolled: Vec<(Pod, Result<std::sync::Arc<protocol::Netns>, EnrollError>)>,
+    /// Adopts `adopt` into `enrollment`, then binds the socket and serves, so the first
+    /// ztunnel to connect gets every adopted pod in its snapshot.
+    pub async fn serve(
+        cfg: &AgentConfig,
+        enrollment: Enrollment,
+        adopt: Vec<Adopt>,
     ) -> Result<Agent, AgentError> {
         if cfg.zds_socket_mode & 0o002 != 0 {
             return Err(AgentError::WorldWritable(cfg.zds_socket_mode));
         }
-        let server = ZdsServer::new(cfg.zds_timeout);
-        let enroller = Enroller::new(Redirection::new(cfg.rules, cfg.iptables), server.clone());
-        for (pod, netns) in enrolled {
-            enroller.adopt(&pod, netns).await?;
-        }
+        enrollment.adopt(adopt).await?;
         let listener = SeqpacketListener::bind(&cfg.zds_socket, cfg.zds_socket_mode)?;
-        let serve = tokio::spawn(server.serve(listener));
-        Ok(Agent { enroller, serve })
+        let serve = enrollment
+            .zds()
+            .clone()
+            .serve(listener, Arc::new(enrollment.clone()));
+        Ok(Agent {
+            tasks: [
+                tokio::spawn(serve),
+                tokio::spawn(enrollment.clone().run_repairs()),
+            ],
+            enrollment,
+        })
     }
 
-    pub fn enroller(&self) -> &Enroller {
-        &self.enroller
+    pub fn enrollment(&self) -> &Enrollment {
+        &self.enrollment
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.serve.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }

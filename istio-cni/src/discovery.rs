@@ -56,10 +56,12 @@ fn addresses(netns: &Netns) -> io::Result<Vec<IpAddr>> {
 }
 
 /// Scans `proc_root` (normally `/proc`) for the pods in `wanted` (uid -> pod IPs) and
-/// returns the netns of each one found. Processes that vanish mid-scan are skipped.
+/// returns the netns of each one found, never one in `exclude` (sandboxes already torn
+/// down). Processes that vanish mid-scan are skipped.
 pub fn find_pod_netns(
     proc_root: &Path,
     wanted: &HashMap<String, Vec<IpAddr>>,
+    exclude: &HashSet<NetnsId>,
 ) -> io::Result<HashMap<String, Netns>> {
     let host = Netns::current()?.id();
     let mut found: HashMap<String, Netns> = HashMap::new();
@@ -86,7 +88,10 @@ pub fn find_pod_netns(
         let Ok(netns) = Netns::open(&dir.join("ns/net")) else {
             continue;
         };
-        if netns.id() == host || rejected.contains(&(uid.clone(), netns.id())) {
+        if netns.id() == host
+            || exclude.contains(&netns.id())
+            || rejected.contains(&(uid.clone(), netns.id()))
+        {
             continue;
         }
         if addresses(&netns)?.iter().any(|a| ips.contains(a)) {

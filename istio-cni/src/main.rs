@@ -1,22 +1,20 @@
 //! `istio-cni`: the ambient node agent.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use istio_cni::discovery::find_pod_netns;
-use istio_cni::k8s::controller::{
-    pod_ips, to_enroll_pod, Controller, ControllerConfig, Enrolled, PodKey,
-};
-use istio_cni::k8s::selection::{Selection, REDIRECTION_ANNOTATION};
+use istio_cni::cni::install::{InstallConfig, Installer};
+use istio_cni::cni::kubeconfig::{self, Credentials};
+use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
+use istio_cni::k8s::selection::Selection;
+use istio_cni::k8s::status::KubeStatus;
 use istio_cni::rules::hostprobe::HostProbes;
-use istio_cni::rules::{Backend, Iptables, RuleConfig};
-use istio_cni::{Agent, AgentConfig, EnrollError, EnrollStatus};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use istio_cni::rules::{Backend, Iptables, Redirection, RuleConfig};
+use istio_cni::zds_server::ZdsServer;
+use istio_cni::{Agent, AgentConfig, Enrollment};
 use protocol::Netns;
 use tracing_subscriber::EnvFilter;
 
@@ -120,6 +118,7 @@ async fn agent_main() -> anyhow::Result<()> {
         zds_timeout: Duration::from_secs(args.zds_timeout),
         rules: RuleConfig::default(),
         iptables: iptables.clone(),
+        proc_root: args.proc_root.clone(),
     };
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
@@ -151,93 +150,42 @@ async fn agent_main() -> anyhow::Result<()> {
             .context("in-cluster Kubernetes config")?,
     };
 
-    // Pods this node enrolled before the agent (re)started: find their netns in /proc
-    // and hand them to ztunnel's snapshot before serving.
-    let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
-    let pods = Api::<Pod>::all(client.clone())
-        .list(&on_node)
+    let host = Netns::current().context("opening the host netns")?;
+    let probes = HostProbes::new(
+        &RuleConfig::default(),
+        iptables.clone(),
+        &args.host_probe_set,
+    );
+    let enrollment = Enrollment::build(
+        Redirection::new(RuleConfig::default(), iptables),
+        ZdsServer::new(cfg.zds_timeout),
+        args.proc_root.clone(),
+        Some((probes, host)),
+        Some(Arc::new(KubeStatus::new(client.clone()))),
+    );
+    // The pods this node enrolled before the agent (re)started go into the snapshot
+    // before ztunnel can connect: a ztunnel that got an empty one would drop them.
+    let adopt = annotated_pods(&client, &node)
         .await
         .context("listing this node's pods")?;
-    let annotated: Vec<&Pod> = pods
-        .items
-        .iter()
-        .filter(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-                .is_some_and(|v| v == "enabled" || v == "pending")
-        })
-        .collect();
-    let wanted: HashMap<String, Vec<_>> = annotated
-        .iter()
-        .map(|p| (p.metadata.uid.clone().unwrap_or_default(), pod_ips(p)))
-        .collect();
-    let mut found = find_pod_netns(&args.proc_root, &wanted).context("scanning /proc for pods")?;
-    let mut adopted = HashMap::new();
-    let mut probe_members = BTreeMap::new();
-    let mut adopt = Vec::new();
-    for p in annotated {
-        let epod = to_enroll_pod(p);
-        let netns = found
-            .remove(epod.uid.as_str())
-            .map(Arc::new)
-            .ok_or_else(|| EnrollError::Netns {
-                uid: epod.uid.clone(),
-                path: args.proc_root.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no process of the pod found",
-                ),
-            });
-        tracing::info!(uid = %epod.uid, found = netns.is_ok(), "adopting a pod enrolled before this agent started");
-        for ip in &epod.ips {
-            probe_members.insert(*ip, epod.uid.clone());
-        }
-        adopted.insert(
-            PodKey {
-                namespace: epod.namespace.clone(),
-                name: epod.name.clone(),
-            },
-            Enrolled {
-                uid: epod.uid.clone(),
-                ips: epod.ips.clone(),
-                status: EnrollStatus::Enabled,
-            },
-        );
-        adopt.push((epod, netns));
-    }
-    let agent = Agent::start_adopting(cfg, adopt)
+    let _agent = Agent::serve(&cfg, enrollment.clone(), adopt)
         .await
         .context("starting the agent")?;
-
-    let host = Netns::current().context("opening the host netns")?;
-    let probes = HostProbes::new(&RuleConfig::default(), iptables, &args.host_probe_set);
-    probes
-        .install(&host)
-        .context("installing host probe rules")?;
-    probes
-        .sync(&host, &probe_members)
-        .context("syncing the host probe set")?;
-
-    let (controller, run) = Controller::new(
+    let (_controller, run) = Controller::new(
         client,
-        agent.enroller().clone(),
-        Some((probes, host)),
+        enrollment.clone(),
         ControllerConfig {
             node_name: node,
             selection: Selection {
                 excluded_namespaces: args.excluded_namespaces.clone(),
                 ..Selection::default()
             },
-            proc_root: args.proc_root.clone(),
             workers: 2,
         },
-        adopted,
     );
     let plugin_events = istio_cni::cni::server::bind(&args.plugin_event_socket)
         .with_context(|| format!("binding {}", args.plugin_event_socket.display()))?;
-    tokio::spawn(istio_cni::cni::server::serve(plugin_events, controller));
+    tokio::spawn(istio_cni::cni::server::serve(plugin_events, enrollment));
 
     // install-cni: the plugin goes into the node's chain only once the agent serves it.
     let installer = args
@@ -245,21 +193,7 @@ async fn agent_main() -> anyhow::Result<()> {
         .then(|| install_cni(&args))
         .transpose()?
         .map(Arc::new);
-    if let Some(installer) = &installer {
-        let repairer = installer.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                match repairer.repair() {
-                    Err(e @ istio_cni::cni::install::InstallError::NoPrimaryConfig(_)) => {
-                        tracing::debug!("{e}")
-                    }
-                    Err(e) => tracing::warn!("repairing the CNI config: {e}"),
-                    Ok(_) => {}
-                }
-            }
-        });
-    }
+    let repairs = installer.clone().map(|i| tokio::spawn(i.keep_installed()));
     let readiness = installer.clone();
     let ready: Arc<dyn Fn() -> bool + Send + Sync> =
         Arc::new(move || readiness.as_ref().is_none_or(|i| i.is_installed()));
@@ -274,6 +208,11 @@ async fn agent_main() -> anyhow::Result<()> {
         r = shutdown_signal() => r,
     };
     if let (Some(installer), true) = (&installer, args.uninstall_cni_on_exit) {
+        // No repair may put back what we are about to remove.
+        if let Some(r) = repairs {
+            r.abort();
+            let _ = r.await;
+        }
         installer
             .uninstall()
             .context("uninstalling the CNI plugin")?;
@@ -281,47 +220,34 @@ async fn agent_main() -> anyhow::Result<()> {
     result
 }
 
-/// Writes the plugin's kubeconfig (0600) and installs the plugin into the chain.
-fn install_cni(args: &Args) -> anyhow::Result<istio_cni::cni::install::Installer> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+/// Writes the plugin's kubeconfig (and keeps it current), and installs the plugin
+/// into the chain.
+fn install_cni(args: &Args) -> anyhow::Result<Installer> {
     let kubeconfig = args.cni_conf_dir.join("istio-cni-kubeconfig");
-    let contents = match &args.kubeconfig {
-        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        None => {
-            let host = std::env::var("KUBERNETES_SERVICE_HOST").unwrap_or_default();
-            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-            let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://{host}:{port}\n    certificate-authority: {sa}/ca.crt\ncontexts:\n- name: istio-cni\n  context:\n    cluster: local\n    user: istio-cni\ncurrent-context: istio-cni\nusers:\n- name: istio-cni\n  user:\n    tokenFile: {sa}/token\n"
-            )
-            .into_bytes()
-        }
+    let credentials = match &args.kubeconfig {
+        Some(path) => Credentials::File(path.clone()),
+        None => Credentials::in_cluster(
+            |k| std::env::var(k).ok(),
+            Path::new(kubeconfig::SERVICE_ACCOUNT_DIR),
+        )?,
     };
-    std::fs::create_dir_all(&args.cni_conf_dir)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&kubeconfig)
-        .with_context(|| format!("writing {}", kubeconfig.display()))?;
-    f.write_all(&contents)?;
-    let installer =
-        istio_cni::cni::install::Installer::new(istio_cni::cni::install::InstallConfig {
-            bin_dir: args.cni_bin_dir.clone(),
-            conf_dir: args.cni_conf_dir.clone(),
-            source_binary: std::env::current_exe().context("locating the agent binary")?,
-            plugin_conf: serde_json::json!({
-                "kubeconfig": kubeconfig,
-                "agent_socket": args.plugin_event_socket,
-                "exclude_namespaces": args.excluded_namespaces,
-            }),
-        });
+    // The plugin cannot decide anything without it: fail now, not on every pod.
+    kubeconfig::write(&credentials, &kubeconfig).context("the CNI plugin's kubeconfig")?;
+    tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
+    let installer = Installer::new(InstallConfig {
+        bin_dir: args.cni_bin_dir.clone(),
+        conf_dir: args.cni_conf_dir.clone(),
+        source_binary: std::env::current_exe().context("locating the agent binary")?,
+        plugin_conf: serde_json::json!({
+            "kubeconfig": kubeconfig,
+            "agent_socket": args.plugin_event_socket,
+            "exclude_namespaces": args.excluded_namespaces,
+        }),
+    });
     if let Err(e) = installer.install() {
-        // No primary config yet (the primary CNI installs it later): the repair loop
-        // installs us as soon as it appears.
-        tracing::warn!("installing the CNI plugin: {e}; will retry");
+        // No primary config yet (the primary CNI installs it later), or one we cannot
+        // parse: the watch installs us as soon as it changes.
+        tracing::warn!("installing the CNI plugin: {e}; will retry when the CNI config changes");
     }
     Ok(installer)
 }

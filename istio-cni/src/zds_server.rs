@@ -1,13 +1,18 @@
-//! The agent's side of ZDS: a Unix seqpacket server that ztunnel connects to.
+//! The agent's side of ZDS: a Unix seqpacket server that ztunnel connects to. A
+//! transport only: what the pods are is the enrollment's business.
 //!
-//! Every new ztunnel connection gets the current snapshot (an Add with the netns fd for
-//! each enrolled pod, or a Keep for a pod whose netns the agent could not open), then
-//! SnapshotSent. After that, live Adds go to the newest connection and Dels to all: two
-//! ztunnels overlap during a rolling upgrade, and the old one must drop pods too.
+//! Every new ztunnel connection gets the snapshot its [`SnapshotSource`] hands out (an
+//! Add with the netns fd for each enrolled pod, or a Keep for a pod whose netns the
+//! agent could not open), then SnapshotSent; how ztunnel answered each entry goes back
+//! to the source. After that, live Adds go to the newest connection and Dels to all:
+//! two ztunnels overlap during a rolling upgrade, and the old one must drop pods too.
 //! Each connection has one task that owns its socket and sends requests strictly one
 //! at a time, each answered by exactly one ack.
+//!
+//! A connection is registered before its snapshot is taken, so a pod enrolled while a
+//! snapshot is being sent is either in that snapshot or queued on the connection right
+//! after it (an Add twice is harmless: ztunnel acks a known netns again).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +33,21 @@ pub enum SnapshotEntry {
     /// Enrolled, but its netns could not be opened (e.g. after an agent restart): ztunnel
     /// keeps whatever proxy it runs for it.
     Keep,
+}
+
+/// Who decides what a newly connected ztunnel must hear (the enrollment).
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// The pods, in the order to send them. Called once per connection, after the
+    /// connection can already receive live requests.
+    fn snapshot(&self) -> Vec<(WorkloadUid, SnapshotEntry)>;
+    /// How ztunnel answered one entry of its snapshot (`Err`: its error ack, or a
+    /// failed exchange).
+    fn snapshot_answered(
+        &self,
+        uid: &WorkloadUid,
+        entry: &SnapshotEntry,
+        result: Result<(), &ZdsError>,
+    );
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +85,6 @@ struct ConnHandle {
 
 #[derive(Default)]
 struct State {
-    pods: BTreeMap<WorkloadUid, SnapshotEntry>,
     /// Connected ztunnels that have received their snapshot; the last is the newest.
     conns: Vec<ConnHandle>,
     next_id: u64,
@@ -101,20 +120,9 @@ impl ZdsServer {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts a pod into the snapshot without sending anything (startup and restarts).
-    pub fn insert(&self, uid: WorkloadUid, entry: SnapshotEntry) {
-        self.state().pods.insert(uid, entry);
-    }
-
-    /// The netns the server holds for `uid`, if any.
-    pub fn netns(&self, uid: &WorkloadUid) -> Option<Arc<Netns>> {
-        match self.state().pods.get(uid) {
-            Some(SnapshotEntry::Add { netns, .. }) => Some(netns.clone()),
-            _ => None,
-        }
-    }
-
-    /// Records the pod and sends its Add to the newest ztunnel, waiting for the ack.
+    /// Sends the pod's Add to the newest ztunnel, waiting for the ack. The caller must
+    /// have made the pod part of its [`SnapshotSource`]'s snapshot first, so that a
+    /// ztunnel connecting meanwhile gets it one way or the other.
     pub async fn add(
         &self,
         uid: WorkloadUid,
@@ -122,14 +130,7 @@ impl ZdsServer {
         netns: Arc<Netns>,
     ) -> Result<AddOutcome, ZdsError> {
         let rx = {
-            let mut st = self.state();
-            st.pods.insert(
-                uid.clone(),
-                SnapshotEntry::Add {
-                    info: info.clone(),
-                    netns: netns.clone(),
-                },
-            );
+            let st = self.state();
             let Some(newest) = st.conns.last() else {
                 return Ok(AddOutcome::NoZtunnel);
             };
@@ -140,12 +141,12 @@ impl ZdsServer {
         Ok(AddOutcome::Acked)
     }
 
-    /// Forgets the pod and sends Del to every connected ztunnel. A ztunnel that
-    /// disconnects meanwhile will not get the pod in its next snapshot, so it drains it.
+    /// Sends Del to every connected ztunnel. The caller must have taken the pod out of
+    /// its snapshot first: a ztunnel that disconnects meanwhile then drains it after
+    /// its next snapshot.
     pub async fn del(&self, uid: &WorkloadUid) -> Result<(), ZdsError> {
         let pending: Vec<_> = {
-            let mut st = self.state();
-            st.pods.remove(uid);
+            let st = self.state();
             st.conns
                 .iter()
                 .map(|c| submit(c, Request::Del { uid: uid.clone() }))
@@ -181,15 +182,15 @@ impl ZdsServer {
 
     /// Accepts ztunnel connections until this future is dropped; dropping it also
     /// closes every connection it accepted (so ztunnel sees the agent go away).
-    pub async fn serve(self, listener: SeqpacketListener) {
+    pub async fn serve(self, listener: SeqpacketListener, source: Arc<dyn SnapshotSource>) {
         info!(path = %listener.path().display(), "ZDS server listening for ztunnel");
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => {
-                        let server = self.clone();
-                        conns.spawn(async move { server.handle(conn).await });
+                        let (server, source) = (self.clone(), source.clone());
+                        conns.spawn(async move { server.handle(conn, &*source).await });
                     }
                     Err(e) => {
                         warn!("accepting a ztunnel connection failed: {e}");
@@ -201,7 +202,7 @@ impl ZdsServer {
         }
     }
 
-    async fn handle(&self, conn: SeqpacketConn) {
+    async fn handle(&self, conn: SeqpacketConn, source: &dyn SnapshotSource) {
         let peer = match conn.peer_credentials() {
             Ok(c) => c,
             Err(e) => {
@@ -225,13 +226,14 @@ impl ZdsServer {
             return;
         }
         let (tx, mut jobs) = mpsc::unbounded_channel();
-        let (id, snapshot) = {
+        let id = {
             let mut st = self.state();
             st.next_id += 1;
             let id = st.next_id;
             st.conns.push(ConnHandle { id, jobs: tx });
-            (id, st.pods.clone())
+            id
         };
+        let snapshot = source.snapshot();
         info!(
             conn = id,
             pid = peer.pid(),
@@ -242,14 +244,22 @@ impl ZdsServer {
         let live = std::sync::atomic::AtomicBool::new(false);
         let result = async {
             for (uid, entry) in snapshot {
-                let request = match entry {
-                    SnapshotEntry::Add { info, netns } => Request::Add { uid, info, netns },
-                    SnapshotEntry::Keep => Request::Keep { uid },
+                let request = match &entry {
+                    SnapshotEntry::Add { info, netns } => Request::Add {
+                        uid: uid.clone(),
+                        info: info.clone(),
+                        netns: netns.clone(),
+                    },
+                    SnapshotEntry::Keep => Request::Keep { uid: uid.clone() },
                 };
-                match exchange(&conn, &request, timeout).await {
+                let result = exchange(&conn, &request, timeout).await;
+                if let Err(e) = &result {
+                    warn!(conn = id, "snapshot: {e}");
+                }
+                source.snapshot_answered(&uid, &entry, result.as_ref().map(|_| ()));
+                match result {
                     Err(ZdsError::Protocol(e)) if e.is_fatal() => return Err(e),
-                    Err(e) => warn!(conn = id, "snapshot: {e}"),
-                    Ok(()) => {}
+                    _ => {}
                 }
             }
             exchange(&conn, &Request::<Arc<Netns>>::SnapshotSent, timeout)

@@ -1,16 +1,42 @@
 //! The agent's ZDS server against fake ztunnels (the test speaking raw ZDS): snapshot,
 //! routing of Adds and Dels, acks, version and timeout handling. No root needed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use istio_cni::zds_server::{AddOutcome, SnapshotEntry, ZdsError, ZdsServer};
+use istio_cni::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError, ZdsServer};
 use protocol::message::encode_hello;
 use protocol::zds::{Version, WorkloadInfo};
 use protocol::{Ack, Error, Netns, Request, SeqpacketConn, SeqpacketListener, WorkloadUid};
 
+/// A snapshot source that hands out a fixed list and records the answers.
+#[derive(Default)]
+struct Source {
+    pods: Mutex<Vec<(WorkloadUid, SnapshotEntry)>>,
+    answers: Mutex<Vec<(String, Result<(), String>)>>,
+}
+
+impl SnapshotSource for Source {
+    fn snapshot(&self) -> Vec<(WorkloadUid, SnapshotEntry)> {
+        self.pods.lock().unwrap().clone()
+    }
+
+    fn snapshot_answered(
+        &self,
+        uid: &WorkloadUid,
+        _entry: &SnapshotEntry,
+        result: Result<(), &ZdsError>,
+    ) {
+        self.answers
+            .lock()
+            .unwrap()
+            .push((uid.to_string(), result.map_err(ToString::to_string)));
+    }
+}
+
 struct Fixture {
     server: ZdsServer,
+    source: Arc<Source>,
     path: std::path::PathBuf,
     _dir: tempfile::TempDir,
     _serve: tokio::task::JoinHandle<()>,
@@ -21,9 +47,11 @@ fn fixture(timeout: Duration) -> Fixture {
     let path = dir.path().join("ztunnel.sock");
     let listener = SeqpacketListener::bind(&path, 0o600).unwrap();
     let server = ZdsServer::new(timeout);
-    let serve = tokio::spawn(server.clone().serve(listener));
+    let source = Arc::new(Source::default());
+    let serve = tokio::spawn(server.clone().serve(listener, source.clone()));
     Fixture {
         server,
+        source,
         path,
         _dir: dir,
         _serve: serve,
@@ -61,14 +89,16 @@ async fn ack(conn: &SeqpacketConn) {
 async fn a_new_ztunnel_gets_the_snapshot_with_fds_then_snapshot_sent() {
     let f = fixture(Duration::from_secs(5));
     let ns = netns();
-    f.server.insert(
-        WorkloadUid::new("a"),
-        SnapshotEntry::Add {
-            info: info("a"),
-            netns: ns.clone(),
-        },
-    );
-    f.server.insert(WorkloadUid::new("b"), SnapshotEntry::Keep);
+    *f.source.pods.lock().unwrap() = vec![
+        (
+            WorkloadUid::new("a"),
+            SnapshotEntry::Add {
+                info: info("a"),
+                netns: ns.clone(),
+            },
+        ),
+        (WorkloadUid::new("b"), SnapshotEntry::Keep),
+    ];
     let zt = ztunnel(&f.path).await;
     match next(&zt).await {
         Request::Add {
@@ -86,12 +116,27 @@ async fn a_new_ztunnel_gets_the_snapshot_with_fds_then_snapshot_sent() {
         }
         other => panic!("expected Add, got {other:?}"),
     }
-    ack(&zt).await;
+    zt.send(&Ack::Err("listeners: address in use".into()).encode(), None)
+        .await
+        .unwrap();
     assert!(matches!(next(&zt).await, Request::Keep { uid } if uid.as_str() == "b"));
     ack(&zt).await;
     assert!(matches!(next(&zt).await, Request::SnapshotSent));
     ack(&zt).await;
     f.server.wait_for_connections(1).await;
+    // Each answer goes back to the source, a refusal with ztunnel's reason.
+    let answers = f.source.answers.lock().unwrap().clone();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].0, "a");
+    assert!(
+        answers[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("address in use"),
+        "{answers:?}"
+    );
+    assert_eq!(answers[1], ("b".to_string(), Ok(())));
 }
 
 async fn connected(f: &Fixture, n: usize) -> SeqpacketConn {
@@ -128,7 +173,7 @@ async fn adds_go_to_the_newest_ztunnel_and_dels_to_all() {
 }
 
 #[tokio::test]
-async fn without_ztunnel_an_add_is_pending_and_lands_in_the_next_snapshot() {
+async fn without_ztunnel_an_add_reports_so_and_sends_nothing() {
     let f = fixture(Duration::from_secs(5));
     let outcome = f
         .server
@@ -136,8 +181,9 @@ async fn without_ztunnel_an_add_is_pending_and_lands_in_the_next_snapshot() {
         .await
         .unwrap();
     assert_eq!(outcome, AddOutcome::NoZtunnel);
+    // The next ztunnel hears only what the source says (the enrollment keeps the pod).
     let zt = ztunnel(&f.path).await;
-    assert!(matches!(next(&zt).await, Request::Add { uid, .. } if uid.as_str() == "p"));
+    assert!(matches!(next(&zt).await, Request::SnapshotSent));
 }
 
 #[tokio::test]

@@ -37,6 +37,10 @@ pub struct Request {
     pub netns: PathBuf,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// `CNI_CONTAINERID`: with the netns, what tells one sandbox of a pod from the next.
+    /// (Added within version 1: an older agent ignores it, an older plugin omits it.)
+    #[serde(default)]
+    pub container_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,10 +98,19 @@ mod tests {
             service_account: "sa".into(),
             netns: "/var/run/netns/x".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
+            container_id: "c1".into(),
         };
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"podNamespace\":\"n\""), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        let old_plugin = text.replace(",\"containerId\":\"c1\"", "");
+        assert_ne!(old_plugin, text);
+        assert_eq!(
+            serde_json::from_str::<Request>(&old_plugin)
+                .unwrap()
+                .container_id,
+            ""
+        );
         assert!(check_version(1).is_ok());
         assert!(check_version(2).unwrap_err().contains("upgrade the agent"));
     }

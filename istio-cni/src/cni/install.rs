@@ -4,8 +4,13 @@
 //! - Our entry is appended, last, to the node's primary network config: the lexically
 //!   first `.conf`/`.conflist` in the conf dir. A `.conf` becomes a `.conflist` holding
 //!   the original plugin then ours. The file's other plugins and its mode are kept.
-//! - [`Installer::repair`] puts back what another agent (the primary CNI's, typically)
-//!   rewrote or removed; callers run it on a timer and it is rate-limited.
+//!   A config that is not what CNI expects is a clear error and is left untouched.
+//! - Another agent (the primary CNI's) may write the same file at the same moment: the
+//!   file is read again just before our rename, and if it changed we start over from
+//!   what it now holds, so neither write is lost.
+//! - [`Installer::keep_installed`] repairs the moment the conf or bin dir changes
+//!   (inotify), so a pod can start without our plugin only for as long as the kernel
+//!   takes to tell us. Repairs are rate-limited: a fight is detected and paused.
 //! - [`Installer::uninstall`] restores the original config byte for byte and removes
 //!   what we added. An agent restart (upgrade) does not uninstall: the plugin stays, so
 //!   new pods wait for the new agent instead of starting uncaptured.
@@ -13,11 +18,11 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use tracing::{info, warn};
+use serde_json::{json, Map, Value};
+use tracing::{debug, info, warn};
 
 /// The plugin's file name in the bin dir, and its `type` in the config.
 pub const PLUGIN_NAME: &str = "istio-cni";
@@ -41,8 +46,10 @@ pub enum InstallError {
     },
     #[error("no CNI network config (.conf or .conflist) in {0} yet")]
     NoPrimaryConfig(PathBuf),
-    #[error("{path} is not a valid CNI config: {reason}")]
+    #[error("{path} is not a valid CNI config ({reason}); left as it is")]
     BadConfig { path: PathBuf, reason: String },
+    #[error("{0} kept changing under us; will retry")]
+    Contended(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -71,9 +78,11 @@ pub struct Installer {
 /// More repairs than this within [`LOOP_WINDOW`] means someone keeps undoing us.
 const LOOP_LIMIT: usize = 5;
 const LOOP_WINDOW: Duration = Duration::from_secs(60);
+/// Attempts at writing a config that keeps changing between our read and our rename.
+const ATTEMPTS: usize = 5;
 
-/// Writes `bytes` to `path` atomically, with `mode`.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+/// Writes `bytes` to a temporary file beside `path` with `mode`; returns its path.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, InstallError> {
     let tmp = path.with_file_name(format!(
         ".{}.istio-cni-tmp",
         path.file_name()
@@ -82,6 +91,12 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError
     ));
     fs::write(&tmp, bytes).map_err(io(&tmp))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    Ok(tmp)
+}
+
+/// Writes `bytes` to `path` atomically, with `mode`.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    let tmp = write_temp(path, bytes, mode)?;
     fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -103,16 +118,70 @@ pub fn primary_config(conf_dir: &Path) -> Result<Option<PathBuf>, InstallError> 
     Ok(candidates.into_iter().next())
 }
 
-fn has_our_plugin(conflist: &Value) -> bool {
-    conflist["plugins"]
-        .as_array()
-        .and_then(|p| p.last())
-        .is_some_and(|p| p["type"] == PLUGIN_NAME)
+fn is_conflist(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("conflist")
+}
+
+/// Parses a network config the way CNI reads it: a `.conflist` is an object with a
+/// `plugins` array of objects, a `.conf` one plugin object. Anything else is refused
+/// with what is wrong, before anything is written.
+fn parse(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>, InstallError> {
+    let bad = |reason: String| InstallError::BadConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    let Value::Object(obj) = value else {
+        return Err(bad("not a JSON object".into()));
+    };
+    if is_conflist(path) {
+        let plugins = obj
+            .get("plugins")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no \"plugins\" list".into()))?;
+        if let Some(i) = plugins.iter().position(|p| !p.is_object()) {
+            return Err(bad(format!("plugins[{i}] is not an object")));
+        }
+    } else if !obj.get("type").is_some_and(Value::is_string) {
+        return Err(bad("a .conf without a \"type\"".into()));
+    }
+    Ok(obj)
+}
+
+/// The chain with our entry last (any other entry of ours removed), or `None` when
+/// `bytes` already has exactly `ours` last. A `.conf` becomes a list: it, then ours.
+pub fn chain(path: &Path, bytes: &[u8], ours: &Value) -> Result<Option<Vec<u8>>, InstallError> {
+    let mut obj = parse(path, bytes)?;
+    if !is_conflist(path) {
+        let (version, name) = (obj.remove("cniVersion"), obj.remove("name"));
+        obj = match json!({"cniVersion": version, "name": name, "plugins": [obj]}) {
+            Value::Object(list) => list,
+            _ => unreachable!("a json! object literal"),
+        };
+    }
+    let Some(Value::Array(plugins)) = obj.get_mut("plugins") else {
+        unreachable!("parse checked the plugins list")
+    };
+    if is_conflist(path) && plugins.last() == Some(ours) {
+        return Ok(None);
+    }
+    plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_NAME));
+    plugins.push(ours.clone());
+    serde_json::to_vec_pretty(&Value::Object(obj))
+        .map(Some)
+        .map_err(|e| InstallError::BadConfig {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 impl Installer {
     pub fn new(mut cfg: InstallConfig) -> Installer {
-        cfg.plugin_conf["type"] = json!(PLUGIN_NAME);
+        if let Some(obj) = cfg.plugin_conf.as_object_mut() {
+            obj.insert("type".into(), json!(PLUGIN_NAME));
+        } else {
+            cfg.plugin_conf = json!({ "type": PLUGIN_NAME });
+        }
         Installer {
             cfg,
             original: Mutex::new(None),
@@ -120,15 +189,15 @@ impl Installer {
         }
     }
 
-    /// Whether the binary and our entry are both in place.
+    /// Whether the binary and our entry (exactly, and last) are both in place.
     pub fn is_installed(&self) -> bool {
         let binary = self.cfg.bin_dir.join(PLUGIN_NAME).exists();
         let chained = primary_config(&self.cfg.conf_dir)
             .ok()
             .flatten()
-            .and_then(|p| fs::read(&p).ok())
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| has_our_plugin(&v));
+            .filter(|p| is_conflist(p))
+            .and_then(|p| Some((fs::read(&p).ok()?, p)))
+            .is_some_and(|(bytes, p)| matches!(chain(&p, &bytes, &self.cfg.plugin_conf), Ok(None)));
         binary && chained
     }
 
@@ -151,64 +220,50 @@ impl Installer {
     }
 
     fn install_config(&self) -> Result<(), InstallError> {
+        self.install_config_racing(&mut || {})
+    }
+
+    /// [`install_config`](Self::install_config), calling `before_commit` between
+    /// writing our version and renaming it into place (where another writer may strike).
+    fn install_config_racing(&self, before_commit: &mut dyn FnMut()) -> Result<(), InstallError> {
         let conf_dir = &self.cfg.conf_dir;
-        let path = primary_config(conf_dir)?
-            .ok_or_else(|| InstallError::NoPrimaryConfig(conf_dir.clone()))?;
-        let bytes = fs::read(&path).map_err(io(&path))?;
-        let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
-        let parsed: Value =
-            serde_json::from_slice(&bytes).map_err(|e| InstallError::BadConfig {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let is_list = path.extension().and_then(|e| e.to_str()) == Some("conflist");
-        if is_list && has_our_plugin(&parsed) {
+        let mut last = conf_dir.clone();
+        for _ in 0..ATTEMPTS {
+            let path = primary_config(conf_dir)?
+                .ok_or_else(|| InstallError::NoPrimaryConfig(conf_dir.clone()))?;
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
+            let Some(out) = chain(&path, &bytes, &self.cfg.plugin_conf)? else {
+                return Ok(());
+            };
+            let written = path.with_extension("conflist");
+            let tmp = write_temp(&written, &out, mode)?;
+            before_commit();
+            // Whatever another writer put there since our read must not be lost.
+            if fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+                debug!(path = %path.display(), "the CNI config changed while we wrote ours; again");
+                let _ = fs::remove_file(&tmp);
+                last = path;
+                continue;
+            }
+            {
+                let mut original = self.original.lock().unwrap_or_else(|p| p.into_inner());
+                if original.is_none() {
+                    *original = Some(Original {
+                        path: path.clone(),
+                        bytes,
+                        written: written.clone(),
+                    });
+                }
+            }
+            fs::rename(&tmp, &written).map_err(io(&written))?;
+            if written != path {
+                fs::remove_file(&path).map_err(io(&path))?;
+            }
+            info!(path = %written.display(), "added istio-cni to the CNI chain");
             return Ok(());
         }
-        let mut list = if is_list {
-            parsed
-        } else {
-            // A single plugin config becomes a list: the plugin, then ours.
-            let mut plugin = parsed.clone();
-            let obj = plugin
-                .as_object_mut()
-                .ok_or_else(|| InstallError::BadConfig {
-                    path: path.clone(),
-                    reason: "not a JSON object".into(),
-                })?;
-            let (version, name) = (obj.remove("cniVersion"), obj.remove("name"));
-            json!({"cniVersion": version, "name": name, "plugins": [plugin]})
-        };
-        let plugins = list["plugins"]
-            .as_array_mut()
-            .ok_or_else(|| InstallError::BadConfig {
-                path: path.clone(),
-                reason: "no plugins list".into(),
-            })?;
-        // Drop a stale entry of ours that is not last, then append.
-        plugins.retain(|p| p["type"] != PLUGIN_NAME);
-        plugins.push(self.cfg.plugin_conf.clone());
-        let written = path.with_extension("conflist");
-        let out = serde_json::to_vec_pretty(&list).map_err(|e| InstallError::BadConfig {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        {
-            let mut original = self.original.lock().unwrap_or_else(|p| p.into_inner());
-            if original.is_none() {
-                *original = Some(Original {
-                    path: path.clone(),
-                    bytes,
-                    written: written.clone(),
-                });
-            }
-        }
-        write_atomic(&written, &out, mode)?;
-        if written != path {
-            fs::remove_file(&path).map_err(io(&path))?;
-        }
-        info!(path = %written.display(), "added istio-cni to the CNI chain");
-        Ok(())
+        Err(InstallError::Contended(last))
     }
 
     /// Puts back whatever is missing. Returns whether anything was repaired. Repairs
@@ -237,6 +292,40 @@ impl Installer {
         *self.original.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.install()?;
         Ok(true)
+    }
+
+    /// Repairs as soon as the conf or bin dir changes, until dropped; every 30 s too,
+    /// in case a change notification was lost (the kernel's queue overflowed).
+    pub async fn keep_installed(self: Arc<Self>) {
+        for dir in [&self.cfg.conf_dir, &self.cfg.bin_dir] {
+            if let Err(e) = fs::create_dir_all(dir) {
+                warn!("creating {}: {e}", dir.display());
+            }
+        }
+        let watch = crate::fswatch::DirWatch::new(&[
+            self.cfg.conf_dir.as_path(),
+            self.cfg.bin_dir.as_path(),
+        ]);
+        if let Err(e) = &watch {
+            warn!("cannot watch the CNI directories ({e}); polling every second instead");
+        }
+        loop {
+            match &watch {
+                Ok(w) => tokio::select! {
+                    r = w.changed() => if let Err(e) = r {
+                        warn!("watching the CNI directories: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                },
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+            match self.repair() {
+                Err(e @ InstallError::NoPrimaryConfig(_)) => debug!("{e}"),
+                Err(e) => warn!("repairing the CNI config: {e}"),
+                Ok(_) => {}
+            }
+        }
     }
 
     /// Removes what we added and restores the original config byte for byte.
@@ -291,6 +380,13 @@ mod tests {
     }
 
     const CONFLIST: &str = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"k8s-pod-network\",\n  \"plugins\": [ {\"type\": \"bridge\"}, {\"type\": \"portmap\", \"capabilities\": {\"portMappings\": true}} ]\n}\n";
+
+    fn has_our_plugin(conflist: &Value) -> bool {
+        conflist["plugins"]
+            .as_array()
+            .and_then(|p| p.last())
+            .is_some_and(|p| p["type"] == PLUGIN_NAME)
+    }
 
     fn read_json(p: &Path) -> Value {
         serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
@@ -407,5 +503,117 @@ mod tests {
             err.contains("10-x.conflist") && err.contains("not a valid CNI config"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn json_that_is_not_a_cni_config_is_refused_and_left_untouched() {
+        let d = dirs();
+        let inst = Installer::new(d.cfg.clone());
+        let list = d.cfg.conf_dir.join("10-x.conflist");
+        for (text, why) in [
+            ("[]", "not a JSON object"),
+            ("\"plugins\"", "not a JSON object"),
+            ("{\"plugins\": 3}", "no \"plugins\" list"),
+            ("{\"plugins\": [1]}", "plugins[0] is not an object"),
+        ] {
+            fs::write(&list, text).unwrap();
+            let err = inst.install().unwrap_err().to_string();
+            assert!(err.contains(why), "{text}: {err}");
+            assert_eq!(fs::read_to_string(&list).unwrap(), text, "nothing written");
+            assert!(!inst.is_installed());
+            assert!(inst.repair().is_err());
+        }
+        fs::remove_file(&list).unwrap();
+        let conf = d.cfg.conf_dir.join("10-x.conf");
+        fs::write(&conf, "[1, 2]").unwrap();
+        assert!(inst.install().is_err());
+        assert_eq!(fs::read_to_string(&conf).unwrap(), "[1, 2]");
+        let names: Vec<_> = fs::read_dir(&d.cfg.conf_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            1,
+            "no temporary or converted file left: {names:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_by_another_cni_between_our_read_and_our_rename_is_not_lost() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let inst = Installer::new(d.cfg.clone());
+        inst.install_binary().unwrap();
+        let theirs = CONFLIST.replace("portmap", "bandwidth");
+        let mut struck = false;
+        inst.install_config_racing(&mut || {
+            if !std::mem::replace(&mut struck, true) {
+                fs::write(&primary, &theirs).unwrap();
+            }
+        })
+        .unwrap();
+        let v = read_json(&primary);
+        let types: Vec<&str> = v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["type"].as_str())
+            .collect();
+        assert_eq!(
+            types,
+            ["bridge", "bandwidth", "istio-cni"],
+            "their write kept, ours on top"
+        );
+        assert!(inst.is_installed());
+        // Someone who never stops: we give up with a clear error rather than clobber.
+        fs::write(&primary, CONFLIST).unwrap();
+        let mut n = 0;
+        let err = inst
+            .install_config_racing(&mut || {
+                n += 1;
+                fs::write(&primary, format!("{CONFLIST}{}", " ".repeat(n))).unwrap();
+            })
+            .unwrap_err();
+        assert!(matches!(err, InstallError::Contended(_)), "{err}");
+        assert!(!has_our_plugin(&read_json(&primary)));
+    }
+
+    #[test]
+    fn an_outdated_entry_of_ours_is_replaced() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        Installer::new(d.cfg.clone()).install().unwrap();
+        let mut newer = d.cfg.clone();
+        newer.plugin_conf = json!({"kubeconfig": "/elsewhere"});
+        let inst = Installer::new(newer);
+        assert!(!inst.is_installed());
+        assert!(inst.repair().unwrap());
+        let v = read_json(&primary);
+        let plugins = v["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 3);
+        assert_eq!(plugins[2]["kubeconfig"], "/elsewhere");
+    }
+
+    #[tokio::test]
+    async fn keep_installed_repairs_on_the_change_itself() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let inst = Arc::new(Installer::new(d.cfg.clone()));
+        inst.install().unwrap();
+        let task = tokio::spawn(inst.clone().keep_installed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fs::write(&primary, CONFLIST).unwrap();
+        // Well inside the 30 s fallback tick: the inotify event did it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !inst.is_installed() {
+            assert!(Instant::now() < deadline, "not repaired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
     }
 }

@@ -3,7 +3,9 @@
 //! to enroll it and returns only once it is, so the app's first byte is already
 //! captured. If the agent cannot, ADD fails and the runtime retries: an ambient pod
 //! never starts uncaptured. A pod outside the mesh never depends on the agent: the
-//! plugin decides membership itself, from the API server.
+//! plugin decides membership itself, from the API server; a pod in an excluded
+//! namespace is decided before any network call, so it never waits on (or fails
+//! because of) the API server or the agent either.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -163,6 +165,9 @@ pub async fn run(
             else {
                 return pass; // not a Kubernetes pod
             };
+            if cfg.exclude_namespaces.iter().any(|n| n == namespace) {
+                return pass; // never in the mesh: decided without asking anyone
+            }
             let pod = match member(&cfg, namespace, name).await {
                 Ok(Some(pod)) => pod,
                 Ok(None) => return pass,
@@ -181,6 +186,7 @@ pub async fn run(
                     .unwrap_or_else(|| "default".into()),
                 netns: netns.into(),
                 ips: result_ips(&prev),
+                container_id: env.get("CNI_CONTAINERID").cloned().unwrap_or_default(),
             };
             let response = ask_agent(&cfg, &request)
                 .await
@@ -211,6 +217,7 @@ pub async fn run(
                     service_account: String::new(),
                     netns: env.get("CNI_NETNS").cloned().unwrap_or_default().into(),
                     ips: Vec::new(),
+                    container_id: env.get("CNI_CONTAINERID").cloned().unwrap_or_default(),
                 };
                 // DEL must succeed even when the agent is away; the agent also
                 // unenrolls pods whose objects are deleted.
@@ -237,8 +244,22 @@ pub async fn run(
     }
 }
 
-/// The pod, if it belongs in the mesh.
+/// The pod, if it belongs in the mesh; an API server that does not answer within the
+/// config's timeout is an error (the runtime retries), never a hang.
 async fn member(cfg: &Config, namespace: &str, name: &str) -> Result<Option<Pod>, CniError> {
+    let limit = Duration::from_secs(cfg.timeout_seconds);
+    tokio::time::timeout(limit, ask_api(cfg, namespace, name))
+        .await
+        .unwrap_or_else(|_| {
+            Err(CniError::new(
+                11,
+                "cannot reach the Kubernetes API to decide whether the pod is in the mesh",
+                format!("no answer within {}s", cfg.timeout_seconds),
+            ))
+        })
+}
+
+async fn ask_api(cfg: &Config, namespace: &str, name: &str) -> Result<Option<Pod>, CniError> {
     let unreachable = |e: &dyn std::fmt::Display| {
         CniError::new(
             11,

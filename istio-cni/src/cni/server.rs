@@ -3,15 +3,13 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::event::{check_version, Command, Request, Response};
-use crate::enroll;
-use crate::k8s::controller::Controller;
+use crate::enrollment::{EnrollStatus, Enrollment, Pod, PodKey, SandboxDel};
 
 /// Largest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -36,19 +34,19 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves plugin events until dropped.
-pub async fn serve(listener: UnixListener, controller: Arc<Controller>) {
+pub async fn serve(listener: UnixListener, enrollment: Enrollment) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        let controller = controller.clone();
+        let enrollment = enrollment.clone();
         tokio::spawn(async move {
             let mut body = Vec::new();
             let response = match (&mut stream).take(MAX_REQUEST).read_to_end(&mut body).await {
                 Err(e) => Response::err(format!("reading the request: {e}")),
                 Ok(_) => match serde_json::from_slice::<Request>(&body) {
                     Err(e) => Response::err(format!("malformed plugin request: {e}")),
-                    Ok(req) => handle(&controller, req).await,
+                    Ok(req) => handle(&enrollment, req).await,
                 },
             };
             let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -58,33 +56,52 @@ pub async fn serve(listener: UnixListener, controller: Arc<Controller>) {
     }
 }
 
-async fn handle(controller: &Controller, req: Request) -> Response {
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+async fn handle(enrollment: &Enrollment, req: Request) -> Response {
     if let Err(e) = check_version(req.version) {
         warn!("{e}");
         return Response::err(e);
     }
-    let pod = enroll::Pod {
-        uid: protocol::WorkloadUid::new(req.pod_uid.clone()),
-        name: req.pod_name.clone(),
+    let key = PodKey {
         namespace: req.pod_namespace.clone(),
-        service_account: req.service_account.clone(),
-        netns_path: req.netns.clone(),
-        ips: req.ips.iter().copied().filter(|ip| ip.is_ipv4()).collect(),
+        name: req.pod_name.clone(),
     };
     match req.command {
         Command::Add => {
-            info!(pod = %format!("{}/{}", req.pod_namespace, req.pod_name), "CNI ADD: enrolling");
-            match controller.add_from_cni(pod).await {
-                Ok(status) => Response::ok(match status {
-                    crate::EnrollStatus::Enabled => "enabled",
-                    crate::EnrollStatus::Pending => "pending",
-                }),
+            info!(pod = %key, container = %req.container_id, "CNI ADD: enrolling");
+            let pod = Pod {
+                uid: protocol::WorkloadUid::new(req.pod_uid.clone()),
+                name: req.pod_name.clone(),
+                namespace: req.pod_namespace.clone(),
+                service_account: req.service_account.clone(),
+                netns_path: req.netns.clone(),
+                ips: req.ips.clone(),
+                container_id: non_empty(&req.container_id),
+            };
+            if pod.uid.as_str().is_empty() {
+                return Response::err("CNI ADD without the pod's uid");
+            }
+            match enrollment.enroll(&pod).await {
+                Ok(EnrollStatus::Enabled) => Response::ok("enabled"),
+                Ok(EnrollStatus::Pending) => Response::ok("pending"),
                 Err(e) => Response::err(e.to_string()),
             }
         }
         Command::Del => {
-            controller.forget_from_cni(&req.pod_namespace, &req.pod_name);
-            Response::ok("")
+            info!(pod = %key, container = %req.container_id, "CNI DEL");
+            let del = SandboxDel {
+                key,
+                uid: non_empty(&req.pod_uid).map(protocol::WorkloadUid::new),
+                container_id: non_empty(&req.container_id),
+                netns_path: Some(req.netns.clone()).filter(|p| !p.as_os_str().is_empty()),
+            };
+            match enrollment.cni_del(del).await {
+                Ok(()) => Response::ok(""),
+                Err(e) => Response::err(e.to_string()),
+            }
         }
     }
 }

@@ -4,3 +4,4 @@
 pub mod controller;
 pub mod queue;
 pub mod selection;
+pub mod status;

@@ -2,8 +2,13 @@
 //!
 //! A pod is enrolled when it or its namespace carries `istio.io/dataplane-mode=ambient`,
 //! unless the pod says `istio.io/dataplane-mode=none`. Never enrolled: pods that have
-//! terminated or are being deleted, hostNetwork pods, pods with an Istio sidecar, the
-//! ztunnel pods themselves, and pods in excluded namespaces.
+//! terminated (phase Succeeded or Failed), hostNetwork pods, pods with an Istio
+//! sidecar, the ztunnel pods themselves, and pods in excluded namespaces.
+//!
+//! A pod being deleted (a deletion timestamp, its grace period running) stays: its
+//! containers still run and still talk, and must not fall back to plaintext or accept
+//! unauthenticated traffic until they are gone. It leaves when it terminates, when its
+//! sandbox is torn down (CNI DEL) or when its object is gone.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -49,9 +54,6 @@ impl Selection {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref();
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if meta.deletion_timestamp.is_some() {
-            return Verdict::Skip("being deleted");
-        }
         if matches!(phase, Some("Succeeded") | Some("Failed")) {
             return Verdict::Skip("terminated");
         }
@@ -171,6 +173,10 @@ mod tests {
         assert_eq!(s.decide(&done, None), Verdict::Skip("terminated"));
         let mut deleting = pod(&[AMBIENT]);
         deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
-        assert_eq!(s.decide(&deleting, None), Verdict::Skip("being deleted"));
+        assert_eq!(
+            s.decide(&deleting, None),
+            Verdict::Enroll,
+            "a terminating pod still runs: it stays in the mesh"
+        );
     }
 }

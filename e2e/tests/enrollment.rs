@@ -1,0 +1,342 @@
+//! Enrollment that cannot be skipped: sandbox recreation, node reboot, terminating
+//! pods, concurrent enrollment paths and what `enabled` means after ztunnel restarts.
+//! The real CNI chain, the agent (Kubernetes mode) and ztunnel as processes; every
+//! bypass test looks at the wire on the pod's host-side veth as well as at its rules.
+//! Root only.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use e2e::app::{echo_server, exchange, seen_peer};
+use e2e::capture::Capture;
+use e2e::cluster::{Cluster, MeshPod, AMBIENT};
+use e2e::node::normalize_save;
+use e2e::{AgentProcess, TestPod, Ztunnel};
+
+const T: Duration = Duration::from_secs(3);
+const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
+const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+fn mesh<'a>(pods: &[(&'a str, IpAddr)]) -> Vec<MeshPod<'a>> {
+    pods.iter()
+        .map(|(name, ip)| MeshPod {
+            namespace: "demo",
+            name,
+            ip: *ip,
+        })
+        .collect()
+}
+
+/// Sends `payload` from `client` to `server` while capturing on the client's host-side
+/// veth: the exchange must work, go over HBONE (15008), and never show the payload.
+async fn encrypted_exchange(
+    cluster: &Cluster,
+    client: &TestPod,
+    server: std::net::SocketAddr,
+    payload: &str,
+) {
+    let capture = Capture::on_host_veth(client, "tcp", cluster.node.dir.path());
+    let response = exchange(client, server, payload, T)
+        .await
+        .unwrap_or_else(|e| panic!("{} -> {server}: {e}", client.name));
+    assert_eq!(seen_peer(&response), Some(client.ip), "{response}");
+    assert!(response.contains(payload.trim()), "{response}");
+    let wire = capture.stop();
+    assert!(
+        wire.packets.contains(".15008"),
+        "no HBONE on the wire:\n{}",
+        wire.packets
+    );
+    assert!(
+        !wire.ascii.contains(payload.trim()),
+        "the payload crossed the wire in plaintext:\n{}",
+        wire.packets
+    );
+}
+
+fn captured_exactly(pod: &TestPod) {
+    assert_eq!(
+        pod.iptables_save(),
+        normalize_save(SPEC_SAVE),
+        "rules of {}",
+        pod.netns_name
+    );
+    assert_eq!(
+        pod.ports_of("ztunnel"),
+        ZTUNNEL_PORTS,
+        "{:?}",
+        pod.listening()
+    );
+}
+
+async fn ready(agent: &AgentProcess, zt: &Ztunnel) {
+    agent.wait_for(&["ZDS server listening"], 1).await;
+    zt.wait_for(&["pod received snapshot sent"], 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
+    let cluster = Cluster::new(64, false).await;
+    let node = &cluster.node;
+    let (server_ip, ip1, ip2, ip3) = (node.ip(10), node.ip(11), node.ip(12), node.ip(13));
+    cluster.namespace("demo", &[AMBIENT]);
+    cluster
+        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip1)]), None)
+        .await;
+    let agent = cluster.start_agent(1);
+    let zt = cluster.start_ztunnel_mesh(1);
+    ready(&agent, &zt).await;
+    cluster.create_pod_object("demo", "httpbin");
+    let (server, added) = cluster.start_sandbox_at("demo", "httpbin", Some(server_ip));
+    added.expect("server ADD");
+    let echo = echo_server(&server, 8080).await;
+    cluster.create_pod_object("demo", "sleep");
+    let (first, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip1));
+    added.expect("first sandbox ADD");
+    cluster
+        .wait_annotation_of("demo", "sleep", Some("enabled"), &agent)
+        .await;
+    encrypted_exchange(&cluster, &first, echo.addr, "first-sandbox-secret\n").await;
+
+    // Kubelet recreates the sandbox (the first one died): same uid, a new netns and IP,
+    // which the control plane pushes.
+    cluster
+        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip2)]), Some(&zt))
+        .await;
+    let (second, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip2));
+    added.expect("second sandbox ADD");
+    captured_exactly(&second);
+    encrypted_exchange(&cluster, &second, echo.addr, "second-sandbox-secret\n").await;
+    assert_eq!(
+        cluster.annotation_of("demo", "sleep").as_deref(),
+        Some("enabled")
+    );
+
+    // A late DEL of the first sandbox (the runtime's cleanup) changes nothing.
+    drop(first);
+    captured_exactly(&second);
+    assert_eq!(
+        cluster.annotation_of("demo", "sleep").as_deref(),
+        Some("enabled")
+    );
+    encrypted_exchange(&cluster, &second, echo.addr, "after-late-del-secret\n").await;
+
+    // Its own DEL: ztunnel drops the pod and it is not `enabled` until the next ADD.
+    let drained = zt.count(&["pod delete request, draining proxy"]);
+    drop(second);
+    assert_eq!(cluster.annotation_of("demo", "sleep"), None);
+    zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
+        .await;
+    cluster
+        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip3)]), Some(&zt))
+        .await;
+    let (third, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip3));
+    added.expect("third sandbox ADD");
+    captured_exactly(&third);
+    assert_eq!(
+        cluster.annotation_of("demo", "sleep").as_deref(),
+        Some("enabled")
+    );
+    encrypted_exchange(&cluster, &third, echo.addr, "third-sandbox-secret\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
+    let cluster = Cluster::new(65, false).await;
+    let node = &cluster.node;
+    let before = [("httpbin", node.ip(10)), ("sleep", node.ip(11))];
+    let after = [("httpbin", node.ip(20)), ("sleep", node.ip(21))];
+    cluster.namespace("demo", &[AMBIENT]);
+    cluster.push_mesh(&mesh(&before), None).await;
+    let mut agent = cluster.start_agent(1);
+    let mut zt = cluster.start_ztunnel_mesh(1);
+    ready(&agent, &zt).await;
+    let mut sandboxes = Vec::new();
+    for (name, ip) in before {
+        cluster.create_pod_object("demo", name);
+        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
+        added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
+        cluster
+            .wait_annotation_of("demo", name, Some("enabled"), &agent)
+            .await;
+        sandboxes.push(pod);
+    }
+
+    // The node reboots: every process stops at once, every pod netns is gone without a
+    // CNI DEL, and so are the sockets and the rules of the node's own netns.
+    agent.kill();
+    zt.kill();
+    for pod in &mut sandboxes {
+        pod.vanish();
+    }
+    let _ = std::fs::remove_file(node.zds_socket());
+    let _ = std::fs::remove_file(node.dir.path().join("pluginevent.sock"));
+    cluster.remove_host_probes();
+
+    // The node is back. The API still shows the pods `enabled`; their sandboxes will
+    // come back with new addresses, which the control plane pushes.
+    cluster.push_mesh(&mesh(&after), None).await;
+    let agent = cluster.start_agent(2);
+    let zt = cluster.start_ztunnel_mesh(2);
+    ready(&agent, &zt).await;
+    for (name, _) in after {
+        // No sandbox, so not enabled.
+        cluster
+            .wait_annotation_of("demo", name, Some("pending"), &agent)
+            .await;
+    }
+    let mut pods = Vec::new();
+    for (name, ip) in after {
+        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
+        added.unwrap_or_else(|e| panic!("ADD {name} after the reboot: {e}"));
+        captured_exactly(&pod);
+        pods.push(pod);
+    }
+    let echo = echo_server(&pods[0], 8080).await;
+    encrypted_exchange(&cluster, &pods[1], echo.addr, "after-reboot-secret\n").await;
+    for (name, _) in after {
+        assert_eq!(
+            cluster.annotation_of("demo", name).as_deref(),
+            Some("enabled")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
+    let cluster = Cluster::new(66, false).await;
+    let node = &cluster.node;
+    let pods = [
+        ("httpbin", node.ip(10)),
+        ("sleep", node.ip(11)),
+        ("job", node.ip(12)),
+    ];
+    cluster.namespace("demo", &[AMBIENT]);
+    cluster.push_mesh(&mesh(&pods), None).await;
+    let agent = cluster.start_agent(1);
+    let zt = cluster.start_ztunnel_mesh(1);
+    ready(&agent, &zt).await;
+    let mut sandboxes = Vec::new();
+    for (name, ip) in pods {
+        cluster.create_pod_object("demo", name);
+        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
+        added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
+        cluster
+            .wait_annotation_of("demo", name, Some("enabled"), &agent)
+            .await;
+        sandboxes.push(pod);
+    }
+    let job = sandboxes.pop().expect("job");
+    let sleep = sandboxes.pop().expect("sleep");
+    let echo = echo_server(&sandboxes[0], 8080).await;
+
+    // `kubectl delete pod sleep`: a 30 s grace period in which its app still talks.
+    cluster.api.begin_delete_pod("demo", "sleep", 30);
+    for i in 0..6 {
+        encrypted_exchange(
+            &cluster,
+            &sleep,
+            echo.addr,
+            &format!("grace-period-secret-{i}\n"),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    captured_exactly(&sleep);
+    assert_eq!(
+        cluster.annotation_of("demo", "sleep").as_deref(),
+        Some("enabled")
+    );
+
+    // The grace period ends: the runtime tears the sandbox down (CNI DEL), the object
+    // goes. ztunnel drops the pod.
+    let drained = zt.count(&["pod delete request, draining proxy"]);
+    drop(sleep);
+    zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
+        .await;
+    cluster.api.delete_pod("demo", "sleep");
+
+    // A Job's pod finishes: phase Succeeded takes it out of the mesh at once.
+    cluster
+        .api
+        .set_pod_status("demo", "job", "Succeeded", &[job.ip]);
+    cluster
+        .wait_annotation_of("demo", "job", None, &agent)
+        .await;
+    assert!(
+        !job.iptables_save().contains("ISTIO"),
+        "a finished pod keeps its rules:\n{}",
+        job.iptables_save()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cni_add_racing_the_watch_leaves_one_ruleset_and_one_proxy() {
+    let cluster = Cluster::new(67, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let agent = cluster.start_agent(1);
+    let zt = cluster.start_ztunnel(1);
+    ready(&agent, &zt).await;
+    let pods: Vec<_> = (0..6)
+        .map(|i| cluster.run_pod("demo", &format!("racer{i}")))
+        .collect();
+    // For each pod at once: the object appears (the watch enrolls it from /proc) and
+    // the runtime's ADD arrives (the plugin enrolls it through the agent's socket).
+    std::thread::scope(|s| {
+        let adds: Vec<_> = pods
+            .iter()
+            .map(|pod| {
+                cluster.publish(pod, &[]);
+                s.spawn(|| cluster.plugin_add(pod))
+            })
+            .collect();
+        for (pod, add) in pods.iter().zip(adds) {
+            add.join()
+                .expect("plugin thread")
+                .unwrap_or_else(|e| panic!("ADD {}: {e}", pod.name));
+        }
+    });
+    for pod in &pods {
+        cluster.wait_annotation(pod, Some("enabled"), &agent).await;
+        captured_exactly(pod);
+        let rules = pod.policy_routing();
+        assert_eq!(rules.matches("fwmark 0x111/0xfff").count(), 1, "{rules}");
+        assert_eq!(
+            zt.count(&[&format!("pod WorkloadUid(\"{}\") received netns", pod.uid)]),
+            1,
+            "{} got more than one proxy",
+            pod.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_ztunnel_restart_enabled_means_that_ztunnel_acked_the_pod() {
+    let cluster = Cluster::new(68, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let a = cluster.add_pod("demo", "sleep", &[]);
+    let b = cluster.add_pod("demo", "httpbin", &[]);
+    let agent = cluster.start_agent(1);
+    let mut zt = cluster.start_ztunnel(1);
+    for pod in [&a, &b] {
+        cluster.wait_annotation(pod, Some("enabled"), &agent).await;
+    }
+
+    zt.kill();
+    // Something in b now holds 15008 without SO_REUSEPORT: the next ztunnel cannot
+    // listen there, and refuses b in its snapshot.
+    let blocker = b
+        .netns()
+        .run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
+        .expect("enter b")
+        .expect("bind 15008 in b");
+    let zt = cluster.start_ztunnel(2);
+    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    cluster.wait_annotation(&b, Some("pending"), &agent).await;
+    assert_eq!(cluster.annotation(&a).as_deref(), Some("enabled"));
+    assert!(b.iptables_save().contains("ISTIO_PRERT"), "b fails closed");
+
+    drop(blocker);
+    cluster.wait_annotation(&b, Some("enabled"), &agent).await;
+    assert_eq!(b.ports_of("ztunnel"), ZTUNNEL_PORTS);
+}

@@ -1,0 +1,855 @@
+//! The one owner of every pod's enrollment on this node.
+//!
+//! For each pod uid it holds the sandbox the pod is captured in (netns identity and,
+//! from CNI, the container id), the pod's IPs and where it stands ([`PodState`]). An
+//! enrollment is one step: rules in the sandbox's netns → ztunnel's Add (with the netns
+//! fd) → the host probe set → the pod's annotation. Every way a pod's enrollment can
+//! change — the Kubernetes watch ([`Enrollment::ensure`], [`Enrollment::remove`]), the
+//! CNI plugin ([`Enrollment::enroll`], [`Enrollment::cni_del`]), startup
+//! ([`Enrollment::adopt`]), ztunnel's answers to its snapshot, and background repairs —
+//! passes through the pod's [`gate`], so no two of them ever interleave.
+//!
+//! The ZDS server is a transport: it asks this owner for the snapshot a new ztunnel
+//! gets, and reports back how ztunnel answered each pod, so `enabled` always means
+//! that ztunnel acked this pod's current sandbox.
+
+pub mod gate;
+pub mod pod;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use protocol::{Netns, NetnsId, WorkloadUid};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+pub use pod::{Annotation, PodInfo, PodKey, PodState, Sandbox};
+pub use status::{StatusError, StatusWriter};
+
+use crate::discovery::find_pod_netns;
+use crate::rules::hostprobe::HostProbes;
+use crate::rules::{Applied, Redirection, RulesError, Verification};
+use crate::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError, ZdsServer};
+use pod::Entry;
+
+/// A pod to enroll from a netns path: what the CNI plugin hands the agent on ADD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub uid: WorkloadUid,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// A path to the pod's netns: `/proc/<pid>/ns/net`, `/var/run/netns/<name>`, …
+    pub netns_path: PathBuf,
+    pub ips: Vec<IpAddr>,
+    /// The sandbox's container id (`CNI_CONTAINERID`), when known.
+    pub container_id: Option<String>,
+}
+
+impl Pod {
+    pub fn info(&self) -> PodInfo {
+        PodInfo {
+            uid: self.uid.clone(),
+            key: PodKey {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+            },
+            service_account: self.service_account.clone(),
+        }
+    }
+}
+
+/// A pod the Kubernetes watch says belongs in the mesh.
+#[derive(Clone, Debug)]
+pub struct Wanted {
+    pub info: PodInfo,
+    /// The pod's IPs from its status (empty before its sandbox has any).
+    pub ips: Vec<IpAddr>,
+    /// The redirection annotation the object carries now.
+    pub annotation: Option<String>,
+}
+
+/// How to find an adopted pod's netns.
+#[derive(Clone, Debug)]
+pub enum Locate {
+    Path(PathBuf),
+    /// Scan /proc for the pod's processes (see [`crate::discovery`]).
+    Discover,
+}
+
+/// A pod enrolled before this agent started (an agent restart or a node reboot).
+#[derive(Clone, Debug)]
+pub struct Adopt {
+    pub info: PodInfo,
+    pub ips: Vec<IpAddr>,
+    pub locate: Locate,
+    /// The redirection annotation the object carries now.
+    pub annotation: Option<String>,
+}
+
+/// A sandbox torn down: what a CNI DEL says.
+#[derive(Clone, Debug)]
+pub struct SandboxDel {
+    pub key: PodKey,
+    /// `K8S_POD_UID`, when the runtime passes it.
+    pub uid: Option<WorkloadUid>,
+    pub container_id: Option<String>,
+    /// `CNI_NETNS`, when the runtime passes it (the netns may already be gone).
+    pub netns_path: Option<PathBuf>,
+}
+
+/// Where an enrolled pod stands, as the enrollment API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrollStatus {
+    /// Rules in place and ztunnel's listeners up: traffic flows through ztunnel.
+    Enabled,
+    /// Rules in place, ztunnel has not confirmed (none connected, or it is retrying):
+    /// the pod's traffic fails closed until it does.
+    Pending,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod {uid}: cannot open its netns {path}: {source}")]
+    Netns {
+        uid: WorkloadUid,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pod {uid}: {source}")]
+    Rules {
+        uid: WorkloadUid,
+        source: RulesError,
+    },
+    #[error("pod {uid}: {source}")]
+    Ztunnel { uid: WorkloadUid, source: ZdsError },
+    #[error("pod {uid}: host probe set: {source}")]
+    Probes {
+        uid: WorkloadUid,
+        source: RulesError,
+    },
+    #[error("pod {uid}: worker failed: {source}")]
+    Worker {
+        uid: WorkloadUid,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("scanning /proc for pods: {0}")]
+    Discovery(std::io::Error),
+    #[error("pod {0}: no process of its current sandbox found in /proc yet")]
+    NotFound(String),
+}
+
+/// The host probe rules and the node netns they live in.
+type Probes = Arc<(HostProbes, Netns)>;
+
+struct Inner {
+    redirection: Arc<Redirection>,
+    zds: ZdsServer,
+    probes: Option<Probes>,
+    status: Option<Arc<dyn StatusWriter>>,
+    proc_root: PathBuf,
+    pods: Mutex<HashMap<WorkloadUid, Entry>>,
+    gates: gate::Gates<WorkloadUid>,
+    /// Wakes the repair loop early.
+    wake: Notify,
+}
+
+/// The enrollment owner. Cheap to clone; clones share one state.
+#[derive(Clone)]
+pub struct Enrollment {
+    inner: Arc<Inner>,
+}
+
+/// How often the repair loop looks for pods to repair without being woken.
+const REPAIR_TICK: Duration = Duration::from_secs(1);
+
+impl Enrollment {
+    pub fn new(redirection: Redirection, zds: ZdsServer, proc_root: PathBuf) -> Enrollment {
+        Self::build(redirection, zds, proc_root, None, None)
+    }
+
+    /// With the host probe set (kept to the captured pods' IPs) and a status writer
+    /// (the pods' annotations).
+    pub fn build(
+        redirection: Redirection,
+        zds: ZdsServer,
+        proc_root: PathBuf,
+        probes: Option<(HostProbes, Netns)>,
+        status: Option<Arc<dyn StatusWriter>>,
+    ) -> Enrollment {
+        Enrollment {
+            inner: Arc::new(Inner {
+                redirection: Arc::new(redirection),
+                zds,
+                probes: probes.map(Arc::new),
+                status,
+                proc_root,
+                pods: Mutex::default(),
+                gates: gate::Gates::default(),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn zds(&self) -> &ZdsServer {
+        &self.inner.zds
+    }
+
+    pub fn redirection(&self) -> &Redirection {
+        &self.inner.redirection
+    }
+
+    fn pods(&self) -> MutexGuard<'_, HashMap<WorkloadUid, Entry>> {
+        // Every mutation is a whole-entry insert or remove: a panic elsewhere cannot
+        // leave an entry half-written.
+        self.inner.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry(&self, uid: &WorkloadUid) -> Option<Entry> {
+        self.pods().get(uid).cloned()
+    }
+
+    /// Records `entry` (what snapshots see from now on), or forgets it once it left
+    /// the mesh and its annotation is gone.
+    fn commit(&self, entry: Entry) {
+        let mut pods = self.pods();
+        if matches!(entry.state, PodState::Left) && !entry.annotation_stale() {
+            pods.remove(&entry.pod.uid);
+        } else {
+            pods.insert(entry.pod.uid.clone(), entry);
+        }
+    }
+
+    /// The uids enrolled under `key` (usually one; two while a recreated object's
+    /// predecessor is being removed).
+    pub fn uids_for(&self, key: &PodKey) -> Vec<WorkloadUid> {
+        self.pods()
+            .values()
+            .filter(|e| &e.pod.key == key)
+            .map(|e| e.pod.uid.clone())
+            .collect()
+    }
+
+    /// Every pod key with an entry.
+    pub fn keys(&self) -> Vec<PodKey> {
+        self.pods().values().map(|e| e.pod.key.clone()).collect()
+    }
+
+    /// Where `uid` stands: `None` when it is not captured or waiting for its sandbox.
+    pub fn status(&self, uid: &WorkloadUid) -> Option<EnrollStatus> {
+        match self.pods().get(uid)?.state.annotation()? {
+            Annotation::Enabled => Some(EnrollStatus::Enabled),
+            Annotation::Pending => Some(EnrollStatus::Pending),
+        }
+    }
+
+    /// The pod's state, for tests and diagnostics.
+    pub fn state(&self, uid: &WorkloadUid) -> Option<PodState> {
+        self.pods().get(uid).map(|e| e.state.clone())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        uid: &WorkloadUid,
+        netns: Arc<Netns>,
+        f: impl FnOnce(&Redirection, &Netns) -> Result<T, RulesError> + Send + 'static,
+    ) -> Result<T, EnrollError> {
+        let redirection = self.inner.redirection.clone();
+        tokio::task::spawn_blocking(move || f(&redirection, &netns))
+            .await
+            .map_err(|source| EnrollError::Worker {
+                uid: uid.clone(),
+                source,
+            })?
+            .map_err(|source| EnrollError::Rules {
+                uid: uid.clone(),
+                source,
+            })
+    }
+
+    /// Opens the pod's netns from its path.
+    pub fn open(pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
+        Netns::open(&pod.netns_path)
+            .map(Arc::new)
+            .map_err(|source| EnrollError::Netns {
+                uid: pod.uid.clone(),
+                path: pod.netns_path.clone(),
+                source,
+            })
+    }
+
+    /// Finds the netns of each wanted pod (uid → IPs) in /proc, never one in `exclude`.
+    async fn discover(
+        &self,
+        wanted: HashMap<String, Vec<IpAddr>>,
+        exclude: HashSet<NetnsId>,
+    ) -> Result<HashMap<String, Netns>, EnrollError> {
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let proc_root = self.inner.proc_root.clone();
+        tokio::task::spawn_blocking(move || find_pod_netns(&proc_root, &wanted, &exclude))
+            .await
+            .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
+            .map_err(EnrollError::Discovery)
+    }
+
+    /// Keeps the host probe set in step with a pod's IPs: `add` in, `drop` out.
+    async fn probe_ips(
+        &self,
+        uid: &WorkloadUid,
+        add: Vec<IpAddr>,
+        drop: Vec<IpAddr>,
+    ) -> Result<(), EnrollError> {
+        let Some(probes) = self.inner.probes.clone() else {
+            return Ok(());
+        };
+        if add.is_empty() && drop.is_empty() {
+            return Ok(());
+        }
+        let owner = uid.clone();
+        tokio::task::spawn_blocking(move || {
+            let (probes, node) = &*probes;
+            for ip in add.iter().filter(|ip| ip.is_ipv4()) {
+                probes.add(node, &owner, *ip)?;
+            }
+            for ip in drop.iter().filter(|ip| ip.is_ipv4()) {
+                probes.remove(node, &owner, *ip)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|source| EnrollError::Worker {
+            uid: uid.clone(),
+            source,
+        })?
+        .map_err(|source| EnrollError::Probes {
+            uid: uid.clone(),
+            source,
+        })
+    }
+
+    /// Writes the pod's annotation if it is stale; a failure is retried by the repair
+    /// loop and never fails the step (the pod is captured either way).
+    async fn publish(&self, entry: &mut Entry) {
+        let want = entry.state.annotation();
+        let Some(writer) = &self.inner.status else {
+            entry.written = Some(want);
+            return;
+        };
+        if !entry.annotation_stale() {
+            return;
+        }
+        match writer.write(&entry.pod, want).await {
+            Ok(()) => entry.written = Some(want),
+            Err(e) => {
+                warn!("{e}; will retry");
+                entry.backoff.failed(Instant::now());
+                self.inner.wake.notify_one();
+            }
+        }
+    }
+
+    /// The enrollment step, with the pod's gate held: rules into `sandbox`'s netns,
+    /// ztunnel's Add, the probe set, the annotation.
+    async fn capture(
+        &self,
+        prev: Option<Entry>,
+        info: PodInfo,
+        ips: Vec<IpAddr>,
+        sandbox: Sandbox,
+    ) -> Result<EnrollStatus, EnrollError> {
+        let uid = info.uid.clone();
+        let applied = self
+            .blocking(&uid, sandbox.netns.clone(), |r, ns| r.apply(ns))
+            .await?;
+        let old_sandbox = prev.as_ref().and_then(|p| p.state.sandbox().cloned());
+        let same = old_sandbox.as_ref().is_some_and(|s| s.id() == sandbox.id());
+        let acked = same
+            && matches!(
+                prev.as_ref().map(|p| &p.state),
+                Some(PodState::Captured { acked: true, .. })
+            );
+        let old_ips = prev.as_ref().map(|p| p.ips.clone()).unwrap_or_default();
+        let mut entry = match prev {
+            Some(mut e) => {
+                e.pod = info.clone();
+                e.ips = ips;
+                e.backoff.reset();
+                e
+            }
+            None => Entry::new(info.clone(), ips, PodState::NoSandbox),
+        };
+        entry.retired.retain(|id| *id != sandbox.id());
+        if let Some(old) = old_sandbox.as_ref().filter(|_| !same) {
+            entry.retire(old.id());
+        }
+        info!(uid = %uid, pod = %info.key, netns = %sandbox.id(),
+              container = sandbox.container_id.as_deref().unwrap_or(""),
+              sandbox = if old_sandbox.is_none() { "new" } else if same { "same" } else { "replaced" },
+              rules = if applied == Applied::Changed { "installed" } else { "already in place" },
+              "enrolling pod");
+        let netns = sandbox.netns.clone();
+        entry.state = PodState::Captured { sandbox, acked };
+        // In the snapshot before the Add is sent (see `ZdsServer::add`).
+        self.commit(entry.clone());
+
+        let mut result = Ok(());
+        if !acked {
+            match self
+                .inner
+                .zds
+                .add(uid.clone(), info.workload_info(), netns)
+                .await
+            {
+                Ok(AddOutcome::Acked) => {
+                    entry.state = match entry.state {
+                        PodState::Captured { sandbox, .. } => PodState::Captured {
+                            sandbox,
+                            acked: true,
+                        },
+                        other => other,
+                    }
+                }
+                Ok(AddOutcome::NoZtunnel) => {
+                    warn!(uid = %uid, "no ztunnel connected: pod pending, its traffic fails closed until one connects")
+                }
+                Err(source) => {
+                    entry.backoff.failed(Instant::now());
+                    self.inner.wake.notify_one();
+                    result = Err(EnrollError::Ztunnel {
+                        uid: uid.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        let add: Vec<IpAddr> = entry.ips.clone();
+        let drop: Vec<IpAddr> = old_ips.into_iter().filter(|ip| !add.contains(ip)).collect();
+        let probes = self.probe_ips(&uid, add, drop).await;
+        self.publish(&mut entry).await;
+        let status = if entry.unacked() {
+            EnrollStatus::Pending
+        } else {
+            EnrollStatus::Enabled
+        };
+        self.commit(entry);
+        result?;
+        probes?;
+        Ok(status)
+    }
+
+    /// Enrolls a pod in the sandbox at `pod.netns_path` (CNI ADD). A sandbox other than
+    /// the one the pod is captured in replaces it: rules go into the new netns and
+    /// ztunnel gets an Add with the new fd. The same sandbox again repairs its rules
+    /// and, if ztunnel has not confirmed it, sends the Add again.
+    ///
+    /// Returns once ztunnel acked (listeners up), or with [`EnrollStatus::Pending`]
+    /// when no ztunnel is connected. On error the rules stay in place, so the pod fails
+    /// closed; the caller retries or the pod leaves.
+    pub async fn enroll(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
+        let netns = Self::open(pod)?;
+        let mut ips = pod.ips.clone();
+        ips.retain(IpAddr::is_ipv4); // IPv6 is not redirected yet.
+        let _gate = self.inner.gates.enter(&pod.uid).await;
+        let prev = self.entry(&pod.uid);
+        let sandbox = Sandbox {
+            netns,
+            container_id: pod.container_id.clone(),
+        };
+        self.capture(prev, pod.info(), ips, sandbox).await
+    }
+
+    /// Brings a pod the watch wants in the mesh to a captured state, when it can: a
+    /// pod with no sandbox yet (no IP) or whose sandbox was torn down waits for its
+    /// CNI ADD; otherwise its netns is found in /proc (never a torn-down one). A pod
+    /// whose IPs changed is looked up again: a different sandbox replaces the old one.
+    pub async fn ensure(&self, want: Wanted) -> Result<(), EnrollError> {
+        let uid = want.info.uid.clone();
+        let mut ips = want.ips;
+        ips.retain(IpAddr::is_ipv4); // IPv6 is not redirected yet.
+        let _gate = self.inner.gates.enter(&uid).await;
+        let mut prev = self.entry(&uid);
+        if let Some(p) = prev.as_mut() {
+            // What the object says now is what is written, whoever wrote it.
+            p.written = pod::observed(want.annotation.as_deref());
+            p.pod = want.info.clone();
+        }
+        let same_ips = |p: &Entry| {
+            let (mut a, mut b) = (p.ips.clone(), ips.clone());
+            a.sort();
+            b.sort();
+            a == b
+        };
+        if let Some(mut p) = prev.clone().filter(|p| {
+            matches!(p.state, PodState::Captured { .. }) && (ips.is_empty() || same_ips(p))
+        }) {
+            self.publish(&mut p).await;
+            self.commit(p);
+            return Ok(());
+        }
+        if ips.is_empty() {
+            // No sandbox with an address yet: its CNI ADD enrolls it.
+            if let Some(mut p) = prev {
+                self.publish(&mut p).await;
+                self.commit(p);
+            }
+            return Ok(());
+        }
+        let exclude: HashSet<NetnsId> = prev
+            .iter()
+            .flat_map(|p| p.retired.iter().copied())
+            .collect();
+        let wanted = HashMap::from([(uid.as_str().to_string(), ips.clone())]);
+        let found = self.discover(wanted, exclude).await?.remove(uid.as_str());
+        let current = prev.as_ref().and_then(|p| p.state.sandbox().cloned());
+        match (found, current) {
+            (Some(netns), Some(cur)) if netns.id() == cur.id() => {
+                // Same sandbox, the API caught up with its addresses.
+                let Some(mut p) = prev else { return Ok(()) };
+                let drop = p
+                    .ips
+                    .iter()
+                    .filter(|ip| !ips.contains(ip))
+                    .copied()
+                    .collect();
+                p.ips = ips.clone();
+                self.commit(p.clone());
+                let probes = self.probe_ips(&uid, ips, drop).await;
+                self.publish(&mut p).await;
+                self.commit(p);
+                probes
+            }
+            (Some(netns), _) => {
+                let sandbox = Sandbox {
+                    netns: Arc::new(netns),
+                    container_id: None,
+                };
+                self.capture(prev, want.info, ips, sandbox).await.map(drop)
+            }
+            (None, cur) => {
+                let waiting = matches!(prev.as_ref().map(|p| &p.state), Some(PodState::NoSandbox));
+                // A sandbox that came through CNI knows its own addresses; the API may
+                // lag behind them.
+                let from_cni = cur.is_some_and(|s| s.container_id.is_some());
+                if let Some(mut p) = prev {
+                    self.publish(&mut p).await;
+                    self.commit(p);
+                }
+                if waiting || from_cni {
+                    Ok(())
+                } else {
+                    Err(EnrollError::NotFound(want.info.key.to_string()))
+                }
+            }
+        }
+    }
+
+    /// A sandbox was torn down (CNI DEL). Matched by sandbox, never by uid alone: a
+    /// late DEL of an older sandbox changes nothing. For the current sandbox: ztunnel is
+    /// told to drop the pod, its IPs leave the probe set and its annotation is removed
+    /// until the next sandbox is enrolled. The rules stay in the dying netns: if
+    /// anything still ran there, it would fail closed.
+    pub async fn cni_del(&self, del: SandboxDel) -> Result<(), EnrollError> {
+        let netns = del
+            .netns_path
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .and_then(|p| Netns::open(p).ok())
+            .map(|n| n.id());
+        let uids = match &del.uid {
+            Some(uid) => vec![uid.clone()],
+            None => self.uids_for(&del.key),
+        };
+        for uid in uids {
+            let _gate = self.inner.gates.enter(&uid).await;
+            let Some(mut entry) = self.entry(&uid) else {
+                continue;
+            };
+            let Some(sandbox) = entry.state.sandbox().cloned() else {
+                debug!(%uid, "CNI DEL for a pod with no captured sandbox");
+                continue;
+            };
+            if !sandbox.deleted_by(del.container_id.as_deref(), netns) {
+                info!(%uid, pod = %entry.pod.key, container = del.container_id.as_deref().unwrap_or(""),
+                      "CNI DEL for another sandbox of the pod (not the one enrolled): ignored");
+                continue;
+            }
+            info!(%uid, pod = %entry.pod.key, netns = %sandbox.id(),
+                  "pod sandbox torn down (CNI DEL): telling ztunnel to drop it until the next sandbox");
+            entry.retire(sandbox.id());
+            entry.state = PodState::NoSandbox;
+            self.commit(entry.clone());
+            if let Err(e) = self.inner.zds.del(&uid).await {
+                warn!(%uid, "telling ztunnel to drop a torn-down sandbox: {e}");
+            }
+            let probes = self.probe_ips(&uid, Vec::new(), entry.ips.clone()).await;
+            self.publish(&mut entry).await;
+            self.commit(entry);
+            probes?;
+        }
+        Ok(())
+    }
+
+    /// Takes the pod out of the mesh (it opted out, terminated, or its object is gone):
+    /// rules removed from its netns (with its redirected conntrack entries), ztunnel
+    /// told to drain it, its IPs out of the probe set, its annotation removed.
+    pub async fn remove(&self, uid: &WorkloadUid) -> Result<(), EnrollError> {
+        let _gate = self.inner.gates.enter(uid).await;
+        let Some(mut entry) = self.entry(uid) else {
+            return Ok(());
+        };
+        if let Some(sandbox) = entry.state.sandbox() {
+            // The netns is the one held since enrollment, so this works even when the
+            // pod's processes (and its netns path) are already gone.
+            self.blocking(uid, sandbox.netns.clone(), |r, ns| r.remove(ns))
+                .await?;
+        }
+        let had_proxy = !matches!(entry.state, PodState::NoSandbox | PodState::Left);
+        entry.state = PodState::Left;
+        self.commit(entry.clone());
+        if had_proxy {
+            info!(%uid, pod = %entry.pod.key, "pod unenrolled, telling ztunnel to drain it");
+            if let Err(e) = self.inner.zds.del(uid).await {
+                warn!(%uid, "telling ztunnel to drain a pod that left: {e}");
+            }
+        }
+        let probes = self.probe_ips(uid, Vec::new(), entry.ips.clone()).await;
+        self.publish(&mut entry).await;
+        self.commit(entry);
+        probes
+    }
+
+    /// Adopts pods that were enrolled before this agent started: before any ztunnel
+    /// connects, each found netns gets its rules repaired where they drifted (never
+    /// duplicated) and goes into the snapshot; a pod whose netns is not found is sent
+    /// as Keep and is `pending` until its sandbox shows up. With a probe set, the set
+    /// is installed and converged to exactly the adopted pods' IPs.
+    pub async fn adopt(&self, pods: Vec<Adopt>) -> Result<(), EnrollError> {
+        if let Some(probes) = self.inner.probes.clone() {
+            tokio::task::spawn_blocking(move || probes.0.install(&probes.1).map(drop))
+                .await
+                .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
+                .map_err(|source| EnrollError::Probes {
+                    uid: WorkloadUid::new(""),
+                    source,
+                })?;
+        }
+        let wanted: HashMap<String, Vec<IpAddr>> = pods
+            .iter()
+            .filter(|a| matches!(a.locate, Locate::Discover))
+            .map(|a| (a.info.uid.as_str().to_string(), a.ips.clone()))
+            .collect();
+        let mut found = self.discover(wanted, HashSet::new()).await?;
+        for a in pods {
+            let uid = a.info.uid.clone();
+            let netns = match &a.locate {
+                Locate::Path(path) => match Netns::open(path) {
+                    Ok(ns) => Some(ns),
+                    Err(e) => {
+                        warn!(%uid, "cannot open {}: {e}", path.display());
+                        None
+                    }
+                },
+                Locate::Discover => found.remove(uid.as_str()),
+            };
+            let _gate = self.inner.gates.enter(&uid).await;
+            let annotation = a.annotation.as_deref().and_then(Annotation::parse);
+            let state = match netns.map(Arc::new) {
+                Some(netns) => match self
+                    .blocking(&uid, netns.clone(), |r, ns| r.apply(ns))
+                    .await
+                {
+                    Ok(applied) => {
+                        if applied == Applied::Changed {
+                            warn!(%uid, "adopted pod had drifted rules; repaired");
+                        }
+                        PodState::Captured {
+                            sandbox: Sandbox {
+                                netns,
+                                container_id: None,
+                            },
+                            // What it was; this ztunnel's snapshot answer confirms it.
+                            acked: annotation == Some(Annotation::Enabled),
+                        }
+                    }
+                    Err(e) => {
+                        warn!("{e}; it is pending until its rules can be repaired");
+                        PodState::Unlocated
+                    }
+                },
+                None => {
+                    warn!(%uid, pod = %a.info.key, "enrolled before this agent started but its netns is not found (a node reboot?): ztunnel keeps any proxy it runs; pending until its sandbox shows up");
+                    PodState::Unlocated
+                }
+            };
+            info!(%uid, pod = %a.info.key, found = matches!(state, PodState::Captured { .. }),
+                  "adopting a pod enrolled before this agent started");
+            let mut entry = Entry::new(a.info, a.ips, state);
+            entry.written = match self.inner.status {
+                Some(_) => pod::observed(a.annotation.as_deref()),
+                None => Some(entry.state.annotation()),
+            };
+            self.commit(entry);
+        }
+        self.sync_probe_set().await?;
+        // Annotations that no longer hold are fixed by the repair loop, off the
+        // startup path.
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Converges the host probe set to exactly the captured pods' IPs.
+    async fn sync_probe_set(&self) -> Result<(), EnrollError> {
+        let Some(probes) = self.inner.probes.clone() else {
+            return Ok(());
+        };
+        let members: std::collections::BTreeMap<IpAddr, WorkloadUid> = self
+            .pods()
+            .values()
+            .filter(|e| matches!(e.state, PodState::Captured { .. }))
+            .flat_map(|e| {
+                e.ips
+                    .iter()
+                    .filter(|ip| ip.is_ipv4())
+                    .map(|ip| (*ip, e.pod.uid.clone()))
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || probes.0.sync(&probes.1, &members))
+            .await
+            .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
+            .map_err(|source| EnrollError::Probes {
+                uid: WorkloadUid::new(""),
+                source,
+            })
+    }
+
+    /// Checks an enrolled pod's redirection against the expected one.
+    pub async fn verify(&self, uid: &WorkloadUid) -> Option<Result<Verification, EnrollError>> {
+        let netns = self.entry(uid)?.state.sandbox()?.netns.clone();
+        Some(self.blocking(uid, netns, |r, ns| r.verify(ns)).await)
+    }
+
+    /// Records ztunnel's answer to a pod's Add in its snapshot.
+    async fn record_answer(&self, uid: WorkloadUid, netns: NetnsId, rejected: Option<String>) {
+        let _gate = self.inner.gates.enter(&uid).await;
+        let Some(mut entry) = self.entry(&uid) else {
+            return;
+        };
+        let PodState::Captured { sandbox, acked } = &mut entry.state else {
+            return;
+        };
+        if sandbox.id() != netns {
+            return; // a sandbox replaced since the snapshot was taken
+        }
+        *acked = rejected.is_none();
+        if let Some(error) = rejected {
+            warn!(%uid, pod = %entry.pod.key, "ztunnel refused the pod in its snapshot: {error}; pending, will retry");
+            entry.backoff.failed(Instant::now());
+            self.inner.wake.notify_one();
+        }
+        self.publish(&mut entry).await;
+        self.commit(entry);
+    }
+
+    /// Background repairs, until dropped: sends the Add again for captured pods
+    /// ztunnel has not confirmed (it refused them, or a live Add failed), and writes
+    /// annotations that could not be written. Each pod backs off on failure.
+    pub async fn run_repairs(self) {
+        loop {
+            tokio::select! {
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(REPAIR_TICK) => {}
+            }
+            let now = Instant::now();
+            let connected = self.inner.zds.connections() > 0;
+            let writer = self.inner.status.is_some();
+            let due: Vec<WorkloadUid> = self
+                .pods()
+                .values()
+                .filter(|e| e.backoff.due(now))
+                .filter(|e| (connected && e.unacked()) || (writer && e.annotation_stale()))
+                .map(|e| e.pod.uid.clone())
+                .collect();
+            for uid in due {
+                self.repair(&uid).await;
+            }
+        }
+    }
+
+    async fn repair(&self, uid: &WorkloadUid) {
+        let _gate = self.inner.gates.enter(uid).await;
+        let Some(mut entry) = self.entry(uid) else {
+            return;
+        };
+        let mut failed = false;
+        if let PodState::Captured { sandbox, acked } = &mut entry.state {
+            if !*acked {
+                let outcome = self
+                    .inner
+                    .zds
+                    .add(
+                        uid.clone(),
+                        entry.pod.workload_info(),
+                        sandbox.netns.clone(),
+                    )
+                    .await;
+                match outcome {
+                    Ok(AddOutcome::Acked) => {
+                        info!(%uid, pod = %entry.pod.key, "ztunnel confirmed the pod on retry");
+                        *acked = true;
+                    }
+                    Ok(AddOutcome::NoZtunnel) => {}
+                    Err(e) => {
+                        debug!(%uid, "ztunnel still refuses the pod: {e}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+        if failed {
+            entry.backoff.failed(Instant::now());
+        } else {
+            entry.backoff.reset();
+        }
+        self.publish(&mut entry).await;
+        self.commit(entry);
+    }
+}
+
+impl SnapshotSource for Enrollment {
+    fn snapshot(&self) -> Vec<(WorkloadUid, SnapshotEntry)> {
+        let mut out: Vec<(WorkloadUid, SnapshotEntry)> = self
+            .pods()
+            .values()
+            .filter_map(|e| Some((e.pod.uid.clone(), e.snapshot_entry()?)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn snapshot_answered(
+        &self,
+        uid: &WorkloadUid,
+        entry: &SnapshotEntry,
+        result: Result<(), &ZdsError>,
+    ) {
+        let SnapshotEntry::Add { netns, .. } = entry else {
+            return;
+        };
+        let rejected = match result {
+            Ok(()) => None,
+            Err(ZdsError::Rejected { error, .. }) => Some(error.clone()),
+            // The connection failed: it says nothing about the pod.
+            Err(_) => return,
+        };
+        let this = self.clone();
+        let (uid, netns) = (uid.clone(), netns.id());
+        tokio::spawn(async move { this.record_answer(uid, netns, rejected).await });
+    }
+}

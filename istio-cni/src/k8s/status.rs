@@ -1,0 +1,93 @@
+//! The pod's redirection annotation, written to the API server.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::selection::REDIRECTION_ANNOTATION;
+use crate::enrollment::{Annotation, PodInfo, StatusError, StatusWriter};
+
+/// Bound on one annotation write: an API server that does not answer must not hold
+/// up enrollment (the write is retried in the background).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes `ambient.istio.io/redirection` through `pods/status` (a merge patch).
+pub struct KubeStatus {
+    client: kube::Client,
+}
+
+impl KubeStatus {
+    pub fn new(client: kube::Client) -> KubeStatus {
+        KubeStatus { client }
+    }
+}
+
+/// The patch: the annotation, conditional on the object's uid. The API server checks a
+/// uid in the patch against the object's and refuses a mismatch (409 Conflict), so a
+/// pod recreated under the same name is never annotated for its predecessor.
+pub fn annotation_patch(pod: &PodInfo, value: Option<Annotation>) -> serde_json::Value {
+    json!({"metadata": {
+        "uid": pod.uid.as_str(),
+        "annotations": {REDIRECTION_ANNOTATION: value.map(Annotation::as_str)},
+    }})
+}
+
+impl StatusWriter for KubeStatus {
+    fn write<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        value: Option<Annotation>,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        Box::pin(async move {
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.key.namespace);
+            let patch = Patch::Merge(annotation_patch(pod, value));
+            let params = PatchParams::default();
+            let call = api.patch_status(&pod.key.name, &params, &patch);
+            let fail = |reason: String| StatusError {
+                pod: pod.key.to_string(),
+                reason,
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+                Ok(Ok(_)) => Ok(()),
+                // Gone, or another pod of the same name: nothing of ours to annotate.
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => Ok(()),
+                Ok(Err(e)) => Err(fail(e.to_string())),
+                Err(_) => Err(fail(format!("no answer within {WRITE_TIMEOUT:?}"))),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrollment::PodKey;
+    use protocol::WorkloadUid;
+
+    #[test]
+    fn the_patch_names_the_uid_and_removal_is_a_null() {
+        let pod = PodInfo {
+            uid: WorkloadUid::new("u-1"),
+            key: PodKey {
+                namespace: "demo".into(),
+                name: "sleep".into(),
+            },
+            service_account: "sleep".into(),
+        };
+        let set = annotation_patch(&pod, Some(Annotation::Enabled));
+        assert_eq!(set["metadata"]["uid"], "u-1");
+        assert_eq!(
+            set["metadata"]["annotations"][REDIRECTION_ANNOTATION],
+            "enabled"
+        );
+        let removed = annotation_patch(&pod, None);
+        assert!(removed["metadata"]["annotations"][REDIRECTION_ANNOTATION].is_null());
+        assert!(removed["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .contains_key(REDIRECTION_ANNOTATION));
+    }
+}
