@@ -135,13 +135,21 @@ impl Cluster {
     /// Starts a pod on the node (netns through CNI, a process in its cgroup), without
     /// its API object yet (see [`Cluster::publish`]).
     pub fn run_pod(&self, namespace: &str, name: &str) -> KubePod {
+        self.run_sandbox(namespace, name, None)
+    }
+
+    /// Starts a new sandbox for the pod `uid` (kubelet recreating it, here without our
+    /// plugin in the chain): a new netns and address, a process in the pod's cgroup.
+    pub fn run_sandbox(&self, namespace: &str, name: &str, uid: Option<&str>) -> KubePod {
         let pod = self.node.add_pod(name);
         // A fresh UID: the process's pid and the pod's address make it unique.
-        let uid = format!(
-            "{:08x}-0000-4000-8000-{:012x}",
-            std::process::id(),
-            ip_suffix(&pod)
-        );
+        let uid = uid.map(str::to_string).unwrap_or_else(|| {
+            format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                std::process::id(),
+                ip_suffix(&pod)
+            )
+        });
         let process = PodProcess::start(&self.cgroups, &uid, Some(&pod.netns_name));
         KubePod {
             pod,

@@ -71,3 +71,29 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Waits (up to 15 s) until `cond` holds; `what` names it in the failure.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the network config at `path` ends with our `istio-cni` plugin.
+pub fn chained(path: &std::path::Path) -> bool {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v["plugins"]
+                .as_array()
+                .and_then(|p| p.last())
+                .map(|p| p["type"] == "istio-cni")
+        })
+        .unwrap_or(false)
+}

@@ -135,7 +135,8 @@ impl Process {
         while self.count(needles) < n {
             assert!(
                 Instant::now() < deadline,
-                "ztunnel never logged {n} line(s) with {needles:?}; its log:\n{}",
+                "{} never logged {n} line(s) with {needles:?}; its log:\n{}",
+                self.log.display(),
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -230,7 +231,7 @@ impl Drop for Process {
         self.kill();
         if std::thread::panicking() {
             eprintln!(
-                "--- ztunnel log ({}) ---\n{}",
+                "--- process log ({}) ---\n{}",
                 self.log.display(),
                 self.logs()
             );

@@ -69,6 +69,26 @@ fn captured_exactly(pod: &TestPod) {
     );
 }
 
+/// Creates each pod's object in `demo`, then its sandbox through the chain at its
+/// address, and waits until it is `enabled`.
+async fn enrolled_through_the_chain(
+    cluster: &Cluster,
+    agent: &AgentProcess,
+    pods: &[(&str, IpAddr)],
+) -> Vec<TestPod> {
+    let mut sandboxes = Vec::new();
+    for (name, ip) in pods {
+        cluster.create_pod_object("demo", name);
+        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(*ip));
+        added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
+        cluster
+            .wait_annotation_of("demo", name, Some("enabled"), agent)
+            .await;
+        sandboxes.push(pod);
+    }
+    sandboxes
+}
+
 async fn ready(agent: &AgentProcess, zt: &Ztunnel) {
     agent.wait_for(&["ZDS server listening"], 1).await;
     zt.wait_for(&["pod received snapshot sent"], 1).await;
@@ -151,16 +171,7 @@ async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
     let mut agent = cluster.start_agent(1);
     let mut zt = cluster.start_ztunnel_mesh(1);
     ready(&agent, &zt).await;
-    let mut sandboxes = Vec::new();
-    for (name, ip) in before {
-        cluster.create_pod_object("demo", name);
-        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
-        added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
-        cluster
-            .wait_annotation_of("demo", name, Some("enabled"), &agent)
-            .await;
-        sandboxes.push(pod);
-    }
+    let mut sandboxes = enrolled_through_the_chain(&cluster, &agent, &before).await;
 
     // The node reboots: every process stops at once, every pod netns is gone without a
     // CNI DEL, and so are the sockets and the rules of the node's own netns.
@@ -216,16 +227,7 @@ async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel_mesh(1);
     ready(&agent, &zt).await;
-    let mut sandboxes = Vec::new();
-    for (name, ip) in pods {
-        cluster.create_pod_object("demo", name);
-        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
-        added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
-        cluster
-            .wait_annotation_of("demo", name, Some("enabled"), &agent)
-            .await;
-        sandboxes.push(pod);
-    }
+    let mut sandboxes = enrolled_through_the_chain(&cluster, &agent, &pods).await;
     let job = sandboxes.pop().expect("job");
     let sleep = sandboxes.pop().expect("sleep");
     let echo = echo_server(&sandboxes[0], 8080).await;
@@ -339,4 +341,53 @@ async fn after_a_ztunnel_restart_enabled_means_that_ztunnel_acked_the_pod() {
     drop(blocker);
     cluster.wait_annotation(&b, Some("enabled"), &agent).await;
     assert_eq!(b.ports_of("ztunnel"), ZTUNNEL_PORTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_recreated_without_the_plugin_is_found_by_the_watch() {
+    let cluster = Cluster::new(71, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let first = cluster.add_pod("demo", "sleep", &[]);
+    let server = cluster.add_pod("demo", "httpbin", &[]);
+    let agent = cluster.start_agent(1);
+    let zt = cluster.start_ztunnel(1);
+    cluster
+        .wait_annotation(&first, Some("enabled"), &agent)
+        .await;
+    let echo = echo_server(&server, 8080).await;
+
+    // Kubelet recreates the sandbox through a chain that lacks our plugin (another CNI
+    // rewrote the config, say): no CNI ADD reaches the agent. Kubelet reports the new
+    // address; the watch finds the new netns in /proc and enrolls it.
+    let second = cluster.run_sandbox("demo", "sleep", Some(&first.uid));
+    cluster
+        .api
+        .set_pod_status("demo", "sleep", "Running", &[second.ip]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while second.ports_of("ztunnel") != ZTUNNEL_PORTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new sandbox was never enrolled; agent log:\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    captured_exactly(&second);
+    assert!(
+        first.ports_of("ztunnel").is_empty(),
+        "the old sandbox keeps a proxy"
+    );
+    let response = exchange(&second, echo.addr, "hello\n", T)
+        .await
+        .expect("through ztunnel");
+    assert_eq!(seen_peer(&response), Some(second.ip));
+    zt.wait_for(
+        &[
+            "direction=\"outbound\"",
+            &format!("src.addr={}:", second.ip),
+        ],
+        1,
+    )
+    .await;
+    assert_eq!(cluster.annotation(&first).as_deref(), Some("enabled"));
 }

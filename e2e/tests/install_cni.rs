@@ -3,30 +3,8 @@
 //! original file restored byte for byte; `/readyz` follows. Root only (the agent runs
 //! in Kubernetes mode).
 
-use std::time::{Duration, Instant};
-
 use e2e::cluster::Cluster;
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn chained(path: &std::path::Path) -> bool {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| {
-            v["plugins"]
-                .as_array()
-                .and_then(|p| p.last())
-                .map(|p| p["type"] == "istio-cni")
-        })
-        .unwrap_or(false)
-}
+use e2e::{chained, until};
 
 async fn readyz(agent: &e2e::AgentProcess) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,10 +54,52 @@ async fn the_plugin_is_chained_last_repaired_and_uninstalled_byte_for_byte() {
     // The primary CNI rewrites its config without us: repaired.
     std::fs::write(&primary, original).unwrap();
     until("the chain is repaired", || chained(&primary)).await;
-    agent.wait_for(&["repairing"], 1).await;
+    agent
+        .wait_for(&["chain entry was missing; repaired"], 1)
+        .await;
 
     // Uninstall (DaemonSet removal): back to exactly what was there.
     agent.terminate();
     assert_eq!(std::fs::read_to_string(&primary).unwrap(), original);
     assert!(!bin.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_that_is_json_but_not_a_network_config_is_reported_and_left_alone() {
+    let cluster = Cluster::new(70, false).await;
+    let conf_dir = cluster.node.dir.path().join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let primary = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&primary, "[]").unwrap();
+
+    let mut agent = cluster.start_agent(1);
+    agent
+        .wait_for(
+            &[
+                "10-bridge.conflist is not a valid CNI config",
+                "not a JSON object",
+            ],
+            1,
+        )
+        .await;
+    assert!(agent.is_running(), "the agent died:\n{}", agent.logs());
+    assert_eq!(
+        std::fs::read_to_string(&primary).unwrap(),
+        "[]",
+        "written anyway"
+    );
+    assert_eq!(
+        readyz(&agent).await,
+        503,
+        "ready without the plugin in the chain"
+    );
+
+    // The primary CNI writes its real config: we chain onto it as soon as it lands.
+    let original =
+        "{\"cniVersion\":\"1.0.0\",\"name\":\"pods\",\"plugins\":[{\"type\":\"bridge\"}]}";
+    std::fs::write(&primary, original).unwrap();
+    until("the plugin is chained", || chained(&primary)).await;
+    assert_eq!(readyz(&agent).await, 200);
+    agent.terminate();
+    assert_eq!(std::fs::read_to_string(&primary).unwrap(), original);
 }

@@ -201,31 +201,32 @@ impl Installer {
         binary && chained
     }
 
-    /// Installs the binary and the chain entry (idempotent).
-    pub fn install(&self) -> Result<(), InstallError> {
-        self.install_binary()?;
-        self.install_config()
+    /// Installs the binary and the chain entry (idempotent). Returns whether anything
+    /// was written.
+    pub fn install(&self) -> Result<bool, InstallError> {
+        let binary = self.install_binary()?;
+        Ok(self.install_config()? || binary)
     }
 
-    fn install_binary(&self) -> Result<(), InstallError> {
+    fn install_binary(&self) -> Result<bool, InstallError> {
         let dest = self.cfg.bin_dir.join(PLUGIN_NAME);
         let bytes = fs::read(&self.cfg.source_binary).map_err(io(&self.cfg.source_binary))?;
         if fs::read(&dest).is_ok_and(|have| have == bytes) {
-            return Ok(());
+            return Ok(false);
         }
         fs::create_dir_all(&self.cfg.bin_dir).map_err(io(&self.cfg.bin_dir))?;
         write_atomic(&dest, &bytes, 0o755)?;
         info!(path = %dest.display(), "installed the CNI plugin binary");
-        Ok(())
+        Ok(true)
     }
 
-    fn install_config(&self) -> Result<(), InstallError> {
+    fn install_config(&self) -> Result<bool, InstallError> {
         self.install_config_racing(&mut || {})
     }
 
     /// [`install_config`](Self::install_config), calling `before_commit` between
     /// writing our version and renaming it into place (where another writer may strike).
-    fn install_config_racing(&self, before_commit: &mut dyn FnMut()) -> Result<(), InstallError> {
+    fn install_config_racing(&self, before_commit: &mut dyn FnMut()) -> Result<bool, InstallError> {
         let conf_dir = &self.cfg.conf_dir;
         let mut last = conf_dir.clone();
         for _ in 0..ATTEMPTS {
@@ -234,7 +235,7 @@ impl Installer {
             let bytes = fs::read(&path).map_err(io(&path))?;
             let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
             let Some(out) = chain(&path, &bytes, &self.cfg.plugin_conf)? else {
-                return Ok(());
+                return Ok(false);
             };
             let written = path.with_extension("conflist");
             let tmp = write_temp(&written, &out, mode)?;
@@ -261,14 +262,15 @@ impl Installer {
                 fs::remove_file(&path).map_err(io(&path))?;
             }
             info!(path = %written.display(), "added istio-cni to the CNI chain");
-            return Ok(());
+            return Ok(true);
         }
         Err(InstallError::Contended(last))
     }
 
     /// Puts back whatever is missing. Returns whether anything was repaired. Repairs
-    /// beyond [`LOOP_LIMIT`] a minute are refused with a warning: something keeps
-    /// rewriting the config and fighting it would only spin.
+    /// (writes, not attempts: a half-written file is not one) beyond [`LOOP_LIMIT`] a
+    /// minute are refused with a warning: something keeps rewriting the config and
+    /// fighting it would only spin.
     pub fn repair(&self) -> Result<bool, InstallError> {
         if self.is_installed() {
             return Ok(false);
@@ -277,21 +279,26 @@ impl Installer {
             // Nothing to chain onto yet: waiting is not a fight.
             return Err(InstallError::NoPrimaryConfig(self.cfg.conf_dir.clone()));
         }
+        let now = Instant::now();
         {
             let mut repairs = self.repairs.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
             repairs.retain(|t| now.duration_since(*t) < LOOP_WINDOW);
             if repairs.len() >= LOOP_LIMIT {
                 warn!("the CNI config keeps being rewritten ({} repairs in {LOOP_WINDOW:?}): another agent is fighting istio-cni; pausing repairs", repairs.len());
                 return Ok(false);
             }
-            repairs.push(now);
         }
-        warn!("the istio-cni plugin or its chain entry is missing; repairing");
         // Whatever is on disk now is the new "original" to keep.
         *self.original.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.install()?;
-        Ok(true)
+        let wrote = self.install()?;
+        if wrote {
+            warn!("the istio-cni plugin or its chain entry was missing; repaired");
+            self.repairs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(now);
+        }
+        Ok(wrote)
     }
 
     /// Repairs as soon as the conf or bin dir changes, until dropped; every 30 s too,
@@ -381,6 +388,16 @@ mod tests {
 
     const CONFLIST: &str = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"k8s-pod-network\",\n  \"plugins\": [ {\"type\": \"bridge\"}, {\"type\": \"portmap\", \"capabilities\": {\"portMappings\": true}} ]\n}\n";
 
+    /// The chain's plugin types, in order.
+    fn types(conflist: &Value) -> Vec<&str> {
+        conflist["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["type"].as_str())
+            .collect()
+    }
+
     fn has_our_plugin(conflist: &Value) -> bool {
         conflist["plugins"]
             .as_array()
@@ -403,14 +420,8 @@ mod tests {
         inst.install().unwrap();
         inst.install().unwrap();
         let v = read_json(&primary);
-        let types: Vec<&str> = v["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p["type"].as_str())
-            .collect();
         assert_eq!(
-            types,
+            types(&v),
             ["bridge", "portmap", "istio-cni"],
             "appended once, last"
         );
@@ -555,15 +566,8 @@ mod tests {
             }
         })
         .unwrap();
-        let v = read_json(&primary);
-        let types: Vec<&str> = v["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p["type"].as_str())
-            .collect();
         assert_eq!(
-            types,
+            types(&read_json(&primary)),
             ["bridge", "bandwidth", "istio-cni"],
             "their write kept, ours on top"
         );
@@ -579,6 +583,25 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, InstallError::Contended(_)), "{err}");
         assert!(!has_our_plugin(&read_json(&primary)));
+    }
+
+    #[test]
+    fn a_half_written_config_is_not_a_repair_and_does_not_look_like_a_fight() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let inst = Installer::new(d.cfg.clone());
+        inst.install().unwrap();
+        // A writer that truncates then writes wakes us twice; the first time the file
+        // is empty. Only the real rewrites are repairs, and LOOP_LIMIT of them pass.
+        for _ in 0..LOOP_LIMIT {
+            fs::write(&primary, "").unwrap();
+            assert!(inst.repair().is_err(), "an empty file is not a config");
+            fs::write(&primary, CONFLIST).unwrap();
+            assert!(inst.repair().unwrap(), "repaired");
+        }
+        fs::write(&primary, CONFLIST).unwrap();
+        assert!(!inst.repair().unwrap(), "only now is it a fight");
     }
 
     #[test]

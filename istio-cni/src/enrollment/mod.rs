@@ -142,6 +142,8 @@ pub enum EnrollError {
     Discovery(std::io::Error),
     #[error("pod {0}: no process of its current sandbox found in /proc yet")]
     NotFound(String),
+    #[error("asking the API server: {0}")]
+    Api(String),
 }
 
 /// The host probe rules and the node netns they live in.

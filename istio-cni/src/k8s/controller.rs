@@ -130,6 +130,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 }
 
 pub struct Controller {
+    client: kube::Client,
     enrollment: Enrollment,
     cfg: ControllerConfig,
     pods: Store<Pod>,
@@ -147,6 +148,7 @@ impl Controller {
         let (pods, pod_writer) = reflector::store();
         let (namespaces, ns_writer) = reflector::store();
         let controller = Arc::new(Controller {
+            client: client.clone(),
             enrollment,
             pods,
             namespaces,
@@ -258,9 +260,16 @@ impl Controller {
     }
 
     async fn reconcile(&self, key: &PodKey) -> Result<(), EnrollError> {
-        let pod = self
+        let enrolled = self.enrollment.uids_for(key);
+        let mut pod = self
             .pods
             .get(&ObjectRef::new(&key.name).within(&key.namespace));
+        if pod.is_none() && !enrolled.is_empty() {
+            // Gone from the cache, but the cache may be behind (a relist that predates
+            // a pod the CNI plugin just enrolled): unenroll only what the API server
+            // confirms is gone.
+            pod = self.confirm_gone(key).await?.map(Arc::new);
+        }
         let ns = self.namespaces.get(&ObjectRef::new(&key.namespace));
         let verdict = pod
             .as_ref()
@@ -268,7 +277,7 @@ impl Controller {
         let desired = pod.as_deref().filter(|_| verdict == Some(Verdict::Enroll));
         let desired_uid = desired.map(|p| pod_info(p).uid);
         debug!(%key, ?verdict, "reconciling");
-        for uid in self.enrollment.uids_for(key) {
+        for uid in enrolled {
             if Some(&uid) != desired_uid.as_ref() {
                 self.enrollment.remove(&uid).await?;
             }
@@ -283,5 +292,13 @@ impl Controller {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The pod object straight from the API server, `None` if it is gone.
+    async fn confirm_gone(&self, key: &PodKey) -> Result<Option<Pod>, EnrollError> {
+        Api::<Pod>::namespaced(self.client.clone(), &key.namespace)
+            .get_opt(&key.name)
+            .await
+            .map_err(|e| EnrollError::Api(e.to_string()))
     }
 }
