@@ -6,7 +6,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 
-use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -56,17 +55,20 @@ impl DirWatch {
     /// Waits until something changed, then takes every event already queued, so one
     /// burst of writes is one wake-up.
     pub async fn changed(&self) -> io::Result<()> {
+        let mut changed = false;
         loop {
             let mut ready = self.fd.readable().await?;
-            match ready.get_inner().0.read_events() {
-                Ok(_) => {
-                    // Drain what else is queued right now.
-                    while ready.get_inner().0.read_events().is_ok() {}
-                    ready.clear_ready();
-                    return Ok(());
+            // Readiness is cleared only on EAGAIN (by `try_io`), so an event that lands
+            // after the queue was drained still wakes the next call.
+            loop {
+                match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {
+                    Ok(Ok(_)) => changed = true,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => break,
                 }
-                Err(Errno::EAGAIN) => ready.clear_ready(),
-                Err(e) => return Err(e.into()),
+            }
+            if changed {
+                return Ok(());
             }
         }
     }

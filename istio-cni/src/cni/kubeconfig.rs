@@ -339,8 +339,11 @@ pub fn write(creds: &Credentials, path: &Path) -> Result<Rendered, KubeconfigErr
 
 /// Keeps `path` in step with `creds` until dropped: rewritten as soon as a file it
 /// was built from changes (inotify on their directories), and checked every minute
-/// in case a change was missed.
+/// in case a change was missed. The watch outlives each rewrite and is in place before
+/// each render, so a change landing while we write is seen on the next turn.
 pub async fn keep_current(creds: Credentials, path: PathBuf) {
+    let mut watched: Vec<PathBuf> = Vec::new();
+    let mut watch = None;
     loop {
         let sources = match write(&creds, &path) {
             Ok(r) => r.sources,
@@ -349,19 +352,31 @@ pub async fn keep_current(creds: Credentials, path: PathBuf) {
                 Vec::new()
             }
         };
-        let mut dirs: Vec<&Path> = sources.iter().filter_map(|s| s.parent()).collect();
+        let mut dirs: Vec<PathBuf> = sources
+            .iter()
+            .filter_map(|s| s.parent().map(Path::to_path_buf))
+            .collect();
         dirs.sort();
         dirs.dedup();
-        let watch = crate::fswatch::DirWatch::new(&dirs);
+        if !dirs.is_empty() && dirs != watched {
+            let refs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+            watch = crate::fswatch::DirWatch::new(&refs)
+                .map_err(|e| {
+                    warn!("cannot watch the agent's credentials ({e}); checking every minute")
+                })
+                .ok();
+            watched = dirs;
+            continue; // render once more, now that changes cannot slip by
+        }
         let tick = tokio::time::sleep(Duration::from_secs(60));
-        match watch {
-            Ok(w) if !dirs.is_empty() => {
+        match &watch {
+            Some(w) => {
                 tokio::select! {
                     _ = w.changed() => {}
                     _ = tick => {}
                 }
             }
-            _ => tick.await,
+            None => tick.await,
         }
     }
 }
