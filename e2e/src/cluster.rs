@@ -316,12 +316,22 @@ impl Cluster {
     }
 
     pub fn start_agent(&self, n: u32) -> AgentProcess {
+        self.start_agent_with(n, |_| {})
+    }
+
+    /// Like [`Cluster::start_agent`], with a chance to adjust the command.
+    pub fn start_agent_with(
+        &self,
+        n: u32,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> AgentProcess {
         Ztunnel::start_agent(
             &self.node,
             n,
             &self.kubeconfig,
             &self.node_name,
             &self.probe_set,
+            adjust,
         )
     }
 

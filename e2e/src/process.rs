@@ -27,11 +27,12 @@ impl Process {
         kubeconfig: &std::path::Path,
         node_name: &str,
         probe_set: &str,
+        adjust: impl FnOnce(&mut Command),
     ) -> AgentProcess {
         let log = node.dir.path().join(format!("agent-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(crate::bin_path("istio-cni"))
-            .env("NODE_NAME", node_name)
+        let mut cmd = Command::new(crate::bin_path("istio-cni"));
+        cmd.env("NODE_NAME", node_name)
             .env("KUBECONFIG", kubeconfig)
             .env("ZTUNNEL_UDS", node.zds_socket())
             .env("HOST_PROBE_SET", probe_set)
@@ -48,15 +49,18 @@ impl Process {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("start istio-cni");
+            .stderr(file);
+        adjust(&mut cmd);
+        let child = cmd.spawn().expect("start istio-cni");
         Process { child, log }
     }
 
-    /// Starts ztunnel number `n` of `node`, connecting to the node's ZDS socket.
+    /// Starts ztunnel number `n` of `node`, connecting to the node's ZDS socket, with
+    /// no mesh (`PASSTHROUGH_ONLY`): for tests of capture and the ZDS lifecycle.
     pub fn start(node: &TestNode, n: u32) -> Ztunnel {
-        Self::start_with(node, n, |_| {})
+        Self::start_with(node, n, |cmd| {
+            cmd.env("PASSTHROUGH_ONLY", "true");
+        })
     }
 
     /// Like [`Ztunnel::start`], with a chance to adjust the command (env, …).
@@ -90,7 +94,7 @@ impl Process {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         Self::spawn(node, n, bin, |cmd| {
-            cmd.uid(uid).gid(uid);
+            cmd.uid(uid).gid(uid).env("PASSTHROUGH_ONLY", "true");
         })
     }
 
@@ -145,17 +149,7 @@ impl Process {
 
     /// The readiness endpoint's address, from the startup log.
     pub async fn readiness_addr(&self) -> std::net::SocketAddr {
-        self.wait_for(&["readiness endpoint listening"], 1).await;
-        let logs = self.logs();
-        let line = logs
-            .lines()
-            .find(|l| l.contains("readiness endpoint listening"))
-            .unwrap_or_default();
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("addr= in the readiness log line");
-        addr.parse().expect("readiness address")
+        self.listening_addr("readiness endpoint listening").await
     }
 
     /// The HTTP status of `GET /healthz/ready`.
@@ -216,6 +210,35 @@ impl Process {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// CPU time (user + system) the process has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start after ") ".
+        let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+            .sum();
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        ticks as f64 / per_second
+    }
+
+    /// The address an endpoint logged as `<line>` with `addr=…` listens on.
+    pub async fn listening_addr(&self, line: &str) -> std::net::SocketAddr {
+        self.wait_for(&[line], 1).await;
+        let logs = self.logs();
+        logs.lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr= in the line {line:?}"))
     }
 
     /// Open file descriptors of the process.

@@ -8,16 +8,9 @@ use e2e::{chained, until};
 
 async fn readyz(agent: &e2e::AgentProcess) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    agent
-        .wait_for(&["readiness endpoint listening on /readyz"], 1)
+    let addr = agent
+        .listening_addr("readiness endpoint /readyz listening")
         .await;
-    let logs = agent.logs();
-    let addr: std::net::SocketAddr = logs
-        .lines()
-        .find(|l| l.contains("listening on /readyz"))
-        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-        .and_then(|a| a.parse().ok())
-        .expect("readyz address");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await

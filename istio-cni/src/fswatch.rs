@@ -2,6 +2,7 @@
 //! config the moment another agent rewrites it, and the plugin's kubeconfig follows
 //! the agent's token as soon as it rotates, instead of on the next poll.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
@@ -52,9 +53,11 @@ impl DirWatch {
         Ok(DirWatch { fd })
     }
 
-    /// Waits until something changed, then takes every event already queued, so one
-    /// burst of writes is one wake-up.
-    pub async fn changed(&self) -> io::Result<()> {
+    /// Waits until an entry whose name `interesting` accepts changed (or a watched
+    /// directory itself went away), then takes every event already queued, so one
+    /// burst of writes is one wake-up. Changes to other entries (a log file that
+    /// happens to live there, our own temporary files) never wake the caller.
+    pub async fn changed(&self, interesting: impl Fn(&OsStr) -> bool) -> io::Result<()> {
         let mut changed = false;
         loop {
             let mut ready = self.fd.readable().await?;
@@ -62,7 +65,11 @@ impl DirWatch {
             // after the queue was drained still wakes the next call.
             loop {
                 match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(io::Error::from)) {
-                    Ok(Ok(_)) => changed = true,
+                    Ok(Ok(events)) => {
+                        changed |= events
+                            .iter()
+                            .any(|e| e.name.as_deref().is_none_or(&interesting))
+                    }
                     Ok(Err(e)) => return Err(e),
                     Err(_would_block) => break,
                 }
@@ -83,25 +90,31 @@ mod tests {
     async fn a_write_a_rename_and_a_removal_each_wake_the_watcher() {
         let dir = tempfile::tempdir().unwrap();
         let watch = DirWatch::new(&[dir.path()]).unwrap();
-        let quiet = tokio::time::timeout(Duration::from_millis(50), watch.changed()).await;
+        let conflist = |n: &OsStr| n.to_string_lossy().ends_with(".conflist");
+        let quiet = tokio::time::timeout(Duration::from_millis(50), watch.changed(conflist)).await;
         assert!(quiet.is_err(), "woke with nothing changed");
         let file = dir.path().join("10-net.conflist");
         std::fs::write(&file, "{}").unwrap();
-        tokio::time::timeout(Duration::from_secs(2), watch.changed())
+        tokio::time::timeout(Duration::from_secs(2), watch.changed(conflist))
             .await
             .expect("a write wakes")
             .unwrap();
         let tmp = dir.path().join(".tmp");
         std::fs::write(&tmp, "{}").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), watch.changed())
+        tokio::time::timeout(Duration::from_secs(2), watch.changed(conflist))
             .await
             .expect("a rename wakes")
             .unwrap();
         std::fs::remove_file(&file).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), watch.changed())
+        tokio::time::timeout(Duration::from_secs(2), watch.changed(conflist))
             .await
             .expect("a removal wakes")
             .unwrap();
+        // Writes to other files in the directory do not wake it.
+        std::fs::write(dir.path().join("agent.log"), "a line").unwrap();
+        std::fs::write(dir.path().join(".tmp2"), "x").unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(100), watch.changed(conflist)).await;
+        assert!(quiet.is_err(), "woke for a file nobody asked about");
     }
 }

@@ -15,8 +15,8 @@ pub mod discovery;
 pub mod enrollment;
 pub mod exec;
 pub mod fswatch;
+pub mod http;
 pub mod k8s;
-pub mod readyz;
 pub mod rules;
 pub mod zds_server;
 

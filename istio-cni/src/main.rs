@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use hyper::StatusCode;
 use istio_cni::cni::install::{InstallConfig, Installer};
 use istio_cni::cni::kubeconfig::{self, Credentials};
 use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
@@ -79,6 +80,22 @@ struct Args {
     /// The ipset of enrolled pod IPs that host probe rules SNAT to.
     #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET)]
     host_probe_set: String,
+    /// Seconds an HTTP client of `/readyz` has to send its request headers.
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_header_read_timeout: u64,
+    /// HTTP connections served at once; more are closed at once.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_connections: u32,
+}
+
+impl Args {
+    fn http_limits(&self) -> istio_cni::http::Limits {
+        istio_cni::http::Limits {
+            header_read_timeout: Duration::from_secs(self.http_header_read_timeout),
+            max_connections: self.http_max_connections as usize,
+            ..Default::default()
+        }
+    }
 }
 
 /// One binary, two roles: run by a container runtime (`CNI_COMMAND` set) it is the
@@ -195,11 +212,19 @@ async fn agent_main() -> anyhow::Result<()> {
         .map(Arc::new);
     let repairs = installer.clone().map(|i| tokio::spawn(i.keep_installed()));
     let readiness = installer.clone();
-    let ready: Arc<dyn Fn() -> bool + Send + Sync> =
-        Arc::new(move || readiness.as_ref().is_none_or(|i| i.is_installed()));
-    let readiness_addr = args.readiness_addr;
+    let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
+        "/readyz" if readiness.as_ref().is_none_or(|i| i.is_installed()) => {
+            Some((StatusCode::OK, "ready\n"))
+        }
+        "/readyz" => Some((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: CNI plugin not installed\n",
+        )),
+        _ => None,
+    });
+    let (addr, limits) = (args.readiness_addr, args.http_limits());
     tokio::spawn(async move {
-        if let Err(e) = istio_cni::readyz::serve(readiness_addr, ready).await {
+        if let Err(e) = istio_cni::http::serve(addr, limits, routes).await {
             tracing::warn!("readiness endpoint: {e}");
         }
     });

@@ -3,6 +3,8 @@
 //! - `demo`: the main job on one machine: a local ambient node (root).
 //! - `test`: builds the binaries the end-to-end tests run, then the whole suite
 //!   (nextest when installed, else cargo test). The e2e tests need root.
+//! - `proptest [cases]`: only the property tests, with many more cases than the suite
+//!   runs (default 20000 each; the suite runs 256).
 //! - `bench`: builds release binaries, then the criterion benchmarks (root): rule
 //!   installation against the per-rule `iptables` crate, and pod-to-pod traffic through
 //!   ztunnel against the direct path, each baseline measured in the same run.
@@ -48,6 +50,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
+fn proptest(extra: &[String]) -> anyhow::Result<()> {
+    let cases = extra.first().cloned().unwrap_or_else(|| "20000".into());
+    anyhow::ensure!(
+        cases.parse::<u32>().is_ok(),
+        "proptest takes a number of cases, not {cases:?}"
+    );
+    let mut cmd = cargo();
+    if has_nextest() {
+        cmd.args(["nextest", "run", "--workspace", "--release", "prop_"]);
+    } else {
+        cmd.args(["test", "--workspace", "--release", "prop_"]);
+    }
+    cmd.env("PROPTEST_CASES", cases);
+    run(cmd)
+}
+
 fn demo() -> anyhow::Result<()> {
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
@@ -73,9 +91,10 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("proptest") => proptest(&args[1..]),
         Some("demo") => demo(),
         _ => {
-            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  demo          run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root)\n  test [args]   build the binaries and run every test (root needed for e2e)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
+            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  demo          run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root)\n  test [args]   build the binaries and run every test (root needed for e2e)\n  proptest [n]  only the property tests, n cases each (default 20000)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
             std::process::exit(2);
         }
     }

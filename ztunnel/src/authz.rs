@@ -96,7 +96,27 @@ impl Match {
         })
     }
 
+    /// A match that constrains nothing. Istio's ztunnel skips it: an empty `{}` must
+    /// never match everything.
+    fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
+    }
+
     fn matches(&self, c: &Conn<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
         let id = c.src_identity;
         let ns = |v: &String| id.is_some_and(|i| &i.namespace == v);
         let sa = |v: &String| {
@@ -168,11 +188,13 @@ impl Policy {
         })
     }
 
-    /// Rules OR, clauses AND, matches OR. A policy without rules matches nothing.
+    /// Rules OR, clauses AND, matches OR, as Istio's ztunnel evaluates them: a policy
+    /// without rules matches nothing; a rule without clauses, and a clause without
+    /// matches, match everything; an empty match matches nothing.
     pub fn matches(&self, c: &Conn<'_>) -> bool {
         self.rules.iter().any(|rule| {
             rule.iter()
-                .all(|clause| clause.iter().any(|m| m.matches(c)))
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c)))
         })
     }
 }
@@ -344,6 +366,146 @@ mod tests {
             s.evaluate("default", &["default/sel".into()], &conn(None, 80)),
             Decision::Deny { .. }
         ));
+    }
+
+    /// One match, alone in a policy: does it match a connection from `id` (namespace,
+    /// service account) at 10.0.0.1 to 10.0.0.2:`port`?
+    fn one(m: &str, id: Option<(&str, &str)>, port: u16) -> bool {
+        let yaml = format!(
+            "policies:\n- {{name: p, namespace: n, scope: Global, action: Deny, rules: [[[{m}]]]}}\n"
+        );
+        let cfg = LocalConfig::parse("t", &yaml).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let p = Policy::compile(&cfg.policies[0]).unwrap();
+        let id = id.map(|(ns, sa)| Identity::new("cluster.local", ns, sa));
+        p.matches(&conn(id.as_ref(), port))
+    }
+
+    /// A match, the source identity (namespace, service account), the destination port,
+    /// and whether it matches.
+    type Case = (&'static str, Option<(&'static str, &'static str)>, u16, bool);
+
+    #[test]
+    fn every_match_field_and_its_not_twin() {
+        let x = Some(("ns-a", "sa-a"));
+        #[rustfmt::skip]
+        let table: &[Case] = &[
+            // An empty match constrains nothing, and so matches nothing (Istio).
+            ("{}", x, 80, false),
+            ("{}", None, 80, false),
+            ("{namespaces: [ns-a]}", x, 80, true),
+            ("{namespaces: [ns-b]}", x, 80, false),
+            ("{namespaces: [ns-a]}", None, 80, false),
+            ("{notNamespaces: [ns-a]}", x, 80, false),
+            ("{notNamespaces: [ns-b]}", x, 80, true),
+            ("{notNamespaces: [ns-a]}", None, 80, true),
+            ("{serviceAccounts: [sa-a]}", x, 80, true),
+            ("{serviceAccounts: [ns-a/sa-a]}", x, 80, true),
+            ("{serviceAccounts: [ns-b/sa-a]}", x, 80, false),
+            ("{serviceAccounts: [sa-a]}", None, 80, false),
+            ("{notServiceAccounts: [ns-a/sa-a]}", x, 80, false),
+            ("{notServiceAccounts: [sa-b]}", x, 80, true),
+            ("{notServiceAccounts: [sa-a]}", None, 80, true),
+            ("{principals: [cluster.local/ns/ns-a/sa/sa-a]}", x, 80, true),
+            ("{principals: [\"spiffe://cluster.local/ns/ns-a/sa/sa-a\"]}", x, 80, true),
+            ("{principals: [\"cluster.local/ns/ns-a/*\"]}", x, 80, true),
+            ("{principals: [\"*/sa/sa-a\"]}", x, 80, true),
+            ("{principals: [\"*/sa/sa-b\"]}", x, 80, false),
+            ("{principals: [\"*\"]}", x, 80, true),
+            ("{principals: [\"*\"]}", None, 80, false),
+            ("{notPrincipals: [\"*\"]}", x, 80, false),
+            ("{notPrincipals: [\"*\"]}", None, 80, true),
+            ("{sourceIps: [10.0.0.1]}", None, 80, true),
+            ("{sourceIps: [10.0.0.0/24]}", None, 80, true),
+            ("{sourceIps: [10.1.0.0/16]}", None, 80, false),
+            ("{notSourceIps: [10.0.0.0/8]}", None, 80, false),
+            ("{notSourceIps: [10.1.0.0/16]}", None, 80, true),
+            ("{destinationIps: [10.0.0.2]}", None, 80, true),
+            ("{destinationIps: [10.0.0.3/32]}", None, 80, false),
+            ("{notDestinationIps: [10.0.0.2]}", None, 80, false),
+            ("{notDestinationIps: [10.0.0.3]}", None, 80, true),
+            ("{destinationPorts: [80, 443]}", None, 443, true),
+            ("{destinationPorts: [80]}", None, 443, false),
+            ("{notDestinationPorts: [80]}", None, 80, false),
+            ("{notDestinationPorts: [80]}", None, 8080, true),
+            // Fields AND within a match; values OR within a field.
+            ("{namespaces: [ns-a], destinationPorts: [81]}", x, 80, false),
+            ("{namespaces: [ns-b, ns-a], destinationPorts: [80]}", x, 80, true),
+            ("{destinationPorts: [80], notNamespaces: [ns-a]}", x, 80, false),
+        ];
+        for (m, id, port, want) in table {
+            assert_eq!(one(m, *id, *port), *want, "{m} from {id:?} to port {port}");
+        }
+    }
+
+    #[test]
+    fn empty_rules_clauses_and_matches_count_as_istio_counts_them() {
+        let matches = |rules: &str| {
+            let yaml = format!("policies:\n- {{name: p, namespace: n, scope: Global, action: Deny, rules: {rules}}}\n");
+            let cfg = LocalConfig::parse("t", &yaml).unwrap();
+            Policy::compile(&cfg.policies[0])
+                .unwrap()
+                .matches(&conn(None, 80))
+        };
+        assert!(!matches("[]"), "no rules: matches nothing");
+        assert!(
+            matches("[[]]"),
+            "a rule without clauses: matches everything"
+        );
+        assert!(matches("[[[]]]"), "a clause without matches: matches");
+        assert!(
+            !matches("[[[{}]]]"),
+            "a clause of empty matches: matches nothing"
+        );
+        assert!(
+            matches("[[[{}, {destinationPorts: [80]}]]]"),
+            "the empty one is skipped"
+        );
+        assert!(
+            !matches("[[[], [{destinationPorts: [81]}]]]"),
+            "clauses AND: the empty clause does not rescue the other"
+        );
+        assert!(
+            matches("[[[{destinationPorts: [81]}]], [[{destinationPorts: [80]}]]]"),
+            "rules OR"
+        );
+    }
+
+    #[test]
+    fn deny_wins_dry_run_only_logs_and_allow_policies_fence() {
+        let id = Identity::new("cluster.local", "default", "sleep");
+        let c = conn(Some(&id), 80);
+        let both = set(r#"policies:
+- {name: allow-all, namespace: default, scope: Namespace, action: Allow, rules: [[]]}
+- {name: deny-80, namespace: default, scope: Namespace, action: Deny, rules: [[[{destinationPorts: [80]}]]]}
+"#);
+        assert_eq!(
+            both.evaluate("default", &[], &c),
+            Decision::Deny {
+                policy: "default/deny-80".into()
+            },
+            "a matching DENY beats a matching ALLOW"
+        );
+        let dry = set(r#"policies:
+- {name: deny-80, namespace: default, scope: Namespace, action: Deny, dryRun: true, rules: [[[{destinationPorts: [80]}]]]}
+- {name: allow-none, namespace: default, scope: Namespace, action: Allow, dryRun: true, rules: []}
+"#);
+        assert_eq!(
+            dry.evaluate("default", &[], &c),
+            Decision::Allow,
+            "dry-run policies decide nothing, not even by existing"
+        );
+        let fence = set(r#"policies:
+- {name: allow-443, namespace: default, scope: Namespace, action: Allow, rules: [[[{destinationPorts: [443]}]]]}
+- {name: allow-nothing, namespace: default, scope: Namespace, action: Allow, rules: [[[{}]]]}
+"#);
+        assert!(matches!(
+            fence.evaluate("default", &[], &c),
+            Decision::Deny { .. }
+        ));
+        assert_eq!(
+            fence.evaluate("default", &[], &conn(Some(&id), 443)),
+            Decision::Allow
+        );
     }
 
     #[test]

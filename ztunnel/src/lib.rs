@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod config;
+pub mod http;
 pub mod identity;
 pub mod inpod;
 pub mod proxy;
@@ -13,32 +14,35 @@ pub mod tls;
 
 use std::sync::Arc;
 
-use config::Config;
+use config::{Config, MeshSource};
 use identity::manager::CertManager;
 use inpod::statemanager::{InpodProxyFactory, StateManager};
 use inpod::workloadmanager::WorkloadProxyManager;
 use proxy::pool::HboneConfig;
-use proxy::{MeshConfig, ProxyConfig};
+use proxy::{Keepalive, MeshConfig, ProxyConfig};
 use state::Store;
 
-/// The mesh side, when a local config is given: its state (reloaded on change) and the
-/// local CA.
+/// The mesh side: its state (from the local config, reloaded on change) and the local
+/// CA. `None` only with `PASSTHROUGH_ONLY`; with no source at all, an error.
 fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
-    let Some(path) = &cfg.local_xds_path else {
-        return Ok(None);
+    let path = match cfg.mesh_source().map_err(anyhow::Error::msg)? {
+        MeshSource::Passthrough => {
+            tracing::warn!("PASSTHROUGH_ONLY: no mesh; every pod's traffic is passed through in plaintext, without policy");
+            return Ok(None);
+        }
+        MeshSource::LocalFile(path) => path,
     };
+    if let Some(addr) = cfg.xds() {
+        tracing::warn!("XDS_ADDRESS={addr}: this build has no xDS client yet; mesh state comes from LOCAL_XDS_PATH only");
+    }
     let (Some(ca_cert), Some(ca_key)) = (&cfg.local_ca_cert, &cfg.local_ca_key) else {
         anyhow::bail!(
             "LOCAL_XDS_PATH needs LOCAL_CA_CERT and LOCAL_CA_KEY (make a root with `ztunnel create-root --out-dir DIR`)"
         );
     };
-    let state = state::watch::load(path)?;
+    let state = state::watch::load(&path)?;
     let store = Store::new(state);
-    tokio::spawn(state::watch::watch(
-        path.clone(),
-        store.clone(),
-        cfg.local_xds_poll,
-    ));
+    tokio::spawn(state::watch::watch(path, store.clone(), cfg.local_xds_poll));
     let ca = identity::ca::LocalCa::from_files(ca_cert, ca_key)?;
     let certs = CertManager::new(Arc::new(ca), cfg.workload_cert_ttl, tls::provider());
     Ok(Some(Arc::new(MeshConfig {
@@ -46,6 +50,13 @@ fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
         certs,
         hbone: HboneConfig {
             idle_timeout: cfg.pool_unused_release_timeout,
+            max_streams_per_connection: cfg.pool_max_streams_per_connection.into(),
+            stream_window: cfg.http2_stream_window_size,
+            connection_window: cfg.http2_connection_window_size,
+            max_frame_size: cfg.http2_frame_size,
+            handshake_timeout: cfg.hbone_handshake_timeout,
+            max_handshakes: cfg.hbone_max_handshakes as usize,
+            response_timeout: cfg.connect_timeout,
             ..HboneConfig::default()
         },
     })))
@@ -83,11 +94,22 @@ pub async fn run(
         reuse_port: cfg.inpod_port_reuse,
         drain_grace: cfg.pod_drain_grace,
         connect_timeout: cfg.connect_timeout,
+        keepalive: cfg.keepalive_enabled.then_some(Keepalive {
+            time: cfg.keepalive_time,
+            interval: cfg.keepalive_interval,
+            retries: cfg.keepalive_retries,
+            user_timeout: cfg.user_timeout_enabled,
+        }),
         mesh: mesh_config(&cfg)?,
     });
     let state = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
-    let readiness = readiness::bind(cfg.readiness_addr).await?;
-    tokio::spawn(readiness::serve(readiness, state.ready()));
+    let limits = http::Limits {
+        header_read_timeout: cfg.http_header_read_timeout,
+        max_connections: cfg.http_max_connections as usize,
+        ..http::Limits::default()
+    };
+    let readiness = http::bind("readiness", cfg.readiness_addr).await?;
+    tokio::spawn(readiness::serve(readiness, limits, state.ready()));
     let zds = WorkloadProxyManager::new(cfg.inpod_uds.clone(), state.clone(), cfg.zds_timeout);
     tokio::select! {
         _ = zds.run() => {}

@@ -3,17 +3,72 @@
 use std::process::Command;
 
 fn ztunnel(env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let (code, out) = run(&[], env);
+    (code == Some(0), out)
+}
+
+/// Runs ztunnel with `args` and `env`; its exit code (`None`: killed by a signal) and
+/// output.
+fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel"));
-    cmd.env("READINESS_ADDR", "127.0.0.1:0")
+    cmd.args(args)
+        .env_remove("LOCAL_XDS_PATH")
+        .env_remove("XDS_ADDRESS")
+        .env("READINESS_ADDR", "127.0.0.1:0")
         .env("INPOD_UDS", "/nonexistent/ztunnel.sock");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run ztunnel");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
     )
+}
+
+#[test]
+fn without_a_source_of_mesh_state_ztunnel_refuses_to_start() {
+    let (code, out) = run(&[], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no source of mesh state")
+            && out.contains("LOCAL_XDS_PATH")
+            && out.contains("XDS_ADDRESS"),
+        "{out}"
+    );
+    assert!(!out.contains("listening"), "it served something:\n{out}");
+}
+
+#[test]
+fn an_oversized_duration_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    for (args, value) in [
+        (
+            &["--workload-cert-ttl", "999999999999999d"][..],
+            "999999999999999d",
+        ),
+        (
+            &["--pod-drain-grace", "999999999999999999h"],
+            "999999999999999999h",
+        ),
+        (&["--connect-timeout", "36501d"], "36501d"),
+        (
+            &[
+                "create-root",
+                "--validity",
+                "99999999999d",
+                "--out-dir",
+                out_dir,
+            ],
+            "99999999999d",
+        ),
+    ] {
+        let (code, out) = run(args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert!(!out.contains("panicked"), "{args:?}: {out}");
+        assert!(out.contains(value), "the error names the value: {out}");
+    }
 }
 
 /// A directory with a fresh root (`ca.crt`, `ca.key`) and `config.yaml` holding `yaml`.

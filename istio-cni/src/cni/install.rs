@@ -81,6 +81,25 @@ const LOOP_WINDOW: Duration = Duration::from_secs(60);
 /// Attempts at writing a config that keeps changing between our read and our rename.
 const ATTEMPTS: usize = 5;
 
+/// Network configs are a few KiB; one larger than this is refused, not read.
+const MAX_CONFIG: u64 = 1 << 20;
+
+/// Reads a network config file, refusing one larger than [`MAX_CONFIG`].
+fn read_config(path: &Path) -> Result<Vec<u8>, InstallError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG + 1).read_to_end(&mut bytes))
+        .map_err(io(path))?;
+    if bytes.len() as u64 > MAX_CONFIG {
+        return Err(InstallError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("larger than {MAX_CONFIG} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
 /// Writes `bytes` to a temporary file beside `path` with `mode`; returns its path.
 fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, InstallError> {
     let tmp = path.with_file_name(format!(
@@ -196,7 +215,7 @@ impl Installer {
             .ok()
             .flatten()
             .filter(|p| is_conflist(p))
-            .and_then(|p| Some((fs::read(&p).ok()?, p)))
+            .and_then(|p| Some((read_config(&p).ok()?, p)))
             .is_some_and(|(bytes, p)| matches!(chain(&p, &bytes, &self.cfg.plugin_conf), Ok(None)));
         binary && chained
     }
@@ -232,7 +251,7 @@ impl Installer {
         for _ in 0..ATTEMPTS {
             let path = primary_config(conf_dir)?
                 .ok_or_else(|| InstallError::NoPrimaryConfig(conf_dir.clone()))?;
-            let bytes = fs::read(&path).map_err(io(&path))?;
+            let bytes = read_config(&path)?;
             let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
             let Some(out) = chain(&path, &bytes, &self.cfg.plugin_conf)? else {
                 return Ok(false);
@@ -241,7 +260,7 @@ impl Installer {
             let tmp = write_temp(&written, &out, mode)?;
             before_commit();
             // Whatever another writer put there since our read must not be lost.
-            if fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+            if read_config(&path).ok().as_deref() != Some(&bytes[..]) {
                 debug!(path = %path.display(), "the CNI config changed while we wrote ours; again");
                 let _ = fs::remove_file(&tmp);
                 last = path;
@@ -317,9 +336,14 @@ impl Installer {
             warn!("cannot watch the CNI directories ({e}); polling every second instead");
         }
         loop {
+            // The network configs and our binary; not temporary files, not logs.
+            let ours = |name: &std::ffi::OsStr| {
+                let name = name.to_string_lossy();
+                name == PLUGIN_NAME || name.ends_with(".conf") || name.ends_with(".conflist")
+            };
             match &watch {
                 Ok(w) => tokio::select! {
-                    r = w.changed() => if let Err(e) = r {
+                    r = w.changed(ours) => if let Err(e) = r {
                         warn!("watching the CNI directories: {e}");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     },

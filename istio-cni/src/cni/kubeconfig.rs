@@ -166,9 +166,22 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Credentials files are small; one larger than this is refused, not read.
+const MAX_FILE: u64 = 1 << 20;
+
 /// Reads a file the kubeconfig embeds, recording it as a source.
 fn read(path: &Path, sources: &mut Vec<PathBuf>) -> Result<Vec<u8>, KubeconfigError> {
-    let bytes = fs::read(path).map_err(io(path))?;
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut bytes))
+        .map_err(io(path))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(KubeconfigError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("larger than {MAX_FILE} bytes"),
+        });
+    }
     sources.push(path.to_path_buf());
     Ok(bytes)
 }
@@ -349,7 +362,8 @@ pub async fn keep_current(creds: Credentials, path: PathBuf) {
             Ok(r) => r.sources,
             Err(e) => {
                 warn!("the CNI plugin's kubeconfig: {e}; will retry");
-                Vec::new()
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
         };
         let mut dirs: Vec<PathBuf> = sources
@@ -368,11 +382,20 @@ pub async fn keep_current(creds: Credentials, path: PathBuf) {
             watched = dirs;
             continue; // render once more, now that changes cannot slip by
         }
+        // The files we read, and kubelet's atomic-writer entries (`..data` swapped in
+        // when a projected token rotates).
+        let names: Vec<std::ffi::OsString> = sources
+            .iter()
+            .filter_map(|s| s.file_name().map(ToOwned::to_owned))
+            .collect();
+        let ours = |name: &std::ffi::OsStr| {
+            names.iter().any(|n| n == name) || name.to_string_lossy().starts_with("..")
+        };
         let tick = tokio::time::sleep(Duration::from_secs(60));
         match &watch {
             Some(w) => {
                 tokio::select! {
-                    _ = w.changed() => {}
+                    r = w.changed(ours) => if r.is_err() { tokio::time::sleep(RETRY).await },
                     _ = tick => {}
                 }
             }
@@ -380,6 +403,9 @@ pub async fn keep_current(creds: Credentials, path: PathBuf) {
         }
     }
 }
+
+/// Pause after a failed render or watch, so a persistent failure cannot spin.
+const RETRY: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

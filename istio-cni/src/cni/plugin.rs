@@ -21,6 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::event::{self, Command, Request, Response, EVENT_VERSION};
 use crate::k8s::selection::{Selection, Verdict};
 
+/// The most read from stdin (a network config) and from the agent (its answer).
+const MAX_STDIN: u64 = 1 << 20;
+const MAX_REPLY: u64 = 64 << 10;
+
 /// CNI spec versions this plugin implements.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -309,7 +313,10 @@ async fn ask_agent(cfg: &Config, request: &Request) -> Result<Response, CniError
         stream.write_all(&body).await?;
         stream.shutdown().await?;
         let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).await?;
+        (&mut stream)
+            .take(MAX_REPLY)
+            .read_to_end(&mut reply)
+            .await?;
         Ok::<_, std::io::Error>(reply)
     };
     let reply = tokio::time::timeout(Duration::from_secs(cfg.timeout_seconds), exchange)
@@ -328,7 +335,11 @@ async fn ask_agent(cfg: &Config, request: &Request) -> Result<Response, CniError
 /// The plugin's process: reads stdin and `CNI_*`, prints the result or the error.
 pub fn main() -> std::process::ExitCode {
     let mut stdin = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut stdin);
+    // A network config is a few KiB; more is cut, and then fails to parse.
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::io::stdin(), MAX_STDIN),
+        &mut stdin,
+    );
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("CNI_"))
         .collect();

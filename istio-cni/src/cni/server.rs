@@ -3,9 +3,12 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::event::{check_version, Command, Request, Response};
@@ -33,25 +36,45 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves plugin events until dropped.
+/// Plugin requests handled at once; a container runtime starts a few pods at a time.
+const MAX_IN_FLIGHT: usize = 64;
+/// Time a plugin has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves plugin events until dropped. At most [`MAX_IN_FLIGHT`] requests are handled
+/// at once (more wait in the kernel's backlog); a client that does not send its
+/// request in time is dropped; accept failures back off instead of spinning.
 pub async fn serve(listener: UnixListener, enrollment: Enrollment) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("plugin event socket: accept failed: {e}; backing off");
+                tokio::time::sleep(crate::http::ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let enrollment = enrollment.clone();
         tokio::spawn(async move {
             let mut body = Vec::new();
-            let response = match (&mut stream).take(MAX_REQUEST).read_to_end(&mut body).await {
-                Err(e) => Response::err(format!("reading the request: {e}")),
-                Ok(_) => match serde_json::from_slice::<Request>(&body) {
+            let mut limited = (&mut stream).take(MAX_REQUEST);
+            let read = limited.read_to_end(&mut body);
+            let response = match tokio::time::timeout(READ_TIMEOUT, read).await {
+                Err(_) => Response::err(format!("no request within {READ_TIMEOUT:?}")),
+                Ok(Err(e)) => Response::err(format!("reading the request: {e}")),
+                Ok(Ok(_)) => match serde_json::from_slice::<Request>(&body) {
                     Err(e) => Response::err(format!("malformed plugin request: {e}")),
                     Ok(req) => handle(&enrollment, req).await,
                 },
             };
             let mut out = serde_json::to_vec(&response).unwrap_or_default();
             out.push(b'\n');
-            let _ = stream.write_all(&out).await;
+            let _ = tokio::time::timeout(READ_TIMEOUT, stream.write_all(&out)).await;
+            drop(slot);
         });
     }
 }

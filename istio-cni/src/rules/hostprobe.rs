@@ -144,6 +144,14 @@ mod tests {
         assert_eq!(m[&"10.0.0.2".parse::<IpAddr>().unwrap()], "");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn prop_ipset_save_output_never_panics(text in ".{0,300}", ip in "[0-9a-f.:]{0,20}") {
+            let _ = parse_members(&text, PROBE_SET);
+            let _ = parse_members(&format!("add {PROBE_SET} {ip} comment \"{text}\"\n"), PROBE_SET);
+        }
+    }
+
     #[test]
     fn the_host_rule_is_in_iptables_save_form() {
         let r = render_host_probe(&RuleConfig::default(), PROBE_SET);

@@ -7,16 +7,33 @@
 //!   (the client's, so the app sees the real source).
 //! - `SO_REUSEPORT` on listeners when port reuse is on, so a new ztunnel can bind
 //!   beside the old one during an upgrade.
+//! - TCP keepalive (and optionally `TCP_USER_TIMEOUT`) on every socket: a half-open
+//!   peer is found and its connection closed instead of holding a task, an fd and the
+//!   relay buffers forever. Accepted connections inherit it from their listener.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
-fn tcp_socket(domain: Domain, mark: u32) -> io::Result<Socket> {
+use crate::proxy::Keepalive;
+
+fn tcp_socket(domain: Domain, mark: u32, keepalive: Option<Keepalive>) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
+    if let Some(k) = keepalive {
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(k.time)
+                .with_interval(k.interval)
+                .with_retries(k.retries),
+        )?;
+        if k.user_timeout {
+            let total = k.time + k.interval * k.retries;
+            socket.set_tcp_user_timeout(Some(total))?;
+        }
+    }
     Ok(socket)
 }
 
@@ -26,11 +43,12 @@ pub struct ListenerOpts {
     pub mark: u32,
     pub transparent: bool,
     pub reuse_port: bool,
+    pub keepalive: Option<Keepalive>,
 }
 
 /// A listening socket at `addr` in the calling thread's netns.
 pub fn listener(addr: SocketAddr, opts: ListenerOpts) -> io::Result<std::net::TcpListener> {
-    let socket = tcp_socket(Domain::for_address(addr), opts.mark)?;
+    let socket = tcp_socket(Domain::for_address(addr), opts.mark, opts.keepalive)?;
     socket.set_reuse_address(true)?;
     if opts.reuse_port {
         socket.set_reuse_port(true)?;
@@ -48,9 +66,10 @@ pub fn listener(addr: SocketAddr, opts: ListenerOpts) -> io::Result<std::net::Tc
 pub fn upstream(
     dest: SocketAddr,
     mark: u32,
+    keepalive: Option<Keepalive>,
     source: Option<IpAddr>,
 ) -> io::Result<std::net::TcpStream> {
-    let socket = tcp_socket(Domain::for_address(dest), mark)?;
+    let socket = tcp_socket(Domain::for_address(dest), mark, keepalive)?;
     if let Some(ip) = source {
         socket.set_ip_transparent(true)?;
         socket.set_freebind(true)?;

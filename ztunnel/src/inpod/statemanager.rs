@@ -61,7 +61,11 @@ impl ProxyFactory for InpodProxyFactory {
         Box::pin(async move {
             let mesh = match &cfg.mesh {
                 Some(m) => Some(PodMesh::for_pod(m, &info)?),
-                None => None,
+                None => {
+                    warn!(%uid, pod = %format!("{}/{}", info.namespace, info.name),
+                          "PASSTHROUGH_ONLY: this pod's traffic is passed through in plaintext, without policy");
+                    None
+                }
             };
             let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
             let ctx = PodContext {

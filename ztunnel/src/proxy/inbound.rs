@@ -15,9 +15,10 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::headers;
 use super::live::Attrs;
 use super::relay::Flow;
 use super::{is_ztunnel_port, MeshConfig, PodContext};
@@ -32,6 +33,16 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             0,
             0,
             Some("refused: HBONE needs a mesh configuration (LOCAL_XDS_PATH)"),
+        );
+        return;
+    };
+    // Handshakes in progress are capped: a flood of slow or bogus clients is refused at
+    // once instead of holding an fd and a task each for the handshake timeout.
+    let Ok(_handshaking) = pod.handshakes.clone().try_acquire_owned() else {
+        Flow::new(&ctx, "inbound", peer, local).log(
+            0,
+            0,
+            Some("refused: too many TLS handshakes in progress"),
         );
         return;
     };
@@ -52,6 +63,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    drop(_handshaking);
     let peer_id = tls::peer_identity(tls.get_ref().1);
     let service = {
         let (ctx, mesh) = (ctx.clone(), mesh.clone());
@@ -61,6 +73,9 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         })
     };
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(mesh.hbone.keepalive_interval)
+        .keep_alive_timeout(mesh.hbone.keepalive_timeout)
         .initial_stream_window_size(mesh.hbone.stream_window)
         .initial_connection_window_size(mesh.hbone.connection_window)
         .max_frame_size(mesh.hbone.max_frame_size)
@@ -88,8 +103,17 @@ async fn tunnel(
     let target = req
         .uri()
         .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let mut flow = Flow::new(&ctx, "inbound", peer, target.unwrap_or(peer));
+        .and_then(|a| headers::parse_authority(a.as_str()).ok());
+    // The client's own port, from the peer's `forwarded`, for the access log only: it
+    // is believed only when its address is the peer's, and never used for policy.
+    let client = req
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(headers::forwarded_for)
+        .filter(|f| f.ip() == peer.ip() && f.port() != 0)
+        .unwrap_or(peer);
+    let mut flow = Flow::new(&ctx, "inbound", client, target.unwrap_or(peer));
     flow.src_identity = peer_id.clone();
     let (Some(target), true) = (target, req.method() == Method::CONNECT) else {
         flow.log(0, 0, Some("bad request: not a CONNECT to ip:port"));

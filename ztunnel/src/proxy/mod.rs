@@ -7,6 +7,7 @@
 //! | 15006 | [`inbound_passthrough`] | plaintext from non-mesh clients (TPROXY)      |
 //! | 15008 | [`inbound`]             | HBONE from mesh peers (TPROXY)                |
 
+pub mod headers;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod live;
@@ -60,6 +61,8 @@ pub struct PodMesh {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub pool: Pool,
     pub live: LiveConns,
+    /// TLS handshakes in progress on the pod's 15008 (see `HboneConfig::max_handshakes`).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl PodMesh {
@@ -89,8 +92,19 @@ impl PodMesh {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             pool: Pool::default(),
             live: LiveConns::default(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(mesh.hbone.max_handshakes)),
         })
     }
+}
+
+/// TCP keepalive on proxied connections (Istio's `KEEPALIVE_*` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub retries: u32,
+    /// Also set TCP_USER_TIMEOUT to time + retries x interval.
+    pub user_timeout: bool,
 }
 
 /// Settings shared by every pod proxy.
@@ -102,6 +116,8 @@ pub struct ProxyConfig {
     /// How long in-flight connections may finish after a pod is drained.
     pub drain_grace: Duration,
     pub connect_timeout: Duration,
+    /// On every socket made for a pod (inherited by accepted connections).
+    pub keepalive: Option<Keepalive>,
     pub mesh: Option<Arc<MeshConfig>>,
 }
 
@@ -129,10 +145,10 @@ impl PodContext {
         dest: SocketAddr,
         source: Option<std::net::IpAddr>,
     ) -> std::io::Result<TcpStream> {
-        let mark = self.cfg.mark;
+        let (mark, keepalive) = (self.cfg.mark, self.cfg.keepalive);
         let std_stream = self
             .netns
-            .run(move || packet::upstream(dest, mark, source))
+            .run(move || packet::upstream(dest, mark, keepalive, source))
             .await?;
         let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
         tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dest))
@@ -157,6 +173,7 @@ impl PodProxy {
             mark: ctx.cfg.mark,
             transparent,
             reuse_port: ctx.cfg.reuse_port,
+            keepalive: ctx.cfg.keepalive,
         };
         let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
         let specs = [

@@ -59,6 +59,16 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 }
                 return;
             }
+            Destination::NoEndpoint { service, port } => {
+                Flow::new(&ctx, "outbound", peer, dst).log(
+                    0,
+                    0,
+                    Some(&format!(
+                        "no healthy upstream: service {service} has no endpoint for port {port}"
+                    )),
+                );
+                return;
+            }
             Destination::Workload(_, target) | Destination::Unknown(target) => {
                 return passthrough(&ctx, stream, peer, target).await;
             }

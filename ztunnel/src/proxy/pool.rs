@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::{debug, info};
 
 use super::{MeshConfig, PodContext};
@@ -25,7 +25,7 @@ use crate::identity::Identity;
 use crate::proxy::INBOUND_HBONE_PORT;
 use crate::tls;
 
-/// Tuning of HBONE connections.
+/// Tuning and limits of HBONE connections, both sides.
 #[derive(Clone, Debug)]
 pub struct HboneConfig {
     pub max_streams_per_connection: usize,
@@ -36,6 +36,14 @@ pub struct HboneConfig {
     /// Largest HTTP/2 frame we accept (the default is 16 KiB).
     pub max_frame_size: u32,
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress on one pod's 15008 at most.
+    pub max_handshakes: usize,
+    /// How long the peer has to answer a CONNECT.
+    pub response_timeout: Duration,
+    /// HTTP/2 PING every this long on an HBONE connection; no answer within
+    /// `keepalive_timeout` closes it (a half-open peer).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for HboneConfig {
@@ -47,6 +55,10 @@ impl Default for HboneConfig {
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 128,
+            response_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -173,13 +185,13 @@ impl Pool {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header("forwarded", format!("for=\"{client}\""))
+            .header("forwarded", super::headers::forwarded_value(client))
             .body(Empty::<Bytes>::new())
             .map_err(HboneError::Request)?;
         let mut sender = conn.sender.clone();
-        let resp = sender
-            .send_request(req)
+        let resp = tokio::time::timeout(cfg.response_timeout, sender.send_request(req))
             .await
+            .map_err(|_| HboneError::Timeout("the CONNECT response"))?
             .map_err(|e| HboneError::H2(target, e))?;
         if resp.status() != StatusCode::OK {
             return Err(HboneError::Status(target, resp.status()));
@@ -232,6 +244,10 @@ impl Pool {
         .map_err(|_| HboneError::Timeout("TLS handshake"))?
         .map_err(|e| HboneError::Tls(addr, e))?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(cfg.keepalive_interval)
+            .keep_alive_timeout(cfg.keepalive_timeout)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(cfg.stream_window)
             .initial_connection_window_size(cfg.connection_window)
             .max_frame_size(cfg.max_frame_size)

@@ -83,6 +83,9 @@ impl Service {
 pub enum Destination {
     /// A workload: tunnel over HBONE if it is in the mesh.
     Workload(Arc<Workload>, SocketAddr),
+    /// A service VIP with no endpoint serving the port: the connection fails. Passing
+    /// it on to the VIP would let kube-proxy deliver it, in plaintext, to a pod.
+    NoEndpoint { service: String, port: u16 },
     /// Nothing known: plain TCP passthrough.
     Unknown(SocketAddr),
 }
@@ -211,9 +214,13 @@ impl MeshState {
     /// (round robin) and maps the port; a workload address is that workload.
     pub fn resolve(&self, dst: SocketAddr) -> Destination {
         if let Some(svc) = self.service_by_vip(dst.ip()) {
-            if let Some((w, addr)) = svc.pick(dst.port()) {
-                return Destination::Workload(w, addr);
-            }
+            return match svc.pick(dst.port()) {
+                Some((w, addr)) => Destination::Workload(w, addr),
+                None => Destination::NoEndpoint {
+                    service: svc.key(),
+                    port: dst.port(),
+                },
+            };
         }
         match self.workload_by_ip(dst.ip()) {
             Some(w) => Destination::Workload(w.clone(), dst),
@@ -310,6 +317,29 @@ services:
                 .to_string(),
             "spiffe://cluster.local/ns/default/sa/default"
         );
+    }
+
+    #[test]
+    fn a_vip_without_an_endpoint_for_the_port_resolves_to_no_endpoint() {
+        let s = state(
+            r#"
+workloads:
+- {name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, services: {"default/svc.default.svc.cluster.local": {80: 8080}}}
+services:
+- {name: svc, namespace: default, hostname: svc.default.svc.cluster.local, vips: ["/10.96.0.10"], ports: {80: 8080}}
+- {name: empty, namespace: default, hostname: empty.default.svc.cluster.local, vips: ["/10.96.0.11"], ports: {80: 8080}}
+"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.resolve("10.96.0.11:80".parse().unwrap()),
+            Destination::NoEndpoint { port: 80, .. }
+        ));
+        // The port is not one the service (or its endpoint) serves.
+        assert!(matches!(
+            s.resolve("10.96.0.10:443".parse().unwrap()),
+            Destination::NoEndpoint { port: 443, .. }
+        ));
     }
 
     #[test]

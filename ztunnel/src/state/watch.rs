@@ -10,13 +10,27 @@ use tracing::{info, warn};
 use super::localconfig::{ConfigError, LocalConfig};
 use super::{MeshState, Store};
 
+/// The largest local config file read: far above any real mesh's, far below memory.
+const MAX_FILE: u64 = 64 << 20;
+
 /// Reads and validates the file.
 pub fn load(path: &Path) -> Result<MeshState, ConfigError> {
+    use std::io::Read;
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read_err = |source| ConfigError::Read {
         path: name.clone(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE + 1).read_to_string(&mut text))
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE} bytes"),
+        )));
+    }
     MeshState::build(&name, LocalConfig::parse(&name, &text)?)
 }
 

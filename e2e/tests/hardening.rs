@@ -1,0 +1,361 @@
+//! Hardening: no plaintext for want of an endpoint, timeouts and keepalives on every
+//! connection ztunnel holds, bounded HTTP servers and handshakes, and accept loops
+//! that back off. Real pods, real ztunnel and agent processes. Root only.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e::app::{connect, echo_server, exchange};
+use e2e::capture::Capture;
+use e2e::cluster::{Cluster, MeshPod, AMBIENT};
+use e2e::mesh_files::workload;
+use e2e::{Mesh, TestNode, Ztunnel};
+use istio_cni::Agent;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_vip_without_an_endpoint_fails_instead_of_going_out_in_plaintext() {
+    let node = TestNode::new(72);
+    let (sleep, httpbin) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let workloads: String = [&sleep, &httpbin]
+        .iter()
+        .map(|p| workload(p, "HBONE", ""))
+        .collect();
+    node.write_mesh_config(&format!(
+        "workloads:\n{workloads}services:\n- name: empty\n  namespace: ambient-demo\n  hostname: empty.ambient-demo.svc.cluster.local\n  vips: [\"/10.96.7.7\"]\n  ports: {{80: 8080}}\n"
+    ));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&sleep, &httpbin], &[]).await;
+    let _echo = echo_server(&httpbin, 8080).await;
+    // kube-proxy's view of the service differs from ztunnel's (its endpoints lag, or
+    // a selector matches a pod the control plane does not list): the VIP DNATs to
+    // httpbin. Emulated in the client pod, after the capture rules.
+    sleep.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "10.96.7.7/32",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{}:8080", httpbin.ip),
+    ]);
+    let capture = Capture::on_host_veth(&sleep, "tcp", node.dir.path());
+    let vip: SocketAddr = "10.96.7.7:80".parse().unwrap();
+    let out = exchange(&sleep, vip, "vip-secret\n", T).await;
+    let wire = capture.stop();
+    assert!(
+        out.as_ref().map_or(true, |r| !r.contains("peer=")),
+        "the connection reached an app: {out:?}"
+    );
+    assert!(
+        !wire.ascii.contains("vip-secret"),
+        "plaintext on the wire:\n{}",
+        wire.packets
+    );
+    zt.wait_for(&["no healthy upstream", "dst.addr=10.96.7.7:80"], 1)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_peer_is_found_by_keepalive_and_its_connection_closed() {
+    let node = TestNode::new(73);
+    let (sleep, server) = (node.add_pod("sleep"), node.add_pod("server"));
+    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let zt = Ztunnel::start_with(&node, 1, |cmd| {
+        cmd.env("PASSTHROUGH_ONLY", "true")
+            .env("KEEPALIVE_TIME", "1s")
+            .env("KEEPALIVE_INTERVAL", "1s")
+            .env("KEEPALIVE_RETRIES", "2");
+    });
+    agent.enrollment().zds().wait_for_connections(1).await;
+    agent
+        .enrollment()
+        .enroll(&sleep.pod())
+        .await
+        .expect("enroll");
+    let echo = echo_server(&server, 8080).await;
+    let mut stream = connect(&sleep, echo.addr, T).await.expect("connect");
+    let mut greeting = [0u8; 64];
+    let n = stream.read(&mut greeting).await.unwrap();
+    assert!(n > 0, "no greeting");
+    let ss = sleep.exec(&["ss", "-tnopH", "state", "established"]);
+    let upstream: Vec<&str> = ss
+        .lines()
+        .filter(|l| l.contains(&format!("{}:8080", server.ip)) && l.contains("ztunnel"))
+        .collect();
+    assert!(
+        !upstream.is_empty() && upstream.iter().all(|l| l.contains("timer:(keepalive")),
+        "ztunnel's upstream socket has no keepalive:\n{ss}"
+    );
+
+    // The server goes silent without a FIN or RST (its node died, a partition): every
+    // packet to it is dropped. Keepalive (1s, then 2 probes 1s apart) finds it.
+    server.exec(&["iptables", "-I", "INPUT", "-j", "DROP"]);
+    let closed = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut greeting)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection to a vanished peer is still open: {closed:?}"
+    );
+    zt.wait_for(&["direction=\"outbound\"", "timed out"], 1)
+        .await;
+}
+
+/// A peer at `pod`'s address that completes mTLS and HTTP/2 as `pod`'s identity, then
+/// never answers a CONNECT: a stuck or malicious ztunnel.
+async fn stuck_hbone_peer(node: &TestNode, pod: &e2e::TestPod) -> tokio::task::JoinHandle<()> {
+    use ztunnel::identity::{ca::LocalCa, manager::CertManager, Identity};
+    let files = node.mesh_files();
+    let ca = LocalCa::from_files(&files.ca_cert, &files.ca_key).expect("test CA");
+    let root = ca.root().clone();
+    let certs = CertManager::new(
+        Arc::new(ca),
+        Duration::from_secs(3600),
+        ztunnel::tls::provider(),
+    );
+    let cert = certs
+        .get(&Identity::new(
+            "cluster.local",
+            e2e::mesh_files::NAMESPACE,
+            &pod.name,
+        ))
+        .expect("peer certificate");
+    let config = ztunnel::tls::server_config(cert, &root).expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = pod
+        .netns()
+        .run(|| -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind("0.0.0.0:15008")?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .and_then(|r| r)
+        .expect("bind 15008 in the peer pod");
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        let _certs = certs;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    std::future::pending::<
+                        Result<
+                            hyper::Response<http_body_util::Empty<bytes::Bytes>>,
+                            std::convert::Infallible,
+                        >,
+                    >()
+                    .await
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_connect_is_given_up_on() {
+    let node = TestNode::new(74);
+    let (sleep, stuck) = (node.add_pod("sleep"), node.add_pod("stuck"));
+    let workloads: String = [&sleep, &stuck]
+        .iter()
+        .map(|p| workload(p, "HBONE", ""))
+        .collect();
+    node.write_mesh_config(&format!("workloads:\n{workloads}"));
+    // CONNECT_TIMEOUT is 2s in these tests.
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&sleep], &[]).await;
+    let _peer = stuck_hbone_peer(&node, &stuck).await;
+
+    let mut stream = connect(&sleep, SocketAddr::new(stuck.ip, 8080), T)
+        .await
+        .expect("the app's connect succeeds (to ztunnel)");
+    let _ = stream.write_all(b"hello\n").await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the app's connection hangs on a peer that never answers: {closed:?}"
+    );
+    zt.wait_for(&["timed out: the CONNECT response"], 1).await;
+}
+
+/// Connections that each send one byte a second and never finish their request.
+struct Slowloris {
+    open: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Slowloris {
+    async fn start(targets: &[SocketAddr], per_target: usize) -> Slowloris {
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for target in targets {
+            for _ in 0..per_target {
+                let Ok(Ok(mut stream)) =
+                    tokio::time::timeout(T, tokio::net::TcpStream::connect(target)).await
+                else {
+                    continue; // refused or dropped at once: that is fine too
+                };
+                open.fetch_add(1, Ordering::SeqCst);
+                let open = open.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    loop {
+                        tokio::select! {
+                            r = stream.read(&mut buf) => match r {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {}
+                            },
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                                if stream.write_all(b"G").await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }));
+            }
+        }
+        Slowloris { open, tasks }
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Slowloris {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_cut_off_and_cannot_exhaust_file_descriptors() {
+    let cluster = Cluster::new(75, true).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let httpbin = cluster.add_pod("demo", "httpbin", &[]);
+    cluster
+        .push_mesh(
+            &[MeshPod {
+                namespace: "demo",
+                name: "httpbin",
+                ip: httpbin.ip,
+            }],
+            None,
+        )
+        .await;
+    let agent = cluster.start_agent_with(1, |cmd| {
+        cmd.env("HTTP_HEADER_READ_TIMEOUT", "2")
+            .env("HTTP_MAX_CONNECTIONS", "16");
+    });
+    let zt = Ztunnel::start_mesh(
+        &cluster.node,
+        1,
+        &[
+            ("HBONE_HANDSHAKE_TIMEOUT", "2s"),
+            ("HBONE_MAX_HANDSHAKES", "32"),
+            ("HTTP_HEADER_READ_TIMEOUT", "2s"),
+            ("HTTP_MAX_CONNECTIONS", "16"),
+        ],
+    );
+    cluster
+        .wait_annotation(&httpbin, Some("enabled"), &agent)
+        .await;
+    let readiness = zt.readiness_addr().await;
+    let readyz = agent
+        .listening_addr("readiness endpoint /readyz listening")
+        .await;
+    let hbone = SocketAddr::new(httpbin.ip, 15008);
+    let (zt_fds, agent_fds) = (zt.open_fds(), agent.open_fds());
+
+    let attack = Slowloris::start(&[hbone, readiness, readyz], 150).await;
+    let (mut zt_peak, mut agent_peak) = (0, 0);
+    for _ in 0..12 {
+        zt_peak = zt_peak.max(zt.open_fds());
+        agent_peak = agent_peak.max(agent.open_fds());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // At most the handshake cap on 15008 and the connection cap on 15021 (plus a
+    // margin for what ztunnel opens meanwhile); for the agent, its connection cap.
+    assert!(
+        zt_peak <= zt_fds + 32 + 16 + 16,
+        "ztunnel went from {zt_fds} to {zt_peak} open fds"
+    );
+    assert!(
+        agent_peak <= agent_fds + 16 + 8,
+        "the agent went from {agent_fds} to {agent_peak} open fds"
+    );
+    // The timeouts (2 s) cut off every slow client.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while attack.open() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} slow connections are still open",
+            attack.open()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(attack);
+    assert_eq!(zt.readiness().await, 200, "readiness still answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_out_of_file_descriptors_backs_off_instead_of_spinning() {
+    let cluster = Cluster::new(76, false).await;
+    let agent = cluster.start_agent(1);
+    let socket = cluster.node.dir.path().join("pluginevent.sock");
+    e2e::until("the plugin socket exists", || socket.exists()).await;
+    // The agent may open only a few more files than it has now.
+    let limit = agent.open_fds() + 12;
+    e2e::sh(
+        "prlimit",
+        &[
+            "--pid",
+            &agent.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ],
+    );
+    // Plugin clients that connect and say nothing: the agent accepts them until it is
+    // out of fds; the rest wait in the backlog and every accept fails with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = tokio::net::UnixStream::connect(&socket).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = agent.cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = agent.cpu_seconds() - before;
+    assert!(
+        used < 0.5,
+        "the agent burned {used:.2} CPU-seconds in 2 s with its fds exhausted: an accept loop spins"
+    );
+    assert!(agent.logs().contains("accept failed"), "{}", agent.logs());
+    drop(held);
+}

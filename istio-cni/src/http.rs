@@ -1,0 +1,81 @@
+//! The agent's one HTTP serving module: `/readyz` (on the host network, `:8000`)
+//! today, and whatever the agent serves over HTTP later. A server built here gives a
+//! client a deadline for its request headers, serves a bounded number of connections
+//! (more are closed on accept), bounds each connection's lifetime, and backs off when
+//! accept fails (EMFILE) instead of spinning.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+/// What the server enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connection_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 32,
+            max_connection_age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Accept failures (EMFILE, ENFILE, ENOBUFS) back off this long.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Paths and what they answer: each a function of nothing, asked per request.
+pub type Routes = Arc<dyn Fn(&str) -> Option<(StatusCode, &'static str)> + Send + Sync>;
+
+/// Serves `routes` on `addr` until dropped (404 for any other path).
+pub async fn serve(addr: SocketAddr, limits: Limits, routes: Routes) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "readiness endpoint /readyz listening");
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!("HTTP accept failed: {e}; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "{} HTTP connections already open; closing", limits.max_connections);
+            continue;
+        };
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (code, body) =
+                        routes(req.uri().path()).unwrap_or((StatusCode::NOT_FOUND, "not found\n"));
+                    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *resp.status_mut() = code;
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(limits.max_connection_age, conn).await {
+                debug!(%peer, "HTTP connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
