@@ -382,7 +382,12 @@ mod tests {
 
     /// A match, the source identity (namespace, service account), the destination port,
     /// and whether it matches.
-    type Case = (&'static str, Option<(&'static str, &'static str)>, u16, bool);
+    type Case = (
+        &'static str,
+        Option<(&'static str, &'static str)>,
+        u16,
+        bool,
+    );
 
     #[test]
     fn every_match_field_and_its_not_twin() {

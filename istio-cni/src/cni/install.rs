@@ -86,18 +86,7 @@ const MAX_CONFIG: u64 = 1 << 20;
 
 /// Reads a network config file, refusing one larger than [`MAX_CONFIG`].
 fn read_config(path: &Path) -> Result<Vec<u8>, InstallError> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    fs::File::open(path)
-        .and_then(|f| f.take(MAX_CONFIG + 1).read_to_end(&mut bytes))
-        .map_err(io(path))?;
-    if bytes.len() as u64 > MAX_CONFIG {
-        return Err(InstallError::BadConfig {
-            path: path.to_path_buf(),
-            reason: format!("larger than {MAX_CONFIG} bytes"),
-        });
-    }
-    Ok(bytes)
+    super::read_bounded(path, MAX_CONFIG).map_err(io(path))
 }
 
 /// Writes `bytes` to a temporary file beside `path` with `mode`; returns its path.

@@ -171,17 +171,7 @@ const MAX_FILE: u64 = 1 << 20;
 
 /// Reads a file the kubeconfig embeds, recording it as a source.
 fn read(path: &Path, sources: &mut Vec<PathBuf>) -> Result<Vec<u8>, KubeconfigError> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut bytes))
-        .map_err(io(path))?;
-    if bytes.len() as u64 > MAX_FILE {
-        return Err(KubeconfigError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("larger than {MAX_FILE} bytes"),
-        });
-    }
+    let bytes = super::read_bounded(path, MAX_FILE).map_err(io(path))?;
     sources.push(path.to_path_buf());
     Ok(bytes)
 }
