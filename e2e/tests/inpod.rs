@@ -61,6 +61,11 @@ async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
     ] {
         assert!(zt.logs().contains(line), "missing startup line {line}");
     }
+    // This ztunnel runs without a mesh on purpose: it says so, once and for the pod.
+    zt.wait_for(&["PASSTHROUGH_ONLY", "every pod's traffic"], 1)
+        .await;
+    zt.wait_for(&["PASSTHROUGH_ONLY", "pod=ambient-demo/sleep"], 1)
+        .await;
 
     // Enrolling again changes nothing: no duplicated rules, the same proxy.
     enrolled(&agent, &pod).await;
