@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use istio_cni::rules::{render, Iptables, Redirection, RuleConfig};
+use istio_cni::rules::{render, Family, Iptables, Redirection, RuleConfig};
 use protocol::Netns;
 
 /// A new, empty network namespace with `lo` up; it vanishes when the handle drops.
@@ -34,7 +34,7 @@ fn iptables() -> Iptables {
 
 /// The baseline: the design card's `iptables` crate, rule by rule.
 fn apply_with_crate(netns: &Netns) {
-    let ruleset = render(&RuleConfig::default());
+    let ruleset = render(&RuleConfig::default(), Family::V4);
     netns
         .run(|| {
             let ipt = iptables::new(false).expect("iptables crate");
@@ -55,7 +55,8 @@ fn apply_with_crate(netns: &Netns) {
 
 fn bench(c: &mut Criterion) {
     assert!(nix::unistd::geteuid().is_root(), "benchmarks need root");
-    let redirection = Redirection::new(RuleConfig::default(), iptables());
+    let v4 = Redirection::new(RuleConfig::default(), iptables(), &[Family::V4]);
+    let redirection = Redirection::new(RuleConfig::default(), iptables(), &Family::ALL);
     let mut group = c.benchmark_group("install rules in a fresh pod netns");
     group
         .sample_size(20)
@@ -79,16 +80,23 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             timed(iters, &|ns| {
                 let ipt = iptables();
-                let saved = ipt.save(ns).expect("save");
+                let saved = ipt.save(ns, Family::V4).expect("save");
                 let input = istio_cni::rules::iptables::apply_input(
-                    &render(&RuleConfig::default()),
+                    &render(&RuleConfig::default(), Family::V4),
                     &saved,
                 );
-                ipt.restore(ns, &input).expect("restore");
+                ipt.restore(ns, Family::V4, &input).expect("restore");
             })
         })
     });
-    group.bench_function("ours: full apply (rules + policy route)", |b| {
+    group.bench_function("ours: full apply, IPv4 (rules + policy route)", |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &|ns| {
+                v4.apply(ns).expect("apply");
+            })
+        })
+    });
+    group.bench_function("ours: full apply, IPv4 and IPv6", |b| {
         b.iter_custom(|iters| {
             timed(iters, &|ns| {
                 redirection.apply(ns).expect("apply");

@@ -18,13 +18,21 @@ pub struct EchoServer {
     task: JoinHandle<()>,
 }
 
+impl EchoServer {
+    /// The server's address at `ip` (another of its pod's addresses).
+    pub fn at(&self, ip: std::net::IpAddr) -> SocketAddr {
+        SocketAddr::new(ip, self.addr.port())
+    }
+}
+
 impl Drop for EchoServer {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// Starts the server on `port` in `pod`. Each connection first gets `peer=<addr>\n`.
+/// Starts the server on `port` in `pod` (both families). Each connection first gets
+/// `peer=<addr>\n`. `addr` is the pod's first address; see [`EchoServer::at`].
 pub async fn echo_server(pod: &TestPod, port: u16) -> EchoServer {
     serve(pod, port, None).await
 }
@@ -35,18 +43,24 @@ pub async fn named_echo_server(pod: &TestPod, port: u16) -> EchoServer {
 }
 
 async fn serve(pod: &TestPod, port: u16, greeting: Option<String>) -> EchoServer {
+    // One dual-stack socket, as most apps listen: IPv4 peers come as mapped addresses.
     let std_listener = pod
         .netns()
         .run(move || -> io::Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            s.set_only_v6(false)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+            s.listen(128)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
         })
         .and_then(|r| r)
         .expect("bind app server in pod");
     let listener = TcpListener::from_std(std_listener).expect("tokio listener");
     let task = tokio::spawn(async move {
         while let Ok((mut stream, peer)) = listener.accept().await {
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let greeting = greeting.clone().unwrap_or_default();
             tokio::spawn(async move {
                 let _ = stream
@@ -67,7 +81,11 @@ async fn serve(pod: &TestPod, port: u16, greeting: Option<String>) -> EchoServer
 /// Connects from inside `pod` to `dst`.
 pub async fn connect(pod: &TestPod, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let std_stream = pod.netns().run(|| -> io::Result<std::net::TcpStream> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::STREAM,
+            None,
+        )?;
         s.set_nonblocking(true)?;
         Ok(std::net::TcpStream::from(std::os::fd::OwnedFd::from(s)))
     })??;

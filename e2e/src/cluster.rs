@@ -56,7 +56,7 @@ fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
 pub struct MeshPod<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
-    pub ip: std::net::IpAddr,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl Cluster {
@@ -66,6 +66,15 @@ impl Cluster {
         } else {
             TestNode::new(index)
         };
+        Self::on(node).await
+    }
+
+    /// A cluster whose pods are dual-stack (see [`TestNode::dual_stack`]).
+    pub async fn dual_stack(index: u8, gateway: bool) -> Cluster {
+        Self::on(TestNode::dual_stack(index, gateway)).await
+    }
+
+    async fn on(node: TestNode) -> Cluster {
         let api = ApiServer::start().await;
         let kubeconfig = node.dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig);
@@ -167,9 +176,12 @@ impl Cluster {
         object.status = Some(PodStatus {
             phase: Some("Running".into()),
             pod_ip: Some(pod.ip.to_string()),
-            pod_ips: Some(vec![PodIP {
-                ip: pod.ip.to_string(),
-            }]),
+            pod_ips: Some(
+                pod.ips
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
             ..Default::default()
         });
         self.api.create_pod(object);
@@ -182,7 +194,12 @@ impl Cluster {
         if let Some(plugins) = conflist["plugins"].as_array_mut() {
             plugins.push(self.plugin_conf());
         }
-        let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]});
+        let addresses: Vec<_> = pod
+            .ips
+            .iter()
+            .map(|ip| json!({"address": format!("{ip}/{}", if ip.is_ipv4() { 24 } else { 64 })}))
+            .collect();
+        let prev = json!({"cniVersion": "1.0.0", "ips": addresses});
         let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
             pod.namespace, pod.name, pod.uid
@@ -240,30 +257,27 @@ impl Cluster {
     /// Runs the sandbox creation of a pod whose object exists: the CNI chain with our
     /// plugin last, with kubelet's `CNI_ARGS`.
     pub fn start_sandbox(&self, namespace: &str, name: &str) -> (TestPod, Result<(), String>) {
-        self.start_sandbox_at(namespace, name, None)
+        self.start_sandbox_at(namespace, name, &[])
     }
 
     /// Like [`Cluster::start_sandbox`], the runtime passing the pod's uid, and with the
-    /// address pinned to `ip` (host-local's `IP` argument) when given, so the control
-    /// plane can know it in advance.
+    /// addresses pinned to `ips` (one per family) when given, so the control plane can
+    /// know them in advance.
     pub fn start_sandbox_at(
         &self,
         namespace: &str,
         name: &str,
-        ip: Option<std::net::IpAddr>,
+        ips: &[std::net::IpAddr],
     ) -> (TestPod, Result<(), String>) {
         let uid = self
             .api
             .pod(namespace, name)
             .and_then(|p| p.metadata.uid)
             .unwrap_or_default();
-        let mut args = format!(
+        let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
         );
-        if let Some(ip) = ip {
-            args.push_str(&format!(";IP={ip}"));
-        }
-        let (pod, added) = self.node.add_pod_via_chain(name, self.plugin_conf(), &args);
+        let (pod, added) = self.node.add_pod_at(name, self.plugin_conf(), &args, ips);
         if added.is_ok() && self.api.pod(namespace, name).is_some() {
             // Kubelet reports the sandbox's address.
             self.api
@@ -279,11 +293,12 @@ impl Cluster {
         let reloads = ztunnel.map(|z| z.count(&["local config reloaded"]));
         let mut yaml = String::from("workloads:\n");
         for p in pods {
+            let ips: Vec<String> = p.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
             yaml.push_str(&format!(
-                "- name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: HBONE\n",
+                "- name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [{ips}]\n  protocol: HBONE\n",
                 name = p.name,
                 ns = p.namespace,
-                ip = p.ip
+                ips = ips.join(", ")
             ));
         }
         self.node.write_mesh_config(&yaml);
@@ -306,12 +321,15 @@ impl Cluster {
                     .unwrap_or(istio_cni::rules::Backend::Nft),
                 lock_wait: Duration::from_secs(5),
             };
-            let probes = istio_cni::rules::hostprobe::HostProbes::new(
-                &istio_cni::rules::RuleConfig::default(),
-                iptables,
-                &self.probe_set,
-            );
-            let _ = probes.uninstall(&host);
+            for family in istio_cni::rules::Family::ALL {
+                let probes = istio_cni::rules::hostprobe::HostProbes::new(
+                    &istio_cni::rules::RuleConfig::default(),
+                    iptables.clone(),
+                    family,
+                    &self.probe_set,
+                );
+                let _ = probes.uninstall(&host);
+            }
         }
     }
 
@@ -398,7 +416,7 @@ impl Cluster {
 fn ip_suffix(pod: &TestPod) -> u64 {
     match pod.ip {
         std::net::IpAddr::V4(v4) => u32::from(v4) as u64,
-        std::net::IpAddr::V6(_) => 0,
+        std::net::IpAddr::V6(v6) => (u128::from(v6) & 0xffff_ffff_ffff) as u64,
     }
 }
 

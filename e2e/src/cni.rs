@@ -152,8 +152,25 @@ pub fn first_ip(result: &Value) -> anyhow::Result<IpAddr> {
     Ok(ip.parse()?)
 }
 
-/// A conflist for pods on one bridge: bridge + host-local, addresses from `subnet`.
-pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> Value {
+/// Every address of a CNI result (`ips[].address`), in order.
+pub fn all_ips(result: &Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect()
+}
+
+/// A conflist for pods on one bridge: bridge + host-local, one address from each of
+/// `subnets` (a range per family).
+pub fn bridge_conflist(name: &str, bridge: &str, subnets: &[&str], ipam_dir: &Path) -> Value {
+    let ranges: Vec<Value> = subnets.iter().map(|s| json!([{ "subnet": s }])).collect();
+    let routes: Vec<Value> = subnets
+        .iter()
+        .map(|s| json!({ "dst": if s.contains(':') { "::/0" } else { "0.0.0.0/0" } }))
+        .collect();
     json!({
         "cniVersion": "1.0.0",
         "name": name,
@@ -164,10 +181,10 @@ pub fn bridge_conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) 
             "ipMasq": false,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{ "subnet": subnet }]],
+                "ranges": ranges,
                 // A default route, as pods have: without one, connecting to a service
                 // VIP fails in routing before the pod's nat rule can redirect it.
-                "routes": [{ "dst": "0.0.0.0/0" }],
+                "routes": routes,
                 "dataDir": ipam_dir,
             }
         }]

@@ -40,13 +40,15 @@ impl TestNode {
     }
 }
 
-/// A workload entry for `pod`: identity `spiffe://cluster.local/ns/ambient-demo/sa/<pod
-/// name>`, `protocol` HBONE or TCP, plus `extra` YAML lines (indented 2).
+/// A workload entry for `pod` (all its addresses): identity
+/// `spiffe://cluster.local/ns/ambient-demo/sa/<pod name>`, `protocol` HBONE or TCP,
+/// plus `extra` YAML lines (indented 2).
 pub fn workload(pod: &TestPod, protocol: &str, extra: &str) -> String {
+    let ips: Vec<String> = pod.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
     format!(
-        "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n{extra}",
+        "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  workloadIps: [{ips}]\n  protocol: {protocol}\n{extra}",
         name = pod.name,
-        ip = pod.ip
+        ips = ips.join(", ")
     )
 }
 

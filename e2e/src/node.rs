@@ -1,10 +1,18 @@
 //! A test node: a bridge network and pods (network namespaces) wired by real CNI plugins.
 
+/// Which families a node's pods get addresses in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stack {
+    V4,
+    Dual,
+    V6,
+}
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use istio_cni::rules::{Backend, Iptables, RuleConfig};
+use istio_cni::rules::{Backend, Family, Iptables, RuleConfig};
 use istio_cni::{AgentConfig, Pod};
 use protocol::{Netns, WorkloadUid};
 use serde_json::Value;
@@ -33,16 +41,27 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 impl TestNode {
     /// `index` (1–250) keeps concurrently running tests on different subnets.
     pub fn new(index: u8) -> TestNode {
-        Self::build(index, false)
+        Self::build(index, false, Stack::V4)
     }
 
     /// A node whose bridge has the gateway address (.1), so the host itself reaches
     /// the pods (as kubelet's probes do).
     pub fn with_gateway(index: u8) -> TestNode {
-        Self::build(index, true)
+        Self::build(index, true, Stack::V4)
     }
 
-    fn build(index: u8, gateway: bool) -> TestNode {
+    /// A node whose pods get an IPv4 and an IPv6 address (`fd00:248:<index>::/64`,
+    /// host-local's second range), optionally with the gateway on the bridge.
+    pub fn dual_stack(index: u8, gateway: bool) -> TestNode {
+        Self::build(index, gateway, Stack::Dual)
+    }
+
+    /// A node whose pods get only an IPv6 address.
+    pub fn ipv6_only(index: u8, gateway: bool) -> TestNode {
+        Self::build(index, gateway, Stack::V6)
+    }
+
+    fn build(index: u8, gateway: bool, stack: Stack) -> TestNode {
         crate::require_root();
         let id = format!("{index}{}", std::process::id() % 100_000);
         let dir = tempfile::Builder::new()
@@ -50,14 +69,27 @@ impl TestNode {
             .tempdir()
             .expect("temp dir");
         let bridge = format!("ztbr{id}");
-        let subnet = format!("10.248.{index}.0/24");
+        let v4 = format!("10.248.{index}.0/24");
+        let v6 = format!("fd00:248:{index}::/64");
+        let subnets: Vec<&str> = match stack {
+            Stack::V4 => vec![&v4],
+            Stack::Dual => vec![&v4, &v6],
+            Stack::V6 => vec![&v6],
+        };
         let mut conflist = cni::bridge_conflist(
             &format!("e2e-{id}"),
             &bridge,
-            &subnet,
+            &subnets,
             &dir.path().join("ipam"),
         );
         conflist["plugins"][0]["isGateway"] = serde_json::json!(gateway);
+        if stack != Stack::V4 {
+            // The bridge made in advance, with duplicate address detection off, so its
+            // IPv6 gateway address is usable at once (the bridge plugin reuses it).
+            sh("ip", &["link", "add", &bridge, "type", "bridge"]);
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{bridge}/accept_dad"), "0");
+            sh("ip", &["link", "set", &bridge, "up"]);
+        }
         let ip_forward_before = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
         TestNode {
             id,
@@ -87,6 +119,13 @@ impl TestNode {
         IpAddr::from([10, 248, self.index, host])
     }
 
+    /// An IPv6 address on the node's IPv6 subnet (`fd00:248:<index>::<host>`).
+    pub fn ip6(&self, host: u16) -> IpAddr {
+        format!("fd00:248:{}::{host:x}", self.index)
+            .parse()
+            .expect("an IPv6 address")
+    }
+
     /// Where the agent serves ZDS and ztunnel connects.
     pub fn zds_socket(&self) -> PathBuf {
         self.dir.path().join("ztunnel.sock")
@@ -104,6 +143,7 @@ impl TestNode {
                 lock_wait: Duration::from_secs(5),
             },
             proc_root: PathBuf::from("/proc"),
+            families: vec![Family::V4, Family::V6],
         }
     }
 
@@ -116,7 +156,23 @@ impl TestNode {
         plugin: serde_json::Value,
         args: &str,
     ) -> (TestPod, Result<(), String>) {
+        self.add_pod_at(name, plugin, args, &[])
+    }
+
+    /// Like [`TestNode::add_pod_via_chain`], the sandbox getting exactly `ips` (one per
+    /// family: host-local's `args.cni.ips`), so the control plane can know them first.
+    pub fn add_pod_at(
+        &self,
+        name: &str,
+        plugin: serde_json::Value,
+        args: &str,
+        ips: &[IpAddr],
+    ) -> (TestPod, Result<(), String>) {
         let mut conflist = self.conflist.clone();
+        if !ips.is_empty() {
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            conflist["plugins"][0]["args"] = serde_json::json!({"cni": {"ips": ips}});
+        }
         if let Some(plugins) = conflist["plugins"].as_array_mut() {
             plugins.push(plugin);
         }
@@ -141,12 +197,28 @@ impl TestNode {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let netns_name = format!("zt{}-{n}-{name}", self.id);
         sh("ip", &["netns", "add", &netns_name]);
+        // No duplicate address detection in the pod: its IPv6 address is usable as
+        // soon as the CNI plugins return (a runtime would wait for it).
+        for conf in ["all", "default"] {
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &netns_name,
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{conf}.accept_dad=0"),
+                ],
+            );
+        }
         let mut pod = TestPod {
             name: name.to_string(),
             uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),
             netns_path: PathBuf::from("/var/run/netns").join(&netns_name),
             netns_name,
             ip: IpAddr::from([0, 0, 0, 0]),
+            ips: Vec::new(),
             conflist,
             args: args.to_string(),
             hidden: self
@@ -160,7 +232,8 @@ impl TestNode {
             .and_then(|_| cni::add(&pod.conflist, &pod.invocation("eth0")));
         match result {
             Ok(r) => {
-                pod.ip = cni::first_ip(&r).expect("pod IP");
+                pod.ips = cni::all_ips(&r);
+                pod.ip = *pod.ips.first().expect("pod IP");
                 (pod, Ok(()))
             }
             Err(e) => (pod, Err(e.to_string())),
@@ -195,7 +268,10 @@ pub struct TestPod {
     pub uid: WorkloadUid,
     pub netns_name: String,
     pub netns_path: PathBuf,
+    /// Its first address (IPv4 on a dual-stack node).
     pub ip: IpAddr,
+    /// All its addresses, IPv4 first.
+    pub ips: Vec<IpAddr>,
     conflist: Value,
     args: String,
     hidden: Vec<PathBuf>,
@@ -212,6 +288,11 @@ impl TestPod {
             args: &self.args,
             hidden: &self.hidden,
         }
+    }
+
+    /// Its IPv6 address, on a dual-stack or IPv6-only node.
+    pub fn ip6(&self) -> Option<IpAddr> {
+        self.ips.iter().copied().find(IpAddr::is_ipv6)
     }
 
     /// The sandbox's container id, as the runtime passes it (`CNI_CONTAINERID`).
@@ -263,7 +344,7 @@ impl TestPod {
             namespace: "ambient-demo".into(),
             service_account: self.name.clone(),
             netns_path: self.netns_path.clone(),
-            ips: vec![self.ip],
+            ips: self.ips.clone(),
             container_id: Some(self.netns_name.clone()),
         }
     }
@@ -305,10 +386,21 @@ impl TestPod {
         normalize_save(&self.exec(&["iptables-save"]))
     }
 
-    /// The pod's ip rules at our priority and its table-100 routes.
+    /// `ip6tables-save` inside the pod, normalized the same way.
+    pub fn ip6tables_save(&self) -> String {
+        normalize_save(&self.exec(&["ip6tables-save"]))
+    }
+
+    /// The pod's ip rules at our priority and its table-100 routes (IPv4).
     pub fn policy_routing(&self) -> String {
         self.exec(&["ip", "rule", "show", "pref", "32764"])
             + &self.exec(&["ip", "route", "show", "table", "100"])
+    }
+
+    /// The same for IPv6.
+    pub fn policy_routing6(&self) -> String {
+        self.exec(&["ip", "-6", "rule", "show", "pref", "32764"])
+            + &self.exec(&["ip", "-6", "route", "show", "table", "100"])
     }
 }
 

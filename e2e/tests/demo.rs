@@ -27,9 +27,11 @@ fn the_demo_runs_to_the_end_and_cleans_up() {
     for expected in [
         "inpod_enabled: true",
         "ztunnel::inpod::statemanager: pod WorkloadUid(",
-        "0.0.0.0:15001",
+        "*:15001",
         "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
-        "hello from httpbin",
+        "-A ISTIO_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+        "hello from httpbin; you are 10.248.200.2",
+        "hello from httpbin; you are fd00:248:200::2",
         "src.identity=spiffe://cluster.local/ns/ambient-demo/sa/sleep dst.addr=",
         "dst.identity=spiffe://cluster.local/ns/ambient-demo/sa/httpbin",
         "ambient.istio.io/redirection=enabled",

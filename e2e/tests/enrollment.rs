@@ -1,13 +1,13 @@
 //! Enrollment that cannot be skipped: sandbox recreation, node reboot, terminating
 //! pods, concurrent enrollment paths and what `enabled` means after ztunnel restarts.
-//! The real CNI chain, the agent (Kubernetes mode) and ztunnel as processes; every
-//! bypass test looks at the wire on the pod's host-side veth as well as at its rules.
-//! Root only.
+//! The real CNI chain, the agent (Kubernetes mode) and ztunnel as processes, on
+//! dual-stack pods; every bypass test looks at the wire on the pod's host-side veth,
+//! over both families, as well as at its rules. Root only.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use e2e::app::{echo_server, exchange, seen_peer};
+use e2e::app::{echo_server, exchange, seen_peer, EchoServer};
 use e2e::capture::Capture;
 use e2e::cluster::{Cluster, MeshPod, AMBIENT};
 use e2e::node::normalize_save;
@@ -15,32 +15,44 @@ use e2e::{AgentProcess, TestPod, Ztunnel};
 
 const T: Duration = Duration::from_secs(3);
 const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
+const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-fn mesh<'a>(pods: &[(&'a str, IpAddr)]) -> Vec<MeshPod<'a>> {
+fn mesh<'a>(pods: &[(&'a str, Vec<IpAddr>)]) -> Vec<MeshPod<'a>> {
     pods.iter()
-        .map(|(name, ip)| MeshPod {
+        .map(|(name, ips)| MeshPod {
             namespace: "demo",
             name,
-            ip: *ip,
+            ips: ips.clone(),
         })
         .collect()
 }
 
-/// Sends `payload` from `client` to `server` while capturing on the client's host-side
-/// veth: the exchange must work, go over HBONE (15008), and never show the payload.
+/// Both addresses of host number `n` on the (dual-stack) node.
+fn both(cluster: &Cluster, n: u8) -> Vec<IpAddr> {
+    vec![cluster.node.ip(n), cluster.node.ip6(n.into())]
+}
+
+/// Sends `payload` from `client` to `echo` (served by `server`) over each family,
+/// capturing on the client's host-side veth: each exchange must work, go over HBONE
+/// (15008), and never show the payload.
 async fn encrypted_exchange(
     cluster: &Cluster,
     client: &TestPod,
-    server: std::net::SocketAddr,
+    server: &TestPod,
+    echo: &EchoServer,
     payload: &str,
 ) {
     let capture = Capture::on_host_veth(client, "tcp", cluster.node.dir.path());
-    let response = exchange(client, server, payload, T)
-        .await
-        .unwrap_or_else(|e| panic!("{} -> {server}: {e}", client.name));
-    assert_eq!(seen_peer(&response), Some(client.ip), "{response}");
-    assert!(response.contains(payload.trim()), "{response}");
+    for ip in &server.ips {
+        let dst = echo.at(*ip);
+        let response = exchange(client, dst, payload, T)
+            .await
+            .unwrap_or_else(|e| panic!("{} -> {dst}: {e}", client.name));
+        let own = client.ips.iter().find(|c| c.is_ipv4() == ip.is_ipv4());
+        assert_eq!(seen_peer(&response).as_ref(), own, "{response}");
+        assert!(response.contains(payload.trim()), "{response}");
+    }
     let wire = capture.stop();
     assert!(
         wire.packets.contains(".15008"),
@@ -62,6 +74,12 @@ fn captured_exactly(pod: &TestPod) {
         pod.netns_name
     );
     assert_eq!(
+        pod.ip6tables_save(),
+        normalize_save(SPEC6_SAVE),
+        "IPv6 rules of {}",
+        pod.netns_name
+    );
+    assert_eq!(
         pod.ports_of("ztunnel"),
         ZTUNNEL_PORTS,
         "{:?}",
@@ -74,12 +92,12 @@ fn captured_exactly(pod: &TestPod) {
 async fn enrolled_through_the_chain(
     cluster: &Cluster,
     agent: &AgentProcess,
-    pods: &[(&str, IpAddr)],
+    pods: &[(&str, Vec<IpAddr>)],
 ) -> Vec<TestPod> {
     let mut sandboxes = Vec::new();
-    for (name, ip) in pods {
+    for (name, ips) in pods {
         cluster.create_pod_object("demo", name);
-        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(*ip));
+        let (pod, added) = cluster.start_sandbox_at("demo", name, ips);
         added.unwrap_or_else(|e| panic!("ADD {name}: {e}"));
         cluster
             .wait_annotation_of("demo", name, Some("enabled"), agent)
@@ -96,37 +114,47 @@ async fn ready(agent: &AgentProcess, zt: &Ztunnel) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
-    let cluster = Cluster::new(64, false).await;
-    let node = &cluster.node;
-    let (server_ip, ip1, ip2, ip3) = (node.ip(10), node.ip(11), node.ip(12), node.ip(13));
+    let cluster = Cluster::dual_stack(64, false).await;
+    let (server_ip, ip1, ip2, ip3) = (
+        both(&cluster, 10),
+        both(&cluster, 11),
+        both(&cluster, 12),
+        both(&cluster, 13),
+    );
     cluster.namespace("demo", &[AMBIENT]);
     cluster
-        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip1)]), None)
+        .push_mesh(
+            &mesh(&[("httpbin", server_ip.clone()), ("sleep", ip1.clone())]),
+            None,
+        )
         .await;
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel_mesh(1);
     ready(&agent, &zt).await;
     cluster.create_pod_object("demo", "httpbin");
-    let (server, added) = cluster.start_sandbox_at("demo", "httpbin", Some(server_ip));
+    let (server, added) = cluster.start_sandbox_at("demo", "httpbin", &server_ip);
     added.expect("server ADD");
     let echo = echo_server(&server, 8080).await;
     cluster.create_pod_object("demo", "sleep");
-    let (first, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip1));
+    let (first, added) = cluster.start_sandbox_at("demo", "sleep", &ip1);
     added.expect("first sandbox ADD");
     cluster
         .wait_annotation_of("demo", "sleep", Some("enabled"), &agent)
         .await;
-    encrypted_exchange(&cluster, &first, echo.addr, "first-sandbox-secret\n").await;
+    encrypted_exchange(&cluster, &first, &server, &echo, "first-sandbox-secret\n").await;
 
-    // Kubelet recreates the sandbox (the first one died): same uid, a new netns and IP,
-    // which the control plane pushes.
+    // Kubelet recreates the sandbox (the first one died): same uid, a new netns and
+    // addresses, which the control plane pushes.
     cluster
-        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip2)]), Some(&zt))
+        .push_mesh(
+            &mesh(&[("httpbin", server_ip.clone()), ("sleep", ip2.clone())]),
+            Some(&zt),
+        )
         .await;
-    let (second, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip2));
+    let (second, added) = cluster.start_sandbox_at("demo", "sleep", &ip2);
     added.expect("second sandbox ADD");
     captured_exactly(&second);
-    encrypted_exchange(&cluster, &second, echo.addr, "second-sandbox-secret\n").await;
+    encrypted_exchange(&cluster, &second, &server, &echo, "second-sandbox-secret\n").await;
     assert_eq!(
         cluster.annotation_of("demo", "sleep").as_deref(),
         Some("enabled")
@@ -139,7 +167,7 @@ async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
         cluster.annotation_of("demo", "sleep").as_deref(),
         Some("enabled")
     );
-    encrypted_exchange(&cluster, &second, echo.addr, "after-late-del-secret\n").await;
+    encrypted_exchange(&cluster, &second, &server, &echo, "after-late-del-secret\n").await;
 
     // Its own DEL: ztunnel drops the pod and it is not `enabled` until the next ADD.
     let drained = zt.count(&["pod delete request, draining proxy"]);
@@ -148,24 +176,33 @@ async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
     zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
         .await;
     cluster
-        .push_mesh(&mesh(&[("httpbin", server_ip), ("sleep", ip3)]), Some(&zt))
+        .push_mesh(
+            &mesh(&[("httpbin", server_ip), ("sleep", ip3.clone())]),
+            Some(&zt),
+        )
         .await;
-    let (third, added) = cluster.start_sandbox_at("demo", "sleep", Some(ip3));
+    let (third, added) = cluster.start_sandbox_at("demo", "sleep", &ip3);
     added.expect("third sandbox ADD");
     captured_exactly(&third);
     assert_eq!(
         cluster.annotation_of("demo", "sleep").as_deref(),
         Some("enabled")
     );
-    encrypted_exchange(&cluster, &third, echo.addr, "third-sandbox-secret\n").await;
+    encrypted_exchange(&cluster, &third, &server, &echo, "third-sandbox-secret\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
-    let cluster = Cluster::new(65, false).await;
+    let cluster = Cluster::dual_stack(65, false).await;
     let node = &cluster.node;
-    let before = [("httpbin", node.ip(10)), ("sleep", node.ip(11))];
-    let after = [("httpbin", node.ip(20)), ("sleep", node.ip(21))];
+    let before = [
+        ("httpbin", both(&cluster, 10)),
+        ("sleep", both(&cluster, 11)),
+    ];
+    let after = [
+        ("httpbin", both(&cluster, 20)),
+        ("sleep", both(&cluster, 21)),
+    ];
     cluster.namespace("demo", &[AMBIENT]);
     cluster.push_mesh(&mesh(&before), None).await;
     let mut agent = cluster.start_agent(1);
@@ -190,22 +227,22 @@ async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
     let agent = cluster.start_agent(2);
     let zt = cluster.start_ztunnel_mesh(2);
     ready(&agent, &zt).await;
-    for (name, _) in after {
+    for (name, _) in &after {
         // No sandbox, so not enabled.
         cluster
             .wait_annotation_of("demo", name, Some("pending"), &agent)
             .await;
     }
     let mut pods = Vec::new();
-    for (name, ip) in after {
-        let (pod, added) = cluster.start_sandbox_at("demo", name, Some(ip));
+    for (name, ips) in &after {
+        let (pod, added) = cluster.start_sandbox_at("demo", name, ips);
         added.unwrap_or_else(|e| panic!("ADD {name} after the reboot: {e}"));
         captured_exactly(&pod);
         pods.push(pod);
     }
     let echo = echo_server(&pods[0], 8080).await;
-    encrypted_exchange(&cluster, &pods[1], echo.addr, "after-reboot-secret\n").await;
-    for (name, _) in after {
+    encrypted_exchange(&cluster, &pods[1], &pods[0], &echo, "after-reboot-secret\n").await;
+    for (name, _) in &after {
         assert_eq!(
             cluster.annotation_of("demo", name).as_deref(),
             Some("enabled")
@@ -215,12 +252,11 @@ async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
-    let cluster = Cluster::new(66, false).await;
-    let node = &cluster.node;
+    let cluster = Cluster::dual_stack(66, false).await;
     let pods = [
-        ("httpbin", node.ip(10)),
-        ("sleep", node.ip(11)),
-        ("job", node.ip(12)),
+        ("httpbin", both(&cluster, 10)),
+        ("sleep", both(&cluster, 11)),
+        ("job", both(&cluster, 12)),
     ];
     cluster.namespace("demo", &[AMBIENT]);
     cluster.push_mesh(&mesh(&pods), None).await;
@@ -238,7 +274,8 @@ async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
         encrypted_exchange(
             &cluster,
             &sleep,
-            echo.addr,
+            &sandboxes[0],
+            &echo,
             &format!("grace-period-secret-{i}\n"),
         )
         .await;
@@ -261,20 +298,22 @@ async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
     // A Job's pod finishes: phase Succeeded takes it out of the mesh at once.
     cluster
         .api
-        .set_pod_status("demo", "job", "Succeeded", &[job.ip]);
+        .set_pod_status("demo", "job", "Succeeded", &job.ips);
     cluster
         .wait_annotation_of("demo", "job", None, &agent)
         .await;
     assert!(
-        !job.iptables_save().contains("ISTIO"),
-        "a finished pod keeps its rules:\n{}",
-        job.iptables_save()
+        !job.iptables_save().contains("ISTIO") && !job.ip6tables_save().contains("ISTIO"),
+        "a finished pod keeps its rules:\n{}\n{}",
+        job.iptables_save(),
+        job.ip6tables_save()
     );
+    assert_eq!(job.policy_routing() + &job.policy_routing6(), "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cni_add_racing_the_watch_leaves_one_ruleset_and_one_proxy() {
-    let cluster = Cluster::new(67, false).await;
+    let cluster = Cluster::dual_stack(67, false).await;
     cluster.namespace("demo", &[AMBIENT]);
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
@@ -301,8 +340,9 @@ async fn a_cni_add_racing_the_watch_leaves_one_ruleset_and_one_proxy() {
     for pod in &pods {
         cluster.wait_annotation(pod, Some("enabled"), &agent).await;
         captured_exactly(pod);
-        let rules = pod.policy_routing();
-        assert_eq!(rules.matches("fwmark 0x111/0xfff").count(), 1, "{rules}");
+        for rules in [pod.policy_routing(), pod.policy_routing6()] {
+            assert_eq!(rules.matches("fwmark 0x111/0xfff").count(), 1, "{rules}");
+        }
         assert_eq!(
             zt.count(&[&format!("pod WorkloadUid(\"{}\") received netns", pod.uid)]),
             1,
@@ -314,7 +354,7 @@ async fn a_cni_add_racing_the_watch_leaves_one_ruleset_and_one_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_ztunnel_restart_enabled_means_that_ztunnel_acked_the_pod() {
-    let cluster = Cluster::new(68, false).await;
+    let cluster = Cluster::dual_stack(68, false).await;
     cluster.namespace("demo", &[AMBIENT]);
     let a = cluster.add_pod("demo", "sleep", &[]);
     let b = cluster.add_pod("demo", "httpbin", &[]);
@@ -345,7 +385,7 @@ async fn after_a_ztunnel_restart_enabled_means_that_ztunnel_acked_the_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_recreated_without_the_plugin_is_found_by_the_watch() {
-    let cluster = Cluster::new(71, false).await;
+    let cluster = Cluster::dual_stack(71, false).await;
     cluster.namespace("demo", &[AMBIENT]);
     let first = cluster.add_pod("demo", "sleep", &[]);
     let server = cluster.add_pod("demo", "httpbin", &[]);
@@ -362,7 +402,7 @@ async fn a_sandbox_recreated_without_the_plugin_is_found_by_the_watch() {
     let second = cluster.run_sandbox("demo", "sleep", Some(&first.uid));
     cluster
         .api
-        .set_pod_status("demo", "sleep", "Running", &[second.ip]);
+        .set_pod_status("demo", "sleep", "Running", &second.ips);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while second.ports_of("ztunnel") != ZTUNNEL_PORTS {
         assert!(

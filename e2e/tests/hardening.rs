@@ -264,7 +264,7 @@ async fn slowloris_clients_are_cut_off_and_cannot_exhaust_file_descriptors() {
             &[MeshPod {
                 namespace: "demo",
                 name: "httpbin",
-                ip: httpbin.ip,
+                ips: httpbin.ips.clone(),
             }],
             None,
         )

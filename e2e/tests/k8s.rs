@@ -197,7 +197,7 @@ async fn the_host_probe_set_holds_exactly_the_enrolled_ips_and_probes_reach_the_
     cluster.wait_annotation(&a, Some("enabled"), &agent).await;
     let server = echo_server(&a, 8080).await;
 
-    let members = e2e::sh("ipset", &["save", &cluster.probe_set]);
+    let members = e2e::sh("ipset", &["save", &format!("{}-v4", cluster.probe_set)]);
     let ips: Vec<&str> = members.lines().filter(|l| l.starts_with("add ")).collect();
     assert_eq!(ips.len(), 1, "{members}");
     assert!(
@@ -221,7 +221,7 @@ async fn the_host_probe_set_holds_exactly_the_enrolled_ips_and_probes_reach_the_
 
     cluster.label_namespace("demo", AMBIENT.0, None);
     cluster.wait_annotation(&a, None, &agent).await;
-    let members = e2e::sh("ipset", &["save", &cluster.probe_set]);
+    let members = e2e::sh("ipset", &["save", &format!("{}-v4", cluster.probe_set)]);
     assert!(!members.lines().any(|l| l.starts_with("add ")), "{members}");
 }
 

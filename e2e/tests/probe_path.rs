@@ -1,7 +1,8 @@
-//! The kubelet probe path: the node's probe rules SNAT its connections to enrolled pods
-//! to 169.254.7.127, which the pod's redirection passes straight to the app. Runs on a
-//! private "node" netns wired to a pod netns by a veth, so the machine's own tables are
-//! never touched. Root only.
+//! The kubelet probe path, over each address family: the node's probe rules SNAT its
+//! connections to enrolled pods to 169.254.7.127 (IPv6:
+//! fd16:9254:7127:1337:ffff:ffff:ffff:ffff), which the pod's redirection passes
+//! straight to the app. Runs on a private "node" netns wired to a pod netns by a veth,
+//! so the machine's own tables are never touched. Root only.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use e2e::sh;
 use istio_cni::rules::hostprobe::HostProbes;
-use istio_cni::rules::{Applied, Redirection, RuleConfig};
+use istio_cni::rules::{Applied, Family, Redirection, RuleConfig};
 use protocol::{Netns, WorkloadUid};
 
 /// Two netns, "node" and "pod", joined by a veth; deleted on drop.
@@ -71,6 +72,15 @@ impl Wired {
                 "eth0",
             ],
         );
+        for (ns, addr) in [
+            (&wired.node, "fd00:251::1/64"),
+            (&wired.pod, "fd00:251::2/64"),
+        ] {
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", addr, "dev", "eth0", "nodad"],
+            );
+        }
         for ns in [&wired.node, &wired.pod] {
             sh("ip", &["-n", ns, "link", "set", "eth0", "up"]);
         }
@@ -84,6 +94,19 @@ impl Wired {
                 "default",
                 "via",
                 "10.251.0.1",
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-n",
+                &wired.pod,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:251::1",
             ],
         );
         wired
@@ -124,73 +147,94 @@ fn probes_from_the_node_reach_an_enrolled_pods_app_only_through_the_probe_set() 
         lock_wait: Duration::from_secs(5),
     };
     let cfg = RuleConfig::default();
-    Redirection::new(cfg.clone(), iptables.clone())
+    Redirection::new(cfg.clone(), iptables.clone(), &Family::ALL)
         .apply(&pod)
         .unwrap();
 
-    // The app: tells each client the address it sees.
+    // The app, on both families: tells each client the address it sees.
     let listener = pod
-        .run(|| TcpListener::bind("0.0.0.0:8080"))
+        .run(|| -> std::io::Result<TcpListener> {
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8080)).into())?;
+            s.listen(16)?;
+            Ok(s.into())
+        })
         .unwrap()
         .unwrap();
     std::thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
             let peer = s
                 .peer_addr()
-                .map(|p| p.ip().to_string())
+                .map(|p| p.ip().to_canonical().to_string())
                 .unwrap_or_default();
             let _ = s.write_all(peer.as_bytes());
         }
     });
-    let app: SocketAddr = "10.251.0.2:8080".parse().unwrap();
-    let pod_ip: IpAddr = app.ip();
 
-    // Enrolled pod, no probe rules: the node's connection is captured (and no ztunnel
-    // listens), so it fails.
-    assert!(
-        probe(&node, app).is_err(),
-        "a node connection bypassed the pod's capture"
-    );
+    for (family, pod_ip, probe_source) in [
+        (Family::V4, "10.251.0.2", "169.254.7.127"),
+        (
+            Family::V6,
+            "fd00:251::2",
+            "fd16:9254:7127:1337:ffff:ffff:ffff:ffff",
+        ),
+    ] {
+        let pod_ip: IpAddr = pod_ip.parse().unwrap();
+        let app = SocketAddr::new(pod_ip, 8080);
+        // Enrolled pod, no probe rules: the node's connection is captured (and no
+        // ztunnel listens), so it fails.
+        assert!(
+            probe(&node, app).is_err(),
+            "{family}: a node connection bypassed the pod's capture"
+        );
 
-    let probes = HostProbes::new(&cfg, iptables.clone(), "zt-e2e-probes");
-    assert_eq!(probes.install(&node).unwrap(), Applied::Changed);
-    assert_eq!(
-        probes.install(&node).unwrap(),
-        Applied::Unchanged,
-        "install is idempotent"
-    );
-    let uid = WorkloadUid::new("pod-uid-1");
-    probes.add(&node, &uid, pod_ip).unwrap();
-    assert_eq!(
-        probe(&node, app).expect("probe through the set"),
-        "169.254.7.127"
-    );
+        let probes = HostProbes::new(&cfg, iptables.clone(), family, "zt-e2e-probes");
+        assert_eq!(probes.install(&node).unwrap(), Applied::Changed);
+        assert_eq!(
+            probes.install(&node).unwrap(),
+            Applied::Unchanged,
+            "install is idempotent"
+        );
+        let uid = WorkloadUid::new("pod-uid-1");
+        probes.add(&node, &uid, pod_ip).unwrap();
+        assert_eq!(
+            probe(&node, app).expect("probe through the set"),
+            probe_source
+        );
 
-    // A stale pod that once had this IP cannot remove it; the owner can.
-    assert!(!probes
-        .remove(&node, &WorkloadUid::new("old-pod"), pod_ip)
-        .unwrap());
-    assert_eq!(probe(&node, app).expect("still there"), "169.254.7.127");
-    assert!(probes.remove(&node, &uid, pod_ip).unwrap());
-    assert!(probe(&node, app).is_err());
+        // A stale pod that once had this IP cannot remove it; the owner can.
+        assert!(!probes
+            .remove(&node, &WorkloadUid::new("old-pod"), pod_ip)
+            .unwrap());
+        assert_eq!(probe(&node, app).expect("still there"), probe_source);
+        assert!(probes.remove(&node, &uid, pod_ip).unwrap());
+        assert!(probe(&node, app).is_err());
 
-    // sync converges to exactly the wanted members.
-    let want = BTreeMap::from([(pod_ip, uid.clone())]);
-    probes
-        .add(
-            &node,
-            &WorkloadUid::new("gone"),
-            "10.251.0.99".parse().unwrap(),
-        )
-        .unwrap();
-    probes.sync(&node, &want).unwrap();
-    let members = probes.members(&node).unwrap();
-    assert_eq!(members.len(), 1);
-    assert_eq!(members[&pod_ip], "pod-uid-1");
+        // sync converges to exactly the wanted members of its family.
+        let stale: IpAddr = match family {
+            Family::V4 => "10.251.0.99".parse().unwrap(),
+            Family::V6 => "fd00:251::99".parse().unwrap(),
+        };
+        let want = BTreeMap::from([
+            (pod_ip, uid.clone()),
+            ("10.9.9.9".parse().unwrap(), WorkloadUid::new("v4-only")),
+            ("fd00:9::9".parse().unwrap(), WorkloadUid::new("v6-only")),
+        ]);
+        probes.add(&node, &WorkloadUid::new("gone"), stale).unwrap();
+        probes.sync(&node, &want).unwrap();
+        let members = probes.members(&node).unwrap();
+        assert_eq!(members.len(), 2, "{family}: {members:?}");
+        assert_eq!(members[&pod_ip], "pod-uid-1");
 
-    probes.uninstall(&node).unwrap();
-    let save = sh("ip", &["netns", "exec", &wired.node, "iptables-save"]);
-    assert!(!save.contains("ISTIO_POSTRT"), "{save}");
-    let sets = sh("ip", &["netns", "exec", &wired.node, "ipset", "list", "-n"]);
-    assert!(!sets.contains("zt-e2e-probes"), "{sets}");
+        probes.uninstall(&node).unwrap();
+        let save_cmd = match family {
+            Family::V4 => "iptables-save",
+            Family::V6 => "ip6tables-save",
+        };
+        let save = sh("ip", &["netns", "exec", &wired.node, save_cmd]);
+        assert!(!save.contains("ISTIO_POSTRT"), "{save}");
+        let sets = sh("ip", &["netns", "exec", &wired.node, "ipset", "list", "-n"]);
+        assert!(!sets.contains("zt-e2e-probes"), "{sets}");
+    }
 }

@@ -9,7 +9,7 @@ use protocol::SeqpacketListener;
 use tokio::task::JoinHandle;
 
 use crate::enrollment::{Adopt, EnrollError, Enrollment, Locate, Pod};
-use crate::rules::{Iptables, Redirection, RuleConfig};
+use crate::rules::{Family, Iptables, Redirection, RuleConfig};
 use crate::zds_server::ZdsServer;
 
 /// Settings of the agent's core.
@@ -25,6 +25,9 @@ pub struct AgentConfig {
     pub iptables: Iptables,
     /// Where pods' processes are looked up (`/proc`).
     pub proc_root: PathBuf,
+    /// The address families redirected (`AMBIENT_IPV6` adds IPv6 to IPv4). A pod with an
+    /// address of another family is refused.
+    pub families: Vec<Family>,
 }
 
 impl AgentConfig {
@@ -32,7 +35,7 @@ impl AgentConfig {
     /// (no probe set, no status writer).
     pub fn enrollment(&self) -> Enrollment {
         Enrollment::new(
-            Redirection::new(self.rules.clone(), self.iptables.clone()),
+            Redirection::new(self.rules.clone(), self.iptables.clone(), &self.families),
             ZdsServer::new(self.zds_timeout),
             self.proc_root.clone(),
         )

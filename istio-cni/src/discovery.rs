@@ -40,21 +40,6 @@ fn is_uid(s: &str) -> bool {
             .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Addresses of the interfaces in `netns`.
-fn addresses(netns: &Netns) -> io::Result<Vec<IpAddr>> {
-    netns.run(|| -> io::Result<Vec<IpAddr>> {
-        let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-        Ok(addrs
-            .filter_map(|a| a.address)
-            .filter_map(|a| {
-                a.as_sockaddr_in()
-                    .map(|v4| IpAddr::V4(v4.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-            })
-            .collect())
-    })?
-}
-
 /// Scans `proc_root` (normally `/proc`) for the pods in `wanted` (uid -> pod IPs) and
 /// returns the netns of each one found, never one in `exclude` (sandboxes already torn
 /// down). Processes that vanish mid-scan are skipped.
@@ -94,7 +79,7 @@ pub fn find_pod_netns(
         {
             continue;
         }
-        if addresses(&netns)?.iter().any(|a| ips.contains(a)) {
+        if netns.addresses()?.iter().any(|a| ips.contains(a)) {
             found.insert(uid, netns);
         } else {
             rejected.insert((uid, netns.id()));

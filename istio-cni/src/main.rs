@@ -13,7 +13,7 @@ use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
 use istio_cni::k8s::selection::Selection;
 use istio_cni::k8s::status::KubeStatus;
 use istio_cni::rules::hostprobe::HostProbes;
-use istio_cni::rules::{Backend, Iptables, Redirection, RuleConfig};
+use istio_cni::rules::{Backend, Family, Iptables, Redirection, RuleConfig};
 use istio_cni::zds_server::ZdsServer;
 use istio_cni::{Agent, AgentConfig, Enrollment};
 use protocol::Netns;
@@ -77,9 +77,14 @@ struct Args {
     /// Address of `/readyz`.
     #[arg(long, env = "AGENT_READINESS_ADDR", default_value = "0.0.0.0:8000")]
     readiness_addr: std::net::SocketAddr,
-    /// The ipset of enrolled pod IPs that host probe rules SNAT to.
-    #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET)]
+    /// The ipsets of enrolled pod IPs that host probe rules SNAT to: this prefix plus
+    /// `-v4` and `-v6`.
+    #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET_PREFIX)]
     host_probe_set: String,
+    /// Redirect IPv6 as well as IPv4 (Istio's `AMBIENT_IPV6`). Off, a pod with a
+    /// routable IPv6 address is refused rather than left with uncaptured IPv6.
+    #[arg(long, env = "AMBIENT_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
+    ambient_ipv6: bool,
     /// Seconds an HTTP client of `/readyz` has to send its request headers.
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     http_header_read_timeout: u64,
@@ -136,6 +141,11 @@ async fn agent_main() -> anyhow::Result<()> {
         rules: RuleConfig::default(),
         iptables: iptables.clone(),
         proc_root: args.proc_root.clone(),
+        families: if args.ambient_ipv6 {
+            vec![Family::V4, Family::V6]
+        } else {
+            vec![Family::V4]
+        },
     };
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
@@ -146,6 +156,7 @@ async fn agent_main() -> anyhow::Result<()> {
         args.excluded_namespaces.join(",")
     );
     println!("host_probe_set: {}", args.host_probe_set);
+    println!("ambient_ipv6: {}", args.ambient_ipv6);
     println!(
         "plugin_event_socket: {}",
         args.plugin_event_socket.display()
@@ -168,13 +179,20 @@ async fn agent_main() -> anyhow::Result<()> {
     };
 
     let host = Netns::current().context("opening the host netns")?;
-    let probes = HostProbes::new(
-        &RuleConfig::default(),
-        iptables.clone(),
-        &args.host_probe_set,
-    );
+    let probes = cfg
+        .families
+        .iter()
+        .map(|f| {
+            HostProbes::new(
+                &RuleConfig::default(),
+                iptables.clone(),
+                *f,
+                &args.host_probe_set,
+            )
+        })
+        .collect();
     let enrollment = Enrollment::build(
-        Redirection::new(RuleConfig::default(), iptables),
+        Redirection::new(RuleConfig::default(), iptables, &cfg.families),
         ZdsServer::new(cfg.zds_timeout),
         args.proc_root.clone(),
         Some((probes, host)),

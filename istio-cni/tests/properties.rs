@@ -145,7 +145,7 @@ proptest! {
             .prop_map(|lines| lines.join("\n")),
         ],
     ) {
-        let expected = render_rules(&RuleConfig::default());
+        let expected = render_rules(&RuleConfig::default(), istio_cni::rules::Family::V4);
         if let Ok(saved) = parse_save(&text) {
             let _ = drift(&expected, &saved);
         }

@@ -21,5 +21,5 @@ pub mod zds {
 
 pub use error::Error;
 pub use message::{Ack, Request, WorkloadUid, PROTOCOL_VERSION};
-pub use netns::{Netns, NetnsId};
+pub use netns::{routable, Netns, NetnsId};
 pub use transport::{Datagram, SeqpacketConn, SeqpacketListener, DEFAULT_TIMEOUT};

@@ -19,6 +19,24 @@ use nix::sys::statfs::fstatfs;
 /// `ioctl(fd, NS_GET_NSTYPE)` from linux/nsfs.h: `_IO(0xb7, 0x3)`.
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
+/// Whether traffic from or to `addr` can reach another workload: not loopback, not
+/// link-local, not multicast or unspecified. A pod holding such an address in a family
+/// that is not redirected would have uncaptured traffic.
+pub fn routable(addr: &std::net::IpAddr) -> bool {
+    match addr {
+        std::net::IpAddr::V4(v4) => {
+            !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified() && !v4.is_multicast()
+        }
+        std::net::IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+                // fe80::/10
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
 /// Identity of a network namespace: two handles with the same id are the same netns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetnsId {
@@ -113,6 +131,21 @@ impl Netns {
         })
     }
 
+    /// The addresses on this netns's interfaces (read on a thread inside it).
+    pub fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        self.run(|| -> io::Result<Vec<std::net::IpAddr>> {
+            let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+            Ok(addrs
+                .filter_map(|a| a.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                })
+                .collect())
+        })?
+    }
+
     /// A `Command` whose child process starts inside this netns.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
         let fd = self.fd.try_clone()?;
@@ -143,6 +176,28 @@ mod tests {
         let b = Netns::current().unwrap();
         assert_eq!(a.id(), b.id());
         assert_eq!(a.try_clone().unwrap().id(), a.id());
+    }
+
+    #[test]
+    fn routable_addresses() {
+        for (a, want) in [
+            ("10.0.0.1", true),
+            ("127.0.0.1", false),
+            ("169.254.1.1", false),
+            ("fd00::1", true),
+            ("2001:db8::1", true),
+            ("::1", false),
+            ("fe80::1", false),
+            ("ff02::1", false),
+        ] {
+            assert_eq!(routable(&a.parse().unwrap()), want, "{a}");
+        }
+    }
+
+    #[test]
+    fn the_current_netns_has_its_loopback_address() {
+        let addrs = Netns::current().unwrap().addresses().unwrap();
+        assert!(addrs.iter().any(|a| a.is_loopback()), "{addrs:?}");
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub struct Config {
     /// `https://localhost:15012`. (This build has no xDS client yet.)
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
+    /// Serve IPv6 as well as IPv4: pod listeners are dual-stack. Off, a pod whose netns
+    /// holds a routable IPv6 address is refused (its IPv6 traffic would be uncaptured).
+    #[arg(long, env = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6_enabled: bool,
     /// Run with no mesh at all: every pod's traffic is passed through in plaintext,
     /// without policy. For tests and troubleshooting; warned about at startup and for
     /// every pod. Never implied by a missing setting.
@@ -192,6 +196,7 @@ impl Config {
             format!("inpod_uds: {}", self.inpod_uds.display()),
             format!("inpod_port_reuse: {}", self.inpod_port_reuse),
             format!("inpod_mark: {}", self.packet_mark),
+            format!("ipv6_enabled: {}", self.ipv6_enabled),
             format!("node_name: {}", self.node_name),
             format!("readiness_addr: {}", self.readiness_addr),
             format!("pod_drain_grace: {:?}", self.pod_drain_grace),

@@ -94,6 +94,7 @@ pub async fn run(
         reuse_port: cfg.inpod_port_reuse,
         drain_grace: cfg.pod_drain_grace,
         connect_timeout: cfg.connect_timeout,
+        ipv6: cfg.ipv6_enabled,
         keepalive: cfg.keepalive_enabled.then_some(Keepalive {
             time: cfg.keepalive_time,
             interval: cfg.keepalive_interval,

@@ -8,7 +8,7 @@
 //! It then shows what the specification's "Observing" section shows, and a request
 //! from sleep to httpbin over mTLS. Ctrl-C or the end removes everything it created.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -79,9 +79,12 @@ async fn httpbin(pod: &e2e::TestPod, port: u16) -> anyhow::Result<tokio::task::J
     let listener = pod
         .netns()
         .run(move || -> std::io::Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+            s.listen(64)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
         })??;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     Ok(tokio::spawn(async move {
@@ -89,7 +92,7 @@ async fn httpbin(pod: &e2e::TestPod, port: u16) -> anyhow::Result<tokio::task::J
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf).await;
-                let body = format!("hello from httpbin; you are {}\n", peer.ip());
+                let body = format!("hello from httpbin; you are {}\n", peer.ip().to_canonical());
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -102,11 +105,11 @@ async fn httpbin(pod: &e2e::TestPod, port: u16) -> anyhow::Result<tokio::task::J
 
 async fn demo() -> anyhow::Result<()> {
     step("Kubernetes API (the in-repo test server) and namespace ambient-demo, labelled istio.io/dataplane-mode=ambient");
-    let cluster = Cluster::new(SUBNET_INDEX, false).await;
+    let cluster = Cluster::dual_stack(SUBNET_INDEX, false).await;
     cluster.namespace(NAMESPACE, &[AMBIENT]);
     println!("kubeconfig: {}", cluster.kubeconfig.display());
 
-    step("The node's primary CNI config: bridge + host-local (a private conf dir)");
+    step("The node's primary CNI config: bridge + host-local, dual-stack (a private conf dir)");
     let conf_dir = cluster.node.dir.path().join("net.d");
     std::fs::create_dir_all(&conf_dir)?;
     let primary = conf_dir.join("10-demo.conflist");
@@ -117,14 +120,14 @@ async fn demo() -> anyhow::Result<()> {
     println!("{}", primary.display());
 
     // The mesh's local config, as istiod would provide it: host-local hands out
-    // addresses in order from a fresh range, so the pods' addresses are known.
-    let ip = |n: u8| IpAddr::V4(Ipv4Addr::new(10, 248, SUBNET_INDEX, n));
-    let yaml = |sleep: IpAddr, httpbin: IpAddr| {
+    // addresses in order from fresh ranges, so the pods' addresses are known.
+    let ips = |n: u8| [cluster.node.ip(n), cluster.node.ip6(n.into())];
+    let yaml = |[s4, s6]: [IpAddr; 2], [h4, h6]: [IpAddr; 2]| {
         format!(
-            "workloads:\n- {{name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, workloadIps: [\"{sleep}\"], protocol: HBONE}}\n- {{name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, workloadIps: [\"{httpbin}\"], protocol: HBONE}}\n"
+            "workloads:\n- {{name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, workloadIps: [\"{s4}\", \"{s6}\"], protocol: HBONE}}\n- {{name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, workloadIps: [\"{h4}\", \"{h6}\"], protocol: HBONE}}\n"
         )
     };
-    cluster.node.write_mesh_config(&yaml(ip(2), ip(3)));
+    cluster.node.write_mesh_config(&yaml(ips(2), ips(3)));
 
     step("Node agent (istio-cni): installs its CNI plugin last in the chain, watches the API");
     let _agent = cluster.start_agent(1);
@@ -146,7 +149,7 @@ async fn demo() -> anyhow::Result<()> {
     std::env::set_var("CNI_PATH", cni_path);
     let installed: serde_json::Value = serde_json::from_slice(&std::fs::read(&primary)?)?;
     let mut pods = Vec::new();
-    for (name, want) in [("sleep", ip(2)), ("httpbin", ip(3))] {
+    for (name, want) in [("sleep", ips(2)), ("httpbin", ips(3))] {
         cluster.create_pod_object(NAMESPACE, name);
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={name}");
         let (pod, added) = cluster
@@ -157,8 +160,11 @@ async fn demo() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("CNI ADD for {name}"))?;
         let pod = pods.last().context("pod")?;
-        if pod.ip != want {
-            bail!("{name} got {} but the local config expects {want}", pod.ip);
+        if pod.ips != want {
+            bail!(
+                "{name} got {:?} but the local config expects {want:?}",
+                pod.ips
+            );
         }
         let annotation = cluster
             .api
@@ -167,7 +173,11 @@ async fn demo() -> anyhow::Result<()> {
             .unwrap_or_default();
         println!(
             "{name}: {} (netns {}), ambient.istio.io/redirection={}",
-            pod.ip,
+            pod.ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             pod.netns_name,
             annotation
                 .get("ambient.istio.io/redirection")
@@ -186,25 +196,32 @@ async fn demo() -> anyhow::Result<()> {
     print!("{}", sleep.exec(&["ss", "-ntlp"]));
     step("$ kubectl debug sleep ... -- iptables-save");
     print!("{}", sleep.exec(&["iptables-save"]));
+    step("$ kubectl debug sleep ... -- ip6tables-save");
+    print!("{}", sleep.exec(&["ip6tables-save"]));
 
-    step("sleep -> httpbin: GET http://httpbin:8000/");
-    let dst = SocketAddr::new(httpbin_pod.ip, 8000);
-    let response = e2e::app::exchange(
-        sleep,
-        dst,
-        "GET / HTTP/1.1\r\nhost: httpbin\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await
-    .context("request from sleep to httpbin")?;
-    print!("{response}");
-    if !response.contains("hello from httpbin") {
-        bail!("unexpected response");
+    for ip in &httpbin_pod.ips {
+        step(&format!(
+            "sleep -> httpbin over {}: GET http://{}/",
+            if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+            SocketAddr::new(*ip, 8000)
+        ));
+        let response = e2e::app::exchange(
+            sleep,
+            SocketAddr::new(*ip, 8000),
+            "GET / HTTP/1.1\r\nhost: httpbin\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await
+        .context("request from sleep to httpbin")?;
+        print!("{response}");
+        if !response.contains("hello from httpbin") {
+            bail!("unexpected response");
+        }
     }
     let (src, dst_id) = (identity_of(sleep), identity_of(httpbin_pod));
     let src_field = format!("src.identity={src}");
     let dst_field = format!("dst.identity={dst_id}");
-    zt.wait_for(&["access", &src_field, &dst_field], 2).await;
+    zt.wait_for(&["access", &src_field, &dst_field], 4).await;
     step("ztunnel access log: the request went over mTLS (HBONE), both identities proven");
     for line in zt.logs().lines().filter(|l| l.contains(" access: ")) {
         println!("{line}");

@@ -32,7 +32,7 @@ pub use status::{StatusError, StatusWriter};
 
 use crate::discovery::find_pod_netns;
 use crate::rules::hostprobe::HostProbes;
-use crate::rules::{Applied, Redirection, RulesError, Verification};
+use crate::rules::{Applied, Family, Redirection, RulesError, Verification};
 use crate::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError, ZdsServer};
 use pod::Entry;
 
@@ -146,8 +146,8 @@ pub enum EnrollError {
     Api(String),
 }
 
-/// The host probe rules and the node netns they live in.
-type Probes = Arc<(HostProbes, Netns)>;
+/// The host probe rules (one per family) and the node netns they live in.
+type Probes = Arc<(Vec<HostProbes>, Netns)>;
 
 struct Inner {
     redirection: Arc<Redirection>,
@@ -181,7 +181,7 @@ impl Enrollment {
         redirection: Redirection,
         zds: ZdsServer,
         proc_root: PathBuf,
-        probes: Option<(HostProbes, Netns)>,
+        probes: Option<(Vec<HostProbes>, Netns)>,
         status: Option<Arc<dyn StatusWriter>>,
     ) -> Enrollment {
         Enrollment {
@@ -316,12 +316,17 @@ impl Enrollment {
         }
         let owner = uid.clone();
         tokio::task::spawn_blocking(move || {
-            let (probes, node) = &*probes;
-            for ip in add.iter().filter(|ip| ip.is_ipv4()) {
-                probes.add(node, &owner, *ip)?;
+            let (sets, node) = &*probes;
+            let set_of = |ip: &IpAddr| sets.iter().find(|s| s.family() == Family::of(*ip));
+            for ip in &add {
+                if let Some(set) = set_of(ip) {
+                    set.add(node, &owner, *ip)?;
+                }
             }
-            for ip in drop.iter().filter(|ip| ip.is_ipv4()) {
-                probes.remove(node, &owner, *ip)?;
+            for ip in &drop {
+                if let Some(set) = set_of(ip) {
+                    set.remove(node, &owner, *ip)?;
+                }
             }
             Ok(())
         })
@@ -456,8 +461,7 @@ impl Enrollment {
     /// closed; the caller retries or the pod leaves.
     pub async fn enroll(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
         let netns = Self::open(pod)?;
-        let mut ips = pod.ips.clone();
-        ips.retain(IpAddr::is_ipv4); // IPv6 is not redirected yet.
+        let ips = pod.ips.clone();
         let _gate = self.inner.gates.enter(&pod.uid).await;
         let prev = self.entry(&pod.uid);
         let sandbox = Sandbox {
@@ -473,8 +477,7 @@ impl Enrollment {
     /// whose IPs changed is looked up again: a different sandbox replaces the old one.
     pub async fn ensure(&self, want: Wanted) -> Result<(), EnrollError> {
         let uid = want.info.uid.clone();
-        let mut ips = want.ips;
-        ips.retain(IpAddr::is_ipv4); // IPv6 is not redirected yet.
+        let ips = want.ips;
         let _gate = self.inner.gates.enter(&uid).await;
         let mut prev = self.entry(&uid);
         if let Some(p) = prev.as_mut() {
@@ -634,13 +637,18 @@ impl Enrollment {
     /// is installed and converged to exactly the adopted pods' IPs.
     pub async fn adopt(&self, pods: Vec<Adopt>) -> Result<(), EnrollError> {
         if let Some(probes) = self.inner.probes.clone() {
-            tokio::task::spawn_blocking(move || probes.0.install(&probes.1).map(drop))
-                .await
-                .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
-                .map_err(|source| EnrollError::Probes {
-                    uid: WorkloadUid::new(""),
-                    source,
-                })?;
+            tokio::task::spawn_blocking(move || {
+                probes
+                    .0
+                    .iter()
+                    .try_for_each(|set| set.install(&probes.1).map(drop))
+            })
+            .await
+            .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
+            .map_err(|source| EnrollError::Probes {
+                uid: WorkloadUid::new(""),
+                source,
+            })?;
         }
         let wanted: HashMap<String, Vec<IpAddr>> = pods
             .iter()
@@ -715,20 +723,20 @@ impl Enrollment {
             .pods()
             .values()
             .filter(|e| matches!(e.state, PodState::Captured { .. }))
-            .flat_map(|e| {
-                e.ips
-                    .iter()
-                    .filter(|ip| ip.is_ipv4())
-                    .map(|ip| (*ip, e.pod.uid.clone()))
-            })
+            .flat_map(|e| e.ips.iter().map(|ip| (*ip, e.pod.uid.clone())))
             .collect();
-        tokio::task::spawn_blocking(move || probes.0.sync(&probes.1, &members))
-            .await
-            .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
-            .map_err(|source| EnrollError::Probes {
-                uid: WorkloadUid::new(""),
-                source,
-            })
+        tokio::task::spawn_blocking(move || {
+            probes
+                .0
+                .iter()
+                .try_for_each(|set| set.sync(&probes.1, &members))
+        })
+        .await
+        .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
+        .map_err(|source| EnrollError::Probes {
+            uid: WorkloadUid::new(""),
+            source,
+        })
     }
 
     /// Checks an enrolled pod's redirection against the expected one.

@@ -1,36 +1,52 @@
-//! Rules in the node's (host) netns that let kubelet probes reach enrolled pods.
+//! Rules in the node's (host) netns that let kubelet probes reach enrolled pods, one
+//! set of them per address family.
 //!
 //! Probes come from the node itself. The nat chain `ISTIO_POSTRT` SNATs locally
-//! originated TCP to an enrolled pod's IP to 169.254.7.127, and the pod's own rules
-//! accept that source straight to the app instead of sending it through ztunnel. The
-//! enrolled IPs live in an ipset, each entry commented with its pod's uid, so that a
-//! stale pod can never remove an IP that a newer pod now has.
+//! originated TCP to an enrolled pod's IP to 169.254.7.127 (IPv6:
+//! fd16:9254:7127:1337:ffff:ffff:ffff:ffff), and the pod's own rules accept that
+//! source straight to the app instead of sending it through ztunnel. The enrolled IPs
+//! live in an ipset per family (`istio-inpod-probes-v4`, `-v6`), each entry commented
+//! with its pod's uid, so that a stale pod can never remove an IP that a newer pod now
+//! has.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use protocol::{Netns, WorkloadUid};
 
-use super::render::{render_host_probe, RuleConfig, Ruleset};
+use super::render::{render_host_probe, Family, RuleConfig, Ruleset};
 use super::{save, write_tables, Applied, Iptables, RulesError};
 use crate::exec;
 
-/// Istio's name for the set.
-pub const PROBE_SET: &str = "istio-inpod-probes-v4";
+/// Istio's sets are this prefix plus `-v4` / `-v6`.
+pub const PROBE_SET_PREFIX: &str = "istio-inpod-probes";
+
+/// The set of `family` for `prefix`: `istio-inpod-probes-v4`.
+pub fn set_name(prefix: &str, family: Family) -> String {
+    format!("{prefix}-{}", family.suffix())
+}
 
 pub struct HostProbes {
+    family: Family,
     ruleset: Ruleset,
     set: String,
     iptables: Iptables,
 }
 
 impl HostProbes {
-    pub fn new(cfg: &RuleConfig, iptables: Iptables, set: &str) -> Self {
+    /// The probe rule and set of `family`, the set named after `prefix`.
+    pub fn new(cfg: &RuleConfig, iptables: Iptables, family: Family, prefix: &str) -> Self {
+        let set = set_name(prefix, family);
         HostProbes {
-            ruleset: render_host_probe(cfg, set),
-            set: set.to_string(),
+            family,
+            ruleset: render_host_probe(cfg, family, &set),
+            set,
             iptables,
         }
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     fn ipset(&self, node: &Netns, args: &[&str]) -> Result<String, RulesError> {
@@ -41,8 +57,17 @@ impl HostProbes {
 
     /// Creates the set (if missing) and the chain (if drifted), in `node`.
     pub fn install(&self, node: &Netns) -> Result<Applied, RulesError> {
-        self.ipset(node, &["create", "-exist", &self.set, "hash:ip", "comment"])?;
-        let saved = self.iptables.save(node)?;
+        let family = match self.family {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        };
+        self.ipset(
+            node,
+            &[
+                "create", "-exist", &self.set, "hash:ip", "family", family, "comment",
+            ],
+        )?;
+        let saved = self.iptables.save(node, self.family)?;
         if save::drift(&self.ruleset, &saved).is_clean() {
             return Ok(Applied::Unchanged);
         }
@@ -52,10 +77,10 @@ impl HostProbes {
 
     /// Removes the chain, then the set.
     pub fn uninstall(&self, node: &Netns) -> Result<(), RulesError> {
-        let saved = self.iptables.save(node)?;
+        let saved = self.iptables.save(node, self.family)?;
         let input = super::iptables::remove_input(&self.ruleset, &saved);
         if !input.is_empty() {
-            self.iptables.restore(node, &input)?;
+            self.iptables.restore(node, self.family, &input)?;
         }
         if self
             .ipset(node, &["list", "-n"])?
@@ -98,6 +123,12 @@ impl HostProbes {
         node: &Netns,
         want: &BTreeMap<IpAddr, WorkloadUid>,
     ) -> Result<(), RulesError> {
+        let want: BTreeMap<IpAddr, WorkloadUid> = want
+            .iter()
+            .filter(|(ip, _)| Family::of(**ip) == self.family)
+            .map(|(ip, uid)| (*ip, uid.clone()))
+            .collect();
+        let want = &want;
         let have = self.members(node)?;
         for (ip, uid) in want {
             if have.get(ip).map(String::as_str) != Some(uid.as_str()) {
@@ -138,7 +169,7 @@ mod tests {
                      add istio-inpod-probes-v4 10.0.0.1 comment \"uid-a\"\n\
                      add istio-inpod-probes-v4 10.0.0.2\n\
                      add other 10.0.0.3 comment \"x\"\n";
-        let m = parse_members(saved, PROBE_SET);
+        let m = parse_members(saved, "istio-inpod-probes-v4");
         assert_eq!(m.len(), 2);
         assert_eq!(m[&"10.0.0.1".parse::<IpAddr>().unwrap()], "uid-a");
         assert_eq!(m[&"10.0.0.2".parse::<IpAddr>().unwrap()], "");
@@ -147,14 +178,14 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn prop_ipset_save_output_never_panics(text in ".{0,300}", ip in "[0-9a-f.:]{0,20}") {
-            let _ = parse_members(&text, PROBE_SET);
-            let _ = parse_members(&format!("add {PROBE_SET} {ip} comment \"{text}\"\n"), PROBE_SET);
+            let _ = parse_members(&text, "s-v4");
+            let _ = parse_members(&format!("add s-v4 {ip} comment \"{text}\"\n"), "s-v4");
         }
     }
 
     #[test]
     fn the_host_rule_is_in_iptables_save_form() {
-        let r = render_host_probe(&RuleConfig::default(), PROBE_SET);
+        let r = render_host_probe(&RuleConfig::default(), Family::V4, "istio-inpod-probes-v4");
         assert_eq!(
             r.tables[0].rules[0],
             "-A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127"

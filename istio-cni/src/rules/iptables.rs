@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use protocol::Netns;
 
-use super::render::Ruleset;
+use super::render::{Family, Ruleset};
 use super::save::{parse_save, SaveParseError, SavedTable};
 use crate::exec::{self, ExecError};
 
@@ -24,17 +24,21 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn save_bin(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-save",
-            Backend::Nft => "iptables-nft-save",
+    fn save_bin(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Legacy, Family::V4) => "iptables-legacy-save",
+            (Backend::Legacy, Family::V6) => "ip6tables-legacy-save",
+            (Backend::Nft, Family::V4) => "iptables-nft-save",
+            (Backend::Nft, Family::V6) => "ip6tables-nft-save",
         }
     }
 
-    fn restore_bin(self) -> &'static str {
-        match self {
-            Backend::Legacy => "iptables-legacy-restore",
-            Backend::Nft => "iptables-nft-restore",
+    fn restore_bin(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Legacy, Family::V4) => "iptables-legacy-restore",
+            (Backend::Legacy, Family::V6) => "ip6tables-legacy-restore",
+            (Backend::Nft, Family::V4) => "iptables-nft-restore",
+            (Backend::Nft, Family::V6) => "ip6tables-nft-restore",
         }
     }
 
@@ -42,7 +46,7 @@ impl Backend {
     /// one with more rules, and on a tie whichever the distribution's `iptables` is.
     pub fn detect() -> Result<Backend, ExecError> {
         let count = |b: Backend| {
-            exec::run(std::process::Command::new(b.save_bin()), None)
+            exec::run(std::process::Command::new(b.save_bin(Family::V4)), None)
                 .map(|out| out.lines().filter(|l| l.starts_with("-A ")).count())
         };
         let (legacy, nft) = (count(Backend::Legacy), count(Backend::Nft));
@@ -92,7 +96,7 @@ pub enum IptablesError {
     Parse(#[from] SaveParseError),
 }
 
-/// Runs iptables-save / iptables-restore inside a netns.
+/// Runs iptables-save / iptables-restore (or their ip6tables twins) inside a netns.
 #[derive(Clone, Debug)]
 pub struct Iptables {
     pub backend: Backend,
@@ -101,13 +105,13 @@ pub struct Iptables {
 }
 
 impl Iptables {
-    pub fn save(&self, netns: &Netns) -> Result<Vec<SavedTable>, IptablesError> {
-        let cmd = exec::in_netns(netns, self.backend.save_bin())?;
+    pub fn save(&self, netns: &Netns, family: Family) -> Result<Vec<SavedTable>, IptablesError> {
+        let cmd = exec::in_netns(netns, self.backend.save_bin(family))?;
         Ok(parse_save(&exec::run(cmd, None)?)?)
     }
 
-    pub fn restore(&self, netns: &Netns, input: &str) -> Result<(), IptablesError> {
-        let mut cmd = exec::in_netns(netns, self.backend.restore_bin())?;
+    pub fn restore(&self, netns: &Netns, family: Family, input: &str) -> Result<(), IptablesError> {
+        let mut cmd = exec::in_netns(netns, self.backend.restore_bin(family))?;
         cmd.arg("--noflush")
             .arg("--wait")
             .arg(self.lock_wait.as_secs().max(1).to_string());
@@ -176,11 +180,11 @@ pub fn remove_input(want: &Ruleset, current: &[SavedTable]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::render::{render, RuleConfig};
+    use crate::rules::render::{render, Family, RuleConfig};
 
     #[test]
     fn apply_on_an_empty_netns_adds_everything_once() {
-        let want = render(&RuleConfig::default());
+        let want = render(&RuleConfig::default(), Family::V4);
         let input = apply_input(&want, &[]);
         assert_eq!(input.matches("-A PREROUTING -j ISTIO_PRERT").count(), 1);
         assert_eq!(input.matches("-A OUTPUT -j ISTIO_OUTPUT").count(), 2);
@@ -190,7 +194,7 @@ mod tests {
 
     #[test]
     fn apply_over_existing_rules_adds_no_second_jump_and_drops_duplicates() {
-        let want = render(&RuleConfig::default());
+        let want = render(&RuleConfig::default(), Family::V4);
         let mut current =
             parse_save(include_str!("../../testdata/spec-iptables-save.txt")).unwrap();
         current[0].rules.push("-A PREROUTING -j ISTIO_PRERT".into());
@@ -204,7 +208,7 @@ mod tests {
 
     #[test]
     fn remove_touches_only_what_exists() {
-        let want = render(&RuleConfig::default());
+        let want = render(&RuleConfig::default(), Family::V4);
         assert_eq!(remove_input(&want, &[]), "");
         let current = parse_save(include_str!("../../testdata/spec-iptables-save.txt")).unwrap();
         let input = remove_input(&want, &current);

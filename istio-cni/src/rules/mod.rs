@@ -1,5 +1,7 @@
-//! In-pod redirection: the iptables ruleset and the policy route, applied atomically and
-//! idempotently inside a pod's netns, checked for drift, and removed without a trace.
+//! In-pod redirection: the iptables ruleset and the policy route of each address family,
+//! applied atomically (per family) and idempotently inside a pod's netns, checked for
+//! drift, and removed without a trace. A netns holding an address of a family that is
+//! not redirected is refused: its traffic of that family would bypass ztunnel.
 
 pub mod conntrack;
 pub mod hostprobe;
@@ -11,8 +13,9 @@ pub mod save;
 use protocol::Netns;
 
 pub use iptables::{Backend, Iptables, IptablesError};
-pub use render::{render, RuleConfig, Ruleset};
+pub use render::{render, Family, RuleConfig, Ruleset};
 pub use route::{PolicyRoute, RouteState};
+
 pub use save::Drift;
 
 use crate::exec::ExecError;
@@ -27,27 +30,50 @@ pub enum RulesError {
     Conntrack(#[source] ExecError),
     #[error("ipset: {0}")]
     Ipset(#[source] ExecError),
+    #[error("reading the pod's addresses: {0}")]
+    Addresses(#[source] std::io::Error),
+    #[error("the pod has the {family} address {addr}, and {family} redirection is off on this node: its {family} traffic would bypass ztunnel (turn on AMBIENT_IPV6, or give the pod no {family} address)")]
+    FamilyNotRedirected {
+        family: Family,
+        addr: std::net::IpAddr,
+    },
+}
+
+/// One family's part of a verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyVerification {
+    pub family: Family,
+    pub iptables: Drift,
+    pub route: RouteState,
 }
 
 /// The result of checking a netns against the expected redirection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Verification {
-    pub iptables: Drift,
-    pub route: RouteState,
+    pub families: Vec<FamilyVerification>,
 }
 
 impl Verification {
     pub fn is_clean(&self) -> bool {
-        self.iptables.is_clean() && self.route.rule && self.route.route
+        self.families
+            .iter()
+            .all(|f| f.iptables.is_clean() && f.route.rule && f.route.route)
     }
 }
 
-/// Installs, checks and removes the redirection in pod network namespaces.
+/// One family's ruleset and policy route.
+#[derive(Clone, Debug)]
+struct FamilyRules {
+    ruleset: Ruleset,
+    route: PolicyRoute,
+}
+
+/// Installs, checks and removes the redirection in pod network namespaces, for each
+/// enabled address family.
 #[derive(Clone, Debug)]
 pub struct Redirection {
     cfg: RuleConfig,
-    ruleset: Ruleset,
-    route: PolicyRoute,
+    families: Vec<FamilyRules>,
     iptables: Iptables,
 }
 
@@ -61,50 +87,100 @@ pub enum Applied {
 }
 
 impl Redirection {
-    pub fn new(cfg: RuleConfig, iptables: Iptables) -> Self {
+    /// Redirection of `families` (IPv4 always; IPv6 unless turned off).
+    pub fn new(cfg: RuleConfig, iptables: Iptables, families: &[Family]) -> Self {
+        let mut families: Vec<Family> = families.to_vec();
+        families.sort();
+        families.dedup();
         Redirection {
-            ruleset: render(&cfg),
-            route: PolicyRoute::new(&cfg),
+            families: families
+                .into_iter()
+                .map(|f| FamilyRules {
+                    ruleset: render(&cfg, f),
+                    route: PolicyRoute::new(&cfg, f),
+                })
+                .collect(),
             cfg,
             iptables,
         }
     }
 
+    /// The families redirected.
+    pub fn families(&self) -> Vec<Family> {
+        self.families.iter().map(|f| f.ruleset.family).collect()
+    }
+
     pub fn verify(&self, netns: &Netns) -> Result<Verification, RulesError> {
-        let saved = self.iptables.save(netns)?;
-        Ok(Verification {
-            iptables: save::drift(&self.ruleset, &saved),
-            route: self.route.state(netns).map_err(RulesError::Route)?,
-        })
+        let mut out = Verification::default();
+        for f in &self.families {
+            let family = f.ruleset.family;
+            let saved = self.iptables.save(netns, family)?;
+            out.families.push(FamilyVerification {
+                family,
+                iptables: save::drift(&f.ruleset, &saved),
+                route: f.route.state(netns).map_err(RulesError::Route)?,
+            });
+        }
+        Ok(out)
     }
 
-    /// Brings the netns to exactly the expected redirection, writing only if it drifted
-    /// (see [`write_tables`] for what a failed write leaves).
+    /// Refuses a netns holding an address (beyond loopback and link-local) of a family
+    /// that is not redirected: enrolling it would leave that family's traffic
+    /// uncaptured while the pod counts as in the mesh.
+    pub fn check_families(&self, netns: &Netns) -> Result<(), RulesError> {
+        let redirected = self.families();
+        let addrs = netns.addresses().map_err(RulesError::Addresses)?;
+        match addrs
+            .into_iter()
+            .filter(protocol::routable)
+            .find(|a| !redirected.contains(&Family::of(*a)))
+        {
+            Some(addr) => Err(RulesError::FamilyNotRedirected {
+                family: Family::of(addr),
+                addr,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings the netns to exactly the expected redirection, family by family, writing
+    /// only what drifted (see [`write_tables`] for what a failed write leaves). A netns
+    /// with an address of a family not redirected is refused before anything is
+    /// written.
     pub fn apply(&self, netns: &Netns) -> Result<Applied, RulesError> {
-        let saved = self.iptables.save(netns)?;
-        let drift = save::drift(&self.ruleset, &saved);
-        let route = self.route.state(netns).map_err(RulesError::Route)?;
-        if drift.is_clean() && route.rule && route.route {
-            return Ok(Applied::Unchanged);
+        self.check_families(netns)?;
+        let mut applied = Applied::Unchanged;
+        for f in &self.families {
+            let saved = self.iptables.save(netns, f.ruleset.family)?;
+            let drift = save::drift(&f.ruleset, &saved);
+            let route = f.route.state(netns).map_err(RulesError::Route)?;
+            if drift.is_clean() && route.rule && route.route {
+                continue;
+            }
+            if !drift.is_clean() {
+                write_tables(&self.iptables, &f.ruleset, netns, &saved)?;
+            }
+            f.route.apply(netns, route).map_err(RulesError::Route)?;
+            applied = Applied::Changed;
         }
-        if !drift.is_clean() {
-            write_tables(&self.iptables, &self.ruleset, netns, &saved)?;
-        }
-        self.route.apply(netns, route).map_err(RulesError::Route)?;
-        Ok(Applied::Changed)
+        Ok(applied)
     }
 
-    /// Removes our chains, jumps, rule and route, then flushes redirected conntrack
-    /// entries. Everything else in the netns is left as it was.
+    /// Removes our chains, jumps, rules and routes of every family, then flushes
+    /// redirected conntrack entries. Everything else in the netns is left as it was.
     pub fn remove(&self, netns: &Netns) -> Result<(), RulesError> {
-        let saved = self.iptables.save(netns)?;
-        let input = iptables::remove_input(&self.ruleset, &saved);
-        if !input.is_empty() {
-            self.iptables.restore(netns, &input)?;
+        for f in &self.families {
+            let family = f.ruleset.family;
+            let saved = self.iptables.save(netns, family)?;
+            let input = iptables::remove_input(&f.ruleset, &saved);
+            if !input.is_empty() {
+                self.iptables.restore(netns, family, &input)?;
+            }
+            let route = f.route.state(netns).map_err(RulesError::Route)?;
+            f.route.remove(netns, route).map_err(RulesError::Route)?;
+            conntrack::flush_redirected(netns, &self.cfg, family).map_err(RulesError::Conntrack)?;
         }
-        let route = self.route.state(netns).map_err(RulesError::Route)?;
-        self.route.remove(netns, route).map_err(RulesError::Route)?;
-        conntrack::flush_redirected(netns, &self.cfg).map_err(RulesError::Conntrack)
+        Ok(())
     }
 }
 
@@ -127,12 +203,12 @@ pub(crate) fn write_tables(
             .all(|w| w.chains.iter().all(|c| !t.has_chain(c)))
     });
     let input = iptables::apply_input(want, saved);
-    if let Err(e) = iptables.restore(netns, &input) {
+    if let Err(e) = iptables.restore(netns, want.family, &input) {
         if fresh {
-            if let Ok(now) = iptables.save(netns) {
+            if let Ok(now) = iptables.save(netns, want.family) {
                 let undo = iptables::remove_input(want, &now);
                 if !undo.is_empty() {
-                    let _ = iptables.restore(netns, &undo);
+                    let _ = iptables.restore(netns, want.family, &undo);
                 }
             }
         }

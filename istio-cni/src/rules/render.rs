@@ -4,12 +4,81 @@
 //! same strings serve as `iptables-restore` input and as the expectation that drift
 //! detection compares a live `iptables-save` against.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Inbound chain (mangle PREROUTING).
 pub const PRERT_CHAIN: &str = "ISTIO_PRERT";
 /// Outbound chain (mangle and nat OUTPUT).
 pub const OUTPUT_CHAIN: &str = "ISTIO_OUTPUT";
+
+/// An address family: the rules, routes, sets and conntrack entries of each are
+/// separate kernel objects, rendered and applied one family at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The loopback network, as `iptables-save` prints it.
+    pub fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    /// The unspecified address.
+    pub fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0",
+            Family::V6 => "::",
+        }
+    }
+
+    /// The host route covering every address (`0.0.0.0/0`, `::/0`).
+    pub fn everything(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+
+    /// `-4` / `-6` for `ip`.
+    pub fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    /// The suffix of per-family names (`-v4`, `-v6`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
 
 /// The numbers the rules are made of. Defaults are Istio's.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +92,8 @@ pub struct RuleConfig {
     pub mark_mask: u32,
     /// Source address of kubelet probes after the host SNATs them.
     pub probe_ip: Ipv4Addr,
+    /// The same for probes over IPv6.
+    pub probe_ip6: Ipv6Addr,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
     pub inbound_hbone_port: u16,
@@ -32,6 +103,24 @@ pub struct RuleConfig {
     pub rule_priority: u32,
 }
 
+impl RuleConfig {
+    /// The probe source address of `family`.
+    pub fn probe(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.probe_ip.into(),
+            Family::V6 => self.probe_ip6.into(),
+        }
+    }
+
+    /// The probe source, as a host network in `iptables-save` form.
+    fn probe_net(&self, family: Family) -> String {
+        match family {
+            Family::V4 => format!("{}/32", self.probe_ip),
+            Family::V6 => format!("{}/128", self.probe_ip6),
+        }
+    }
+}
+
 impl Default for RuleConfig {
     fn default() -> Self {
         RuleConfig {
@@ -39,6 +128,9 @@ impl Default for RuleConfig {
             redirect_mark: 0x111,
             mark_mask: 0xfff,
             probe_ip: Ipv4Addr::new(169, 254, 7, 127),
+            probe_ip6: Ipv6Addr::new(
+                0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+            ),
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             inbound_hbone_port: 15008,
@@ -60,20 +152,25 @@ pub struct TableRules {
     pub rules: Vec<String>,
 }
 
-/// Everything we install with iptables, table by table.
+/// Everything we install with iptables (or ip6tables, per `family`), table by table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ruleset {
+    pub family: Family,
     pub tables: Vec<TableRules>,
 }
 
-/// Renders the specification's ruleset for `cfg`.
-pub fn render(cfg: &RuleConfig) -> Ruleset {
+/// Renders the specification's ruleset for `cfg`: for IPv4 exactly the
+/// specification's `iptables-save`; for IPv6 the same rules for ip6tables, with the
+/// IPv6 loopback and probe address.
+pub fn render(cfg: &RuleConfig, family: Family) -> Ruleset {
     let mask = cfg.mark_mask;
     let ztunnel = format!("0x{:x}/0x{mask:x}", cfg.ztunnel_mark);
     let redirect = format!("0x{:x}/0x{mask:x}", cfg.redirect_mark);
-    let probe = format!("{}/32", cfg.probe_ip);
+    let probe = cfg.probe_net(family);
+    let lo = family.loopback();
+    let any = family.any();
     let tproxy =
-        |port: u16| format!("-j TPROXY --on-port {port} --on-ip 0.0.0.0 --tproxy-mark {redirect}");
+        |port: u16| format!("-j TPROXY --on-port {port} --on-ip {any} --tproxy-mark {redirect}");
 
     let mangle = TableRules {
         table: "mangle",
@@ -91,7 +188,7 @@ pub fn render(cfg: &RuleConfig) -> Ruleset {
             ),
             format!("-A {PRERT_CHAIN} -m mark --mark {ztunnel} -j CONNMARK --set-xmark {redirect}"),
             format!("-A {PRERT_CHAIN} -s {probe} -p tcp -m tcp -j ACCEPT"),
-            format!("-A {PRERT_CHAIN} ! -d 127.0.0.1/32 -i lo -p tcp -j ACCEPT"),
+            format!("-A {PRERT_CHAIN} ! -d {lo} -i lo -p tcp -j ACCEPT"),
             format!(
                 "-A {PRERT_CHAIN} -p tcp -m tcp --dport {} -m mark ! --mark {ztunnel} {}",
                 cfg.inbound_hbone_port,
@@ -99,7 +196,7 @@ pub fn render(cfg: &RuleConfig) -> Ruleset {
             ),
             format!("-A {PRERT_CHAIN} -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
             format!(
-                "-A {PRERT_CHAIN} ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ztunnel} {}",
+                "-A {PRERT_CHAIN} ! -d {lo} -p tcp -m mark ! --mark {ztunnel} {}",
                 tproxy(cfg.inbound_plaintext_port)
             ),
         ],
@@ -111,15 +208,16 @@ pub fn render(cfg: &RuleConfig) -> Ruleset {
         rules: vec![
             format!("-A {OUTPUT_CHAIN} -d {probe} -p tcp -m tcp -j ACCEPT"),
             format!("-A {OUTPUT_CHAIN} -p tcp -m mark --mark {redirect} -j ACCEPT"),
-            format!("-A {OUTPUT_CHAIN} ! -d 127.0.0.1/32 -o lo -j ACCEPT"),
+            format!("-A {OUTPUT_CHAIN} ! -d {lo} -o lo -j ACCEPT"),
             format!(
-                "-A {OUTPUT_CHAIN} ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {ztunnel} \
+                "-A {OUTPUT_CHAIN} ! -d {lo} -p tcp -m mark ! --mark {ztunnel} \
                  -j REDIRECT --to-ports {}",
                 cfg.outbound_port
             ),
         ],
     };
     Ruleset {
+        family,
         tables: vec![mangle, nat],
     }
 }
@@ -130,8 +228,9 @@ pub const POSTRT_CHAIN: &str = "ISTIO_POSTRT";
 /// The host-side rule for kubelet probes: locally originated TCP to an enrolled pod's IP
 /// (a member of `set`) is SNATed to the probe address, which the pod's rules let
 /// straight through to the app instead of capturing it.
-pub fn render_host_probe(cfg: &RuleConfig, set: &str) -> Ruleset {
+pub fn render_host_probe(cfg: &RuleConfig, family: Family, set: &str) -> Ruleset {
     Ruleset {
+        family,
         tables: vec![TableRules {
             table: "nat",
             chains: vec![POSTRT_CHAIN],
@@ -139,7 +238,7 @@ pub fn render_host_probe(cfg: &RuleConfig, set: &str) -> Ruleset {
             rules: vec![format!(
                 "-A {POSTRT_CHAIN} -p tcp -m owner --socket-exists -m set --match-set {set} dst \
                  -j SNAT --to-source {}",
-                cfg.probe_ip
+                cfg.probe(family)
             )],
         }],
     }
@@ -151,11 +250,18 @@ mod tests {
     use crate::rules::save::parse_save;
 
     const SPEC: &str = include_str!("../../testdata/spec-iptables-save.txt");
+    const SPEC6: &str = include_str!("../../testdata/ip6tables-save.txt");
 
     #[test]
     fn default_ruleset_is_exactly_the_specifications() {
-        let spec = parse_save(SPEC).unwrap();
-        let ours = render(&RuleConfig::default());
+        for (text, family) in [(SPEC, Family::V4), (SPEC6, Family::V6)] {
+            same_as_saved(text, &render(&RuleConfig::default(), family));
+        }
+    }
+
+    /// `ours` is exactly the rules and chains of the `iptables-save` dump `text`.
+    fn same_as_saved(text: &str, ours: &Ruleset) {
+        let spec = parse_save(text).unwrap();
         assert_eq!(spec.len(), ours.tables.len());
         for table in &ours.tables {
             let saved = spec.iter().find(|t| t.name == table.table).unwrap();
@@ -180,7 +286,17 @@ mod tests {
             outbound_port: 25001,
             ..RuleConfig::default()
         };
-        let nat = &render(&cfg).tables[1];
+        let nat = &render(&cfg, Family::V4).tables[1];
         assert!(nat.rules[3].ends_with("! --mark 0x123/0xfff -j REDIRECT --to-ports 25001"));
+    }
+
+    #[test]
+    fn families_of_addresses() {
+        assert_eq!(Family::of("10.0.0.1".parse().unwrap()), Family::V4);
+        assert_eq!(Family::of("::ffff:10.0.0.1".parse().unwrap()), Family::V4);
+        assert_eq!(Family::of("fd00::1".parse().unwrap()), Family::V6);
+        let probe = render_host_probe(&RuleConfig::default(), Family::V6, "s-v6");
+        assert!(probe.tables[0].rules[0]
+            .ends_with("--to-source fd16:9254:7127:1337:ffff:ffff:ffff:ffff"));
     }
 }

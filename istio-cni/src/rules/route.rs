@@ -1,12 +1,13 @@
-//! The policy route that returns redirected traffic to ztunnel:
-//! `ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` and
-//! `ip route replace local 0.0.0.0/0 dev lo table 100`, inside the pod netns.
+//! The policy route that returns redirected traffic to ztunnel, per family, inside the
+//! pod netns: `ip -4 rule add fwmark 0x111/0xfff pref 32764 lookup 100` and
+//! `ip -4 route replace local 0.0.0.0/0 dev lo table 100`, and the same with `-6` and
+//! `local ::/0`.
 
 use std::fmt::Write;
 
 use protocol::Netns;
 
-use super::render::RuleConfig;
+use super::render::{Family, RuleConfig};
 use crate::exec::{self, ExecError};
 
 /// What of the policy route is present in a netns.
@@ -18,14 +19,16 @@ pub struct RouteState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyRoute {
+    family: Family,
     mark: String,
     table: u32,
     priority: u32,
 }
 
 impl PolicyRoute {
-    pub fn new(cfg: &RuleConfig) -> Self {
+    pub fn new(cfg: &RuleConfig, family: Family) -> Self {
         PolicyRoute {
+            family,
             mark: format!("0x{:x}/0x{:x}", cfg.redirect_mark, cfg.mark_mask),
             table: cfg.route_table,
             priority: cfg.rule_priority,
@@ -40,18 +43,22 @@ impl PolicyRoute {
     }
 
     fn route(&self) -> String {
-        format!("local 0.0.0.0/0 dev lo table {}", self.table)
+        format!(
+            "local {} dev lo table {}",
+            self.family.everything(),
+            self.table
+        )
     }
 
-    fn batch(netns: &Netns, script: &str) -> Result<String, ExecError> {
+    fn batch(&self, netns: &Netns, script: &str) -> Result<String, ExecError> {
         let mut cmd = exec::in_netns(netns, "ip")?;
-        cmd.args(["-4", "-batch", "-"]);
+        cmd.args([self.family.ip_flag(), "-batch", "-"]);
         exec::run(cmd, Some(script))
     }
 
     /// Reads the rule and route in one `ip` run.
     pub fn state(&self, netns: &Netns) -> Result<RouteState, ExecError> {
-        let out = Self::batch(
+        let out = self.batch(
             netns,
             &format!(
                 "rule show pref {}\nroute show table {}\n",
@@ -83,7 +90,7 @@ impl PolicyRoute {
             let _ = writeln!(script, "rule add {}", self.rule());
         }
         if !script.is_empty() {
-            Self::batch(netns, &script)?;
+            self.batch(netns, &script)?;
         }
         Ok(())
     }
@@ -98,7 +105,7 @@ impl PolicyRoute {
             let _ = writeln!(script, "route del {}", self.route());
         }
         if !script.is_empty() {
-            Self::batch(netns, &script)?;
+            self.batch(netns, &script)?;
         }
         Ok(())
     }
@@ -110,7 +117,7 @@ mod tests {
 
     #[test]
     fn state_is_read_from_ip_output() {
-        let pr = PolicyRoute::new(&RuleConfig::default());
+        let pr = PolicyRoute::new(&RuleConfig::default(), Family::V4);
         let out =
             "32764:\tfrom all fwmark 0x111/0xfff lookup 100\nlocal default dev lo scope host \n";
         assert_eq!(

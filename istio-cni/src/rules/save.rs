@@ -195,7 +195,7 @@ pub fn drift(expected: &Ruleset, saved: &[SavedTable]) -> Drift {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::render::{render, RuleConfig};
+    use crate::rules::render::{render, Family, RuleConfig};
 
     const SPEC: &str = include_str!("../../testdata/spec-iptables-save.txt");
 
@@ -203,14 +203,14 @@ mod tests {
     fn the_specifications_dump_has_no_drift() {
         let saved = parse_save(SPEC).unwrap();
         assert_eq!(
-            drift(&render(&RuleConfig::default()), &saved),
+            drift(&render(&RuleConfig::default(), Family::V4), &saved),
             Drift::default()
         );
     }
 
     #[test]
     fn missing_extra_duplicated_and_reordered_rules_are_reported() {
-        let expected = render(&RuleConfig::default());
+        let expected = render(&RuleConfig::default(), Family::V4);
         let mut saved = parse_save(SPEC).unwrap();
         let mangle = &mut saved[0];
         let removed = mangle.rules.remove(4);
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn an_empty_netns_misses_everything() {
-        let d = drift(&render(&RuleConfig::default()), &[]);
+        let d = drift(&render(&RuleConfig::default(), Family::V4), &[]);
         assert_eq!(d.missing.len(), 3 + 3 + 11);
         assert!(d.extra.is_empty());
     }

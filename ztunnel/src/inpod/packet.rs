@@ -46,9 +46,13 @@ pub struct ListenerOpts {
     pub keepalive: Option<Keepalive>,
 }
 
-/// A listening socket at `addr` in the calling thread's netns.
+/// A listening socket at `addr` in the calling thread's netns; at `[::]` it is
+/// dual-stack (`IPV6_V6ONLY` off): IPv4 peers arrive as IPv4-mapped addresses.
 pub fn listener(addr: SocketAddr, opts: ListenerOpts) -> io::Result<std::net::TcpListener> {
     let socket = tcp_socket(Domain::for_address(addr), opts.mark, opts.keepalive)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     socket.set_reuse_address(true)?;
     if opts.reuse_port {
         socket.set_reuse_port(true)?;
@@ -71,8 +75,14 @@ pub fn upstream(
 ) -> io::Result<std::net::TcpStream> {
     let socket = tcp_socket(Domain::for_address(dest), mark, keepalive)?;
     if let Some(ip) = source {
+        // IP_TRANSPARENT (SOL_IP) applies to IPv6 sockets too: the kernel keeps one
+        // transparent flag per socket, which IPV6_TRANSPARENT also sets.
         socket.set_ip_transparent(true)?;
-        socket.set_freebind(true)?;
+        if dest.is_ipv6() {
+            socket.set_freebind_ipv6(true)?;
+        } else {
+            socket.set_freebind(true)?;
+        }
         // Let connect() pick the source port knowing the whole 4-tuple; a port picked
         // at bind time can clash with a recent connection under churn.
         nix::sys::socket::setsockopt(
@@ -88,9 +98,18 @@ pub fn upstream(
     )))
 }
 
-/// The destination an outbound connection had before the pod's nat rule redirected it.
+/// The destination an outbound connection had before the pod's nat rule redirected it:
+/// `SO_ORIGINAL_DST` for IPv4 (also an IPv4 connection on a dual-stack socket),
+/// `IP6T_SO_ORIGINAL_DST` for IPv6.
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
-    let addr = socket2::SockRef::from(stream).original_dst()?;
+    let local = stream.local_addr()?;
+    let sock = socket2::SockRef::from(stream);
+    let addr = if local.ip().to_canonical().is_ipv4() {
+        sock.original_dst()?
+    } else {
+        sock.original_dst_ipv6()?
+    };
     addr.as_socket()
+        .map(crate::proxy::canonical)
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
 }

@@ -68,6 +68,28 @@ impl ProxyFactory for InpodProxyFactory {
                 }
             };
             let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
+            if !cfg.ipv6 {
+                // Dual-stack listeners are off: a routable IPv6 address would carry
+                // traffic nothing captures.
+                let addrs = netns
+                    .run(|| {
+                        let all = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+                        Ok(all
+                            .filter_map(|a| a.address?.as_sockaddr_in6().map(|s| s.ip()))
+                            .collect::<Vec<_>>())
+                    })
+                    .await
+                    .map_err(|e| format!("reading the pod's addresses: {e}"))?;
+                if let Some(v6) = addrs
+                    .into_iter()
+                    .map(std::net::IpAddr::V6)
+                    .find(protocol::routable)
+                {
+                    return Err(format!(
+                        "the pod has the IPv6 address {v6} and IPV6_ENABLED is off: refusing it, its IPv6 traffic would bypass ztunnel"
+                    ));
+                }
+            }
             let ctx = PodContext {
                 uid,
                 info,

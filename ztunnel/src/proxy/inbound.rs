@@ -27,7 +27,7 @@ use crate::identity::Identity;
 use crate::tls;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
-    let local = stream.local_addr().unwrap_or(peer);
+    let local = stream.local_addr().map(super::canonical).unwrap_or(peer);
     let (Some(mesh), Some(pod)) = (ctx.cfg.mesh.clone(), ctx.mesh.as_ref()) else {
         Flow::new(&ctx, "inbound", peer, local).log(
             0,

@@ -16,7 +16,7 @@ pub mod pool;
 pub mod relay;
 
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,13 @@ use pool::{HboneConfig, Pool};
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+/// `addr` with an IPv4-mapped IPv6 address (how a dual-stack socket shows an IPv4
+/// peer) written as the IPv4 address it is: policy, lookups, logs and transparent binds
+/// all see one form per address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
 
 /// Ports a connection must never be forwarded to: that would loop into ztunnel.
 pub fn is_ztunnel_port(port: u16) -> bool {
@@ -116,6 +123,8 @@ pub struct ProxyConfig {
     /// How long in-flight connections may finish after a pod is drained.
     pub drain_grace: Duration,
     pub connect_timeout: Duration,
+    /// Dual-stack listeners; off, pods with routable IPv6 are refused.
+    pub ipv6: bool,
     /// On every socket made for a pod (inherited by accepted connections).
     pub keepalive: Option<Keepalive>,
     pub mesh: Option<Arc<MeshConfig>>,
@@ -166,8 +175,10 @@ pub struct PodProxy {
 }
 
 impl PodProxy {
-    /// Binds 15001, 15006 and 15008 inside the pod's netns and starts serving them.
-    /// Fails (and binds nothing) if any of the three cannot be created.
+    /// Binds 15001, 15006 and 15008 inside the pod's netns and starts serving them:
+    /// each one dual-stack socket (`[::]`, `IPV6_V6ONLY` off) with IPv6 on, IPv4 only
+    /// where the kernel has no IPv6 or it is off. Fails (and binds nothing) if any of
+    /// the three cannot be created.
     pub async fn start(ctx: PodContext) -> std::io::Result<PodProxy> {
         let opts = |transparent| ListenerOpts {
             mark: ctx.cfg.mark,
@@ -175,22 +186,36 @@ impl PodProxy {
             reuse_port: ctx.cfg.reuse_port,
             keepalive: ctx.cfg.keepalive,
         };
-        let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
         let specs = [
-            (any(OUTBOUND_PORT), opts(false)),
-            (any(INBOUND_PLAINTEXT_PORT), opts(true)),
-            (any(INBOUND_HBONE_PORT), opts(true)),
+            (OUTBOUND_PORT, opts(false)),
+            (INBOUND_PLAINTEXT_PORT, opts(true)),
+            (INBOUND_HBONE_PORT, opts(true)),
         ];
-        let listen = |(addr, o): (SocketAddr, ListenerOpts)| {
+        let listen = |any: IpAddr, (port, o): (u16, ListenerOpts)| {
+            let addr = SocketAddr::new(any, port);
             packet::listener(addr, o)
                 .map_err(|e| std::io::Error::new(e.kind(), format!("listen on {addr}: {e}")))
         };
+        let ipv6 = ctx.cfg.ipv6;
         // All three or none: a failure drops the ones already bound.
         let [out, plain, hbone] = ctx
             .netns
             .run(move || -> std::io::Result<_> {
-                let [a, b, c] = specs;
-                Ok([listen(a)?, listen(b)?, listen(c)?])
+                let all = |any: IpAddr| -> std::io::Result<_> {
+                    let [a, b, c] = specs;
+                    Ok([listen(any, a)?, listen(any, b)?, listen(any, c)?])
+                };
+                if ipv6 {
+                    match all(Ipv6Addr::UNSPECIFIED.into()) {
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(nix::libc::EAFNOSUPPORT) | Some(nix::libc::EADDRNOTAVAIL)
+                            ) => {}
+                        other => return other,
+                    }
+                }
+                all(Ipv4Addr::UNSPECIFIED.into())
             })
             .await?;
         let (out, plain, hbone) = (
@@ -228,7 +253,7 @@ impl PodProxy {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
-                        let work = handler(ctx.clone(), stream, peer);
+                        let work = handler(ctx.clone(), stream, canonical(peer));
                         let close = close.clone();
                         tracker.spawn(async move {
                             tokio::select! {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::relay::Flow;
-use super::{is_ztunnel_port, PodContext};
+use super::{canonical, is_ztunnel_port, PodContext};
 use crate::inpod::packet;
 use crate::state::localconfig::Protocol;
 use crate::state::Destination;
@@ -19,7 +19,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let dst = match packet::original_dst(&stream) {
         Ok(d) => d,
         Err(e) => {
-            let local = stream.local_addr().unwrap_or(peer);
+            let local = stream.local_addr().map(canonical).unwrap_or(peer);
             Flow::new(&ctx, "outbound", peer, local).log(
                 0,
                 0,
@@ -30,7 +30,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     };
     // A connection made straight to 15001 (not redirected) has itself as its original
     // destination; forwarding it, or anything aimed at our ports, would loop.
-    if stream.local_addr().ok() == Some(dst) || is_ztunnel_port(dst.port()) {
+    if stream.local_addr().ok().map(canonical) == Some(dst) || is_ztunnel_port(dst.port()) {
         Flow::new(&ctx, "outbound", peer, dst).log(
             0,
             0,
