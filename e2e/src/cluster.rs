@@ -295,9 +295,10 @@ impl Cluster {
         for p in pods {
             let ips: Vec<String> = p.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
             yaml.push_str(&format!(
-                "- name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  workloadIps: [{ips}]\n  protocol: HBONE\n",
+                "- uid: Kubernetes//Pod/{ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {name}\n  node: {node}\n  workloadIps: [{ips}]\n  protocol: HBONE\n  services: {{}}\n",
                 name = p.name,
                 ns = p.namespace,
+                node = self.node.node_name(),
                 ips = ips.join(", ")
             ));
         }

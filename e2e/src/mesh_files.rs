@@ -30,9 +30,23 @@ impl TestNode {
         files
     }
 
+    /// The node's name, as ztunnel's `NODE_NAME` and the workloads' `node` give it.
+    pub fn node_name(&self) -> String {
+        format!("node-{}", self.id)
+    }
+
     /// Writes the local config atomically (write, then rename), as an operator's
-    /// tooling would.
+    /// tooling would. The config must load (in ztunnel's parser, which takes only what
+    /// Istio's ztunnel takes): every config a test writes is one an operator could.
     pub fn write_mesh_config(&self, yaml: &str) {
+        if let Err(e) = ztunnel::state::watch::load_str("test config", yaml, None) {
+            panic!("a test wrote a local config that does not load: {e}\n{yaml}");
+        }
+        self.write_mesh_config_unchecked(yaml);
+    }
+
+    /// Writes a local config as is, valid or not (to test how a bad edit is handled).
+    pub fn write_mesh_config_unchecked(&self, yaml: &str) {
         let files = self.mesh_files();
         let tmp = files.config.with_extension("tmp");
         std::fs::write(&tmp, yaml).expect("write config");
@@ -40,14 +54,15 @@ impl TestNode {
     }
 }
 
-/// A workload entry for `pod` (all its addresses): identity
+/// A workload entry for `pod` (all its addresses, its node): identity
 /// `spiffe://cluster.local/ns/ambient-demo/sa/<pod name>`, `protocol` HBONE or TCP,
-/// plus `extra` YAML lines (indented 2).
-pub fn workload(pod: &TestPod, protocol: &str, extra: &str) -> String {
+/// backing `services` (a flow map's entries, `"ns/host": {80: 8080}`; empty for none).
+pub fn workload(pod: &TestPod, protocol: &str, services: &str) -> String {
     let ips: Vec<String> = pod.ips.iter().map(|ip| format!("\"{ip}\"")).collect();
     format!(
-        "- name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  workloadIps: [{ips}]\n  protocol: {protocol}\n{extra}",
+        "- uid: Kubernetes//Pod/{NAMESPACE}/{name}\n  name: {name}\n  namespace: {NAMESPACE}\n  serviceAccount: {name}\n  node: {node}\n  workloadIps: [{ips}]\n  protocol: {protocol}\n  services: {{{services}}}\n",
         name = pod.name,
+        node = pod.node,
         ips = ips.join(", ")
     )
 }

@@ -214,6 +214,7 @@ impl TestNode {
         }
         let mut pod = TestPod {
             name: name.to_string(),
+            node: self.node_name(),
             uid: WorkloadUid::new(format!("{}-{name}-uid", self.id)),
             netns_path: PathBuf::from("/var/run/netns").join(&netns_name),
             netns_name,
@@ -265,6 +266,8 @@ impl Drop for TestNode {
 /// A pod: its netns, address and identity. Dropping it runs CNI DEL and deletes the netns.
 pub struct TestPod {
     pub name: String,
+    /// The node it runs on, as ztunnel's `NODE_NAME` names it.
+    pub node: String,
     pub uid: WorkloadUid,
     pub netns_name: String,
     pub netns_path: PathBuf,

@@ -106,7 +106,7 @@ impl Process {
             .env("READINESS_ADDR", "127.0.0.1:0")
             .env("POD_DRAIN_GRACE", "1s")
             .env("CONNECT_TIMEOUT", "2s")
-            .env("NODE_NAME", format!("node-{}", node.id))
+            .env("NODE_NAME", node.node_name())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -102,7 +102,7 @@ async fn policy_applies_to_ipv6_as_to_ipv4_and_outside_clients_land_on_15006() {
     );
     // Deny a's IPv6 address (a /128) and outside's, to b's IPv6 network.
     let policy = format!(
-        "policies:\n- name: deny-v6\n  namespace: ambient-demo\n  scope: Namespace\n  action: Deny\n  rules: [[[{{sourceIps: [\"{}/128\", \"{}\"], destinationIps: [\"fd00:248:81::/64\"]}}]]]\n",
+        "policies:\n- name: deny-v6\n  namespace: ambient-demo\n  scope: Namespace\n  action: Deny\n  dryRun: false\n  rules: [[[{{sourceIps: [\"{}/128\", \"{}/128\"], destinationIps: [\"fd00:248:81::/64\"]}}]]]\n",
         v6(&a),
         v6(&outside)
     );

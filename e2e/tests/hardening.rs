@@ -120,7 +120,6 @@ async fn stuck_hbone_peer(node: &TestNode, pod: &e2e::TestPod) -> tokio::task::J
     use ztunnel::identity::{ca::LocalCa, manager::CertManager, Identity};
     let files = node.mesh_files();
     let ca = LocalCa::from_files(&files.ca_cert, &files.ca_key).expect("test CA");
-    let root = ca.root().clone();
     let certs = CertManager::new(
         Arc::new(ca),
         Duration::from_secs(3600),
@@ -132,8 +131,10 @@ async fn stuck_hbone_peer(node: &TestNode, pod: &e2e::TestPod) -> tokio::task::J
             e2e::mesh_files::NAMESPACE,
             &pod.name,
         ))
+        .await
         .expect("peer certificate");
-    let config = ztunnel::tls::server_config(cert, &root).expect("server config");
+    let roots = cert.roots();
+    let config = ztunnel::tls::server_config(cert, roots).expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = pod
         .netns()

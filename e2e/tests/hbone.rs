@@ -95,7 +95,7 @@ async fn a_deny_policy_stops_connections_and_removing_it_lets_them_through() {
     held.read_line(&mut line).await.unwrap();
 
     let deny = format!(
-        "policies:\n- {{name: deny-8080, namespace: {NAMESPACE}, scope: Namespace, action: Deny, rules: [[[{{destinationPorts: [8080]}}]]]}}\n"
+        "policies:\n- {{name: deny-8080, namespace: {NAMESPACE}, scope: Namespace, action: Deny, dryRun: false, rules: [[[{{destinationPorts: [8080]}}]]]}}\n"
     );
     node.write_mesh_config(&config(&workloads, &deny));
     zt.wait_for(&["local config reloaded"], 1).await;
@@ -135,7 +135,7 @@ async fn a_deny_policy_stops_connections_and_removing_it_lets_them_through() {
     let mut held = BufReader::new(held);
     line.clear();
     held.read_line(&mut line).await.unwrap();
-    node.write_mesh_config("workloads:\n- name: x\n  colour: red\n");
+    node.write_mesh_config_unchecked("workloads:\n- name: x\n  colour: red\n");
     zt.wait_for(
         &[
             "local config not reloaded, keeping the last good one",
@@ -168,7 +168,8 @@ async fn a_pod_without_a_workload_entry_waits_until_one_appears() {
     let server = echo_server(&b, 8080).await;
     let err = agent.enrollment().enroll(&a.pod()).await.unwrap_err();
     assert!(
-        err.to_string().contains("no workload ambient-demo/sleep"),
+        err.to_string()
+            .contains("no workload for pod ambient-demo/sleep"),
         "{err}"
     );
     assert_eq!(zt.readiness().await, 503, "a pending pod means not ready");
@@ -251,14 +252,14 @@ async fn handshake_to(
     from: &TestPod,
     to: &TestPod,
     cert: Arc<ztunnel::identity::manager::IdentityCert>,
-    root: &rustls::pki_types::CertificateDer<'static>,
+    roots: Arc<rustls::RootCertStore>,
     expect: ztunnel::identity::Identity,
 ) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = e2e::app::connect(from, std::net::SocketAddr::new(to.ip, 15008), T)
         .await
         .map_err(|e| e.to_string())?;
-    let cfg = ztunnel::tls::client_config(cert, root, expect).map_err(|e| e.to_string())?;
+    let cfg = ztunnel::tls::client_config(cert, roots, expect).map_err(|e| e.to_string())?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ztunnel::tls::server_name(to.ip), tcp)
         .await
@@ -287,7 +288,6 @@ async fn clients_from_another_root_or_outside_the_trust_domain_are_refused_at_th
     } = Mesh::start_in_mesh(&node, &[&b], &[]).await;
     let files = node.mesh_files();
     let mesh_ca = Arc::new(LocalCa::from_files(&files.ca_cert, &files.ca_key).unwrap());
-    let root = mesh_ca.root().clone();
     let mesh = CertManager::new(mesh_ca, Duration::from_secs(3600), ztunnel::tls::provider());
     let (other_cert, other_key) =
         LocalCa::generate_root("cluster.local", Duration::from_secs(3600)).unwrap();
@@ -298,13 +298,16 @@ async fn clients_from_another_root_or_outside_the_trust_domain_are_refused_at_th
     );
     let httpbin: Identity = identity_of(&b).parse().unwrap();
     let sleep = Identity::new("cluster.local", NAMESPACE, "sleep");
+    let sleep_cert = mesh.get(&sleep).await.unwrap();
+    // The mesh root, whichever certificate a client presents.
+    let roots = sleep_cert.roots();
 
     // Sanity: a proper mesh client completes the handshake (and gets HTTP/2 settings).
     handshake_to(
         &outside,
         &b,
-        mesh.get(&sleep).unwrap(),
-        &root,
+        sleep_cert.clone(),
+        roots.clone(),
         httpbin.clone(),
     )
     .await
@@ -312,10 +315,10 @@ async fn clients_from_another_root_or_outside_the_trust_domain_are_refused_at_th
 
     let foreign = Identity::new("evil.example", NAMESPACE, "sleep");
     for (client, why) in [
-        (other.get(&sleep).unwrap(), "invalid peer certificate"),
-        (mesh.get(&foreign).unwrap(), "outside trust domain"),
+        (other.get(&sleep).await.unwrap(), "invalid peer certificate"),
+        (mesh.get(&foreign).await.unwrap(), "outside trust domain"),
     ] {
-        let err = handshake_to(&outside, &b, client, &root, httpbin.clone())
+        let err = handshake_to(&outside, &b, client, roots.clone(), httpbin.clone())
             .await
             .unwrap_err();
         assert!(err.starts_with("server"), "{why}: {err}");
@@ -324,7 +327,7 @@ async fn clients_from_another_root_or_outside_the_trust_domain_are_refused_at_th
 
     // And a client that expects another identity than the server proves gives up.
     let wrong = Identity::new("cluster.local", NAMESPACE, "not-httpbin");
-    let err = handshake_to(&outside, &b, mesh.get(&sleep).unwrap(), &root, wrong)
+    let err = handshake_to(&outside, &b, sleep_cert, roots, wrong)
         .await
         .unwrap_err();
     assert!(err.contains("not the expected"), "{err}");
@@ -336,7 +339,7 @@ async fn a_service_vip_spreads_connections_over_its_endpoints() {
     let a = node.add_pod("sleep");
     let (b1, b2) = (node.add_pod("echo-1"), node.add_pod("echo-2"));
     let svc = format!("\"{NAMESPACE}/echo.{NAMESPACE}.svc.cluster.local\"");
-    let extra = format!("  services: {{{svc}: {{80: 8080}}}}\n");
+    let extra = format!("{svc}: {{80: 8080}}");
     let workloads = vec![
         workload(&a, "HBONE", ""),
         workload(&b1, "HBONE", &extra),

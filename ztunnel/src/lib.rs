@@ -16,10 +16,12 @@ use std::sync::Arc;
 
 use config::{Config, MeshSource};
 use identity::manager::CertManager;
-use inpod::statemanager::{InpodProxyFactory, StateManager};
+use inpod::packet::Keepalive;
+use inpod::statemanager::StateManager;
 use inpod::workloadmanager::WorkloadProxyManager;
+use proxy::factory::InpodProxyFactory;
 use proxy::pool::HboneConfig;
-use proxy::{Keepalive, MeshConfig, ProxyConfig};
+use proxy::{MeshConfig, ProxyConfig};
 use state::Store;
 
 /// The mesh side: its state (from the local config, reloaded on change) and the local
@@ -40,9 +42,18 @@ fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
             "LOCAL_XDS_PATH needs LOCAL_CA_CERT and LOCAL_CA_KEY (make a root with `ztunnel create-root --out-dir DIR`)"
         );
     };
-    let state = state::watch::load(&path)?;
+    let node = Some(cfg.node_name.clone()).filter(|n| !n.is_empty());
+    let (state, warnings) = state::watch::load(&path, node.as_deref())?;
+    for w in warnings {
+        tracing::warn!(path = %path.display(), "{w}");
+    }
     let store = Store::new(state);
-    tokio::spawn(state::watch::watch(path, store.clone(), cfg.local_xds_poll));
+    tokio::spawn(state::watch::watch(
+        path,
+        node,
+        store.clone(),
+        cfg.local_xds_poll,
+    ));
     let ca = identity::ca::LocalCa::from_files(ca_cert, ca_key)?;
     let certs = CertManager::new(Arc::new(ca), cfg.workload_cert_ttl, tls::provider());
     Ok(Some(Arc::new(MeshConfig {

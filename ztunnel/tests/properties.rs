@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use ztunnel::config::parse_duration;
 use ztunnel::state::localconfig::LocalConfig;
-use ztunnel::state::MeshState;
+use ztunnel::state::watch::load_str;
 
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -42,7 +42,8 @@ fn config_doc() -> impl Strategy<Value = Value> {
                 .into_iter()
                 .map(|(k, p, t)| (k, json!({ p.to_string(): t })))
                 .collect();
-            json!({"name": name, "namespace": ns, "serviceAccount": sa, "workloadIps": ips,
+            json!({"uid": format!("c//v1/Pod/{ns}/{name}"), "name": name, "namespace": ns,
+                   "serviceAccount": sa, "workloadIps": ips,
                    "protocol": if hbone { "HBONE" } else { "TCP" }, "services": services})
         });
     let service = (text(), text(), text(), list(text()), any::<u16>(), any::<u16>()).prop_map(
@@ -50,12 +51,27 @@ fn config_doc() -> impl Strategy<Value = Value> {
             json!({"name": name, "namespace": ns, "hostname": host, "vips": vips, "ports": { p.to_string(): t }})
         },
     );
-    let matches = (list(text()), list(text()), list(text()), list(any::<u16>())).prop_map(
-        |(ns, principals, ips, ports)| {
-            json!({"namespaces": ns, "notPrincipals": principals, "sourceIps": ips.clone(),
-                   "notDestinationIps": ips, "destinationPorts": ports})
-        },
-    );
+    let string_match = || {
+        (0u8..4, text()).prop_map(|(kind, v)| match kind {
+            0 => json!({ "Exact": v }),
+            1 => json!({ "Prefix": v }),
+            2 => json!({ "Suffix": v }),
+            _ => json!({ "Presence": [] }),
+        })
+    };
+    let account =
+        (text(), text()).prop_map(|(ns, sa)| json!({"namespace": ns, "serviceAccount": sa}));
+    let matches = (
+        list(string_match()),
+        list(string_match()),
+        list(account),
+        list(text()),
+        list(any::<u16>()),
+    )
+        .prop_map(|(ns, principals, accounts, ips, ports)| {
+            json!({"namespaces": ns, "notPrincipals": principals, "serviceAccounts": accounts,
+                   "sourceIps": ips.clone(), "notDestinationIps": ips, "destinationPorts": ports})
+        });
     let policy = (
         text(),
         text(),
@@ -66,7 +82,7 @@ fn config_doc() -> impl Strategy<Value = Value> {
         .prop_map(|(name, ns, scope, allow, rules)| {
             let scope = ["Global", "Namespace", "WorkloadSelector"][scope as usize];
             json!({"name": name, "namespace": ns,
-                   "scope": scope,
+                   "scope": scope, "dryRun": false,
                    "action": if allow { "Allow" } else { "Deny" }, "rules": rules})
         });
     (list(workload), list(service), list(policy))
@@ -76,16 +92,12 @@ fn config_doc() -> impl Strategy<Value = Value> {
 proptest! {
     #[test]
     fn prop_local_config_text_parses_or_fails_cleanly(text in ".{0,400}") {
-        if let Ok(cfg) = LocalConfig::parse("p.yaml", &text) {
-            let _ = MeshState::build("p.yaml", cfg);
-        }
+        let _ = load_str("p.yaml", &text, None);
     }
 
     #[test]
     fn prop_local_config_values_validate_or_fail_cleanly(doc in config_doc()) {
-        if let Ok(cfg) = LocalConfig::parse("p.yaml", &doc.to_string()) {
-            let _ = MeshState::build("p.yaml", cfg);
-        }
+        let _ = load_str("p.yaml", &doc.to_string(), Some("node-1"));
     }
 
     #[test]

@@ -124,7 +124,8 @@ async fn demo() -> anyhow::Result<()> {
     let ips = |n: u8| [cluster.node.ip(n), cluster.node.ip6(n.into())];
     let yaml = |[s4, s6]: [IpAddr; 2], [h4, h6]: [IpAddr; 2]| {
         format!(
-            "workloads:\n- {{name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, workloadIps: [\"{s4}\", \"{s6}\"], protocol: HBONE}}\n- {{name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, workloadIps: [\"{h4}\", \"{h6}\"], protocol: HBONE}}\n"
+            "workloads:\n- {{uid: Kubernetes//Pod/{NAMESPACE}/sleep, name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, node: {node}, workloadIps: [\"{s4}\", \"{s6}\"], protocol: HBONE, services: {{}}}}\n- {{uid: Kubernetes//Pod/{NAMESPACE}/httpbin, name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, node: {node}, workloadIps: [\"{h4}\", \"{h6}\"], protocol: HBONE, services: {{}}}}\n",
+            node = cluster.node.node_name()
         )
     };
     cluster.node.write_mesh_config(&yaml(ips(2), ips(3)));

@@ -140,8 +140,8 @@ struct User {
     client_certificate_data: Option<String>,
     client_key: Option<String>,
     client_key_data: Option<String>,
-    exec: Option<serde_yaml::Value>,
-    auth_provider: Option<serde_yaml::Value>,
+    exec: Option<serde::de::IgnoredAny>,
+    auth_provider: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -216,7 +216,7 @@ pub fn render(creds: &Credentials) -> Result<Rendered, KubeconfigError> {
             };
             let raw = read(path, &mut sources)?;
             let file: KubeconfigFile =
-                serde_yaml::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
+                serde_saphyr::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
             let base = path.parent().unwrap_or(Path::new("/"));
             let resolve = |p: &str| base.join(p);
             let context = match &file.current_context {
@@ -283,7 +283,7 @@ pub fn render(creds: &Credentials) -> Result<Rendered, KubeconfigError> {
         "contexts": [{"name": "istio-cni-context", "context": {"cluster": "local", "user": "istio-cni"}}],
         "current-context": "istio-cni-context",
     });
-    let body = serde_yaml::to_string(&doc).map_err(|e| KubeconfigError::Invalid {
+    let body = serde_saphyr::to_string(&doc).map_err(|e| KubeconfigError::Invalid {
         path: PathBuf::from("<kubeconfig>"),
         reason: e.to_string(),
     })?;
@@ -417,8 +417,8 @@ mod tests {
         }
     }
 
-    fn parsed(r: &Rendered) -> serde_yaml::Value {
-        serde_yaml::from_str(&r.yaml).unwrap()
+    fn parsed(r: &Rendered) -> serde_json::Value {
+        serde_saphyr::from_str(&r.yaml).unwrap()
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! - [`Identity`], written `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 //! - [`ca`]: a root certificate + key from PEM files (RSA or ECDSA) signing short-lived
 //!   ECDSA P-256 workload certificates.
-//! - [`manager`]: one certificate per identity, renewed at half-life.
+//! - [`source`]: the seam certificates come through ([`source::CertSource`]).
+//! - [`manager`]: one certificate per identity, from a source, renewed at half-life.
 
 pub mod ca;
 pub mod manager;
+pub mod source;
 
 use std::fmt;
 use std::str::FromStr;

@@ -16,7 +16,15 @@ use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
-use crate::proxy::Keepalive;
+/// TCP keepalive on proxied connections (Istio's `KEEPALIVE_*` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: std::time::Duration,
+    pub interval: std::time::Duration,
+    pub retries: u32,
+    /// Also set TCP_USER_TIMEOUT to time + retries x interval.
+    pub user_timeout: bool,
+}
 
 fn tcp_socket(domain: Domain, mark: u32, keepalive: Option<Keepalive>) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
@@ -98,6 +106,13 @@ pub fn upstream(
     )))
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (how a dual-stack socket shows an IPv4
+/// peer) written as the IPv4 address it is: policy, lookups, logs and transparent binds
+/// all see one form per address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// The destination an outbound connection had before the pod's nat rule redirected it:
 /// `SO_ORIGINAL_DST` for IPv4 (also an IPv4 connection on a dual-stack socket),
 /// `IP6T_SO_ORIGINAL_DST` for IPv6.
@@ -110,6 +125,6 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
         sock.original_dst_ipv6()?
     };
     addr.as_socket()
-        .map(crate::proxy::canonical)
+        .map(canonical)
         .ok_or_else(|| io::Error::other("original destination is not an IP address"))
 }

@@ -47,7 +47,14 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let handshake = tokio::time::timeout(mesh.hbone.handshake_timeout, pod.acceptor.accept(stream));
+    let acceptor = match pod.acceptor() {
+        Ok(a) => a,
+        Err(e) => {
+            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some(&e));
+            return;
+        }
+    };
+    let handshake = tokio::time::timeout(mesh.hbone.handshake_timeout, acceptor.accept(stream));
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::authz::{Conn, Decision};
+use crate::authz::{self, Conn, Decision};
 use crate::identity::Identity;
 use crate::state::{MeshState, Workload};
 
@@ -33,9 +33,7 @@ impl Attrs {
     }
 
     pub fn decide(&self, state: &MeshState, dst: &Workload) -> Decision {
-        state
-            .policies
-            .evaluate(&dst.namespace, &dst.authorization_policies, &self.conn())
+        authz::authorize(state.policies(), dst, &self.conn())
     }
 }
 

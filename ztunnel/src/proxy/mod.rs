@@ -7,6 +7,7 @@
 //! | 15006 | [`inbound_passthrough`] | plaintext from non-mesh clients (TPROXY)      |
 //! | 15008 | [`inbound`]             | HBONE from mesh peers (TPROXY)                |
 
+pub mod factory;
 pub mod headers;
 pub mod inbound;
 pub mod inbound_passthrough;
@@ -29,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::identity::manager::{CertManager, IdentityCert};
 use crate::inpod::netns::InpodNetns;
-use crate::inpod::packet::{self, ListenerOpts};
+use crate::inpod::packet::{self, Keepalive, ListenerOpts};
 use crate::state::{MeshState, Store, Workload};
 use live::LiveConns;
 use pool::{HboneConfig, Pool};
@@ -38,12 +39,7 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const INBOUND_HBONE_PORT: u16 = 15008;
 
-/// `addr` with an IPv4-mapped IPv6 address (how a dual-stack socket shows an IPv4
-/// peer) written as the IPv4 address it is: policy, lookups, logs and transparent binds
-/// all see one form per address.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
+pub use crate::inpod::packet::canonical;
 
 /// Ports a connection must never be forwarded to: that would loop into ztunnel.
 pub fn is_ztunnel_port(port: u16) -> bool {
@@ -65,53 +61,56 @@ pub struct MeshConfig {
 /// its HBONE connections and its live inbound connections.
 pub struct PodMesh {
     pub cert: Arc<IdentityCert>,
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Rebuilt when the certificate is renewed (the roots come with it).
+    acceptor: std::sync::Mutex<(u64, tokio_rustls::TlsAcceptor)>,
     pub pool: Pool,
     pub live: LiveConns,
     /// TLS handshakes in progress on the pod's 15008 (see `HboneConfig::max_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
+fn acceptor(cert: &Arc<IdentityCert>) -> Result<tokio_rustls::TlsAcceptor, String> {
+    let server = crate::tls::server_config(cert.clone(), cert.roots())
+        .map_err(|e| format!("TLS server config: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+}
+
 impl PodMesh {
-    /// The mesh side of a new pod proxy: the pod must have a workload entry (matched by
-    /// namespace and name, and service account when the agent gave one).
-    pub fn for_pod(mesh: &MeshConfig, info: &WorkloadInfo) -> Result<PodMesh, String> {
-        let state = mesh.store.get();
-        let w = state
-            .workload_by_name(&info.namespace, &info.name)
-            .ok_or_else(|| {
-                format!(
-                    "no workload {}/{} in the local config yet; the pod waits for one",
-                    info.namespace, info.name
-                )
-            })?;
-        if !info.service_account.is_empty() && info.service_account != w.service_account {
-            return Err(format!(
-                "pod {}/{} runs as service account {:?}, its workload entry says {:?}",
-                info.namespace, info.name, info.service_account, w.service_account
-            ));
-        }
-        let cert = mesh.certs.get(&w.identity()).map_err(|e| e.to_string())?;
-        let server = crate::tls::server_config(cert.clone(), mesh.certs.ca().root())
-            .map_err(|e| format!("TLS server config: {e}"))?;
+    /// The mesh side of a new pod proxy: the pod must have a workload on this node,
+    /// matched by namespace, name and service account.
+    pub async fn for_pod(mesh: &MeshConfig, info: &WorkloadInfo) -> Result<PodMesh, String> {
+        let identity = {
+            let state = mesh.store.get();
+            let w = state
+                .pod_workload(&info.namespace, &info.name, &info.service_account)
+                .ok_or_else(|| {
+                    format!(
+                        "no workload for pod {}/{} (service account {:?}) on this node in the mesh state yet; the pod waits for one",
+                        info.namespace, info.name, info.service_account
+                    )
+                })?;
+            w.identity()
+        };
+        let cert = mesh.certs.get(&identity).await.map_err(|e| e.to_string())?;
+        let generation = cert.generation();
         Ok(PodMesh {
+            acceptor: std::sync::Mutex::new((generation, acceptor(&cert)?)),
             cert,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             pool: Pool::default(),
             live: LiveConns::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(mesh.hbone.max_handshakes)),
         })
     }
-}
 
-/// TCP keepalive on proxied connections (Istio's `KEEPALIVE_*` settings).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Keepalive {
-    pub time: Duration,
-    pub interval: Duration,
-    pub retries: u32,
-    /// Also set TCP_USER_TIMEOUT to time + retries x interval.
-    pub user_timeout: bool,
+    /// The TLS acceptor for the current certificate and roots.
+    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, String> {
+        let generation = self.cert.generation();
+        let mut held = self.acceptor.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0 != generation {
+            *held = (generation, acceptor(&self.cert)?);
+        }
+        Ok(held.1.clone())
+    }
 }
 
 /// Settings shared by every pod proxy.
@@ -140,10 +139,14 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// The pod's workload entry in the current mesh state.
+    /// The pod's workload in the current mesh state.
     pub fn workload(&self, state: &MeshState) -> Option<Arc<Workload>> {
         state
-            .workload_by_name(&self.info.namespace, &self.info.name)
+            .pod_workload(
+                &self.info.namespace,
+                &self.info.name,
+                &self.info.service_account,
+            )
             .cloned()
     }
 

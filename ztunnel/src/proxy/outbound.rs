@@ -11,8 +11,7 @@ use tokio::net::TcpStream;
 use super::relay::Flow;
 use super::{canonical, is_ztunnel_port, PodContext};
 use crate::inpod::packet;
-use crate::state::localconfig::Protocol;
-use crate::state::Destination;
+use crate::state::{Destination, Protocol};
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
@@ -40,7 +39,17 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     }
     if let (Some(mesh), Some(pod)) = (&ctx.cfg.mesh, &ctx.mesh) {
         let state = mesh.store.get();
-        match state.resolve(dst) {
+        let Some(src) = ctx.workload(&state) else {
+            // The pod's workload left the mesh state: nothing says where its traffic
+            // may go, or as whom. Refused, never passed on.
+            Flow::new(&ctx, "outbound", peer, dst).log(
+                0,
+                0,
+                Some("refused: the pod has no workload in the mesh state"),
+            );
+            return;
+        };
+        match state.resolve(&src, dst) {
             Destination::Workload(w, target) if w.protocol == Protocol::Hbone => {
                 let mut flow = Flow::new(&ctx, "outbound", peer, target);
                 flow.src_identity = Some(pod.cert.identity.clone());
@@ -59,17 +68,21 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 }
                 return;
             }
-            Destination::NoEndpoint { service, port } => {
+            Destination::NoEndpoint {
+                service,
+                port,
+                reason,
+            } => {
                 Flow::new(&ctx, "outbound", peer, dst).log(
                     0,
                     0,
                     Some(&format!(
-                        "no healthy upstream: service {service} has no endpoint for port {port}"
+                        "no healthy upstream: service {service} port {port}: {reason}"
                     )),
                 );
                 return;
             }
-            Destination::Workload(_, target) | Destination::Unknown(target) => {
+            Destination::Workload(_, target) | Destination::Passthrough(target) => {
                 return passthrough(&ctx, stream, peer, target).await;
             }
         }

@@ -231,10 +231,10 @@ impl Pool {
             .await
             .map_err(|e| HboneError::Connect(addr, e))?;
         let _ = tcp.set_nodelay(true);
-        let root = mesh.certs.ca().root().clone();
         let cert_generation = cert.generation();
+        let roots = cert.roots();
         let config =
-            tls::client_config(cert, &root, key.dst.clone()).map_err(HboneError::Config)?;
+            tls::client_config(cert, roots, key.dst.clone()).map_err(HboneError::Config)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tls = tokio::time::timeout(
             cfg.handshake_timeout,

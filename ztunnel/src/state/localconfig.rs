@@ -1,126 +1,187 @@
-//! ztunnel's local configuration file (`LOCAL_XDS_PATH`): workloads, services and
-//! authorization policies in the schema Istio's ztunnel reads from its local config,
-//! so one file drives either implementation. Unknown fields are rejected.
+//! The local configuration file (`LOCAL_XDS_PATH`) in Istio's ztunnel's schema: the
+//! same fields, names, required fields and defaults, so one file drives either
+//! implementation. These types are the file's shape only; [`super::translate`] turns
+//! them into the domain model, and nothing outside `state` names them.
+//!
+//! Where Istio's parser silently ignores a key (unknown keys inside a policy match, a
+//! service-account match or a locality), ours rejects it: a typo there would otherwise
+//! change what a policy means without a word.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Deserialize;
 
+use super::policy::{Action, Scope};
+use super::service::{HealthPolicy, IpFamily, LoadBalancerMode, RoutingScope};
+use super::workload::{HealthStatus, NetworkMode, Protocol, TunnelProtocol};
+
 /// The whole file.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalConfig {
     #[serde(default)]
     pub workloads: Vec<LocalWorkload>,
     #[serde(default)]
-    pub services: Vec<LocalService>,
-    #[serde(default)]
     pub policies: Vec<LocalPolicy>,
+    #[serde(default)]
+    pub services: Vec<LocalService>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-pub enum Protocol {
-    /// In the mesh: reached over HBONE (mTLS) on port 15008.
-    #[serde(rename = "HBONE")]
-    Hbone,
-    /// Not in the mesh: plain TCP.
-    #[default]
-    #[serde(rename = "TCP")]
-    Tcp,
+fn one() -> u32 {
+    1
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// A workload, and the services it backs (`services` is required, as in Istio: write
+/// `services: {}` for none).
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalWorkload {
-    #[serde(default)]
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    #[serde(default = "default_sa")]
-    pub service_account: String,
-    #[serde(default = "default_td")]
-    pub trust_domain: String,
-    #[serde(default)]
     pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub waypoint: Option<LocalGateway>,
+    #[serde(default)]
+    pub network_gateway: Option<LocalGateway>,
     #[serde(default)]
     pub protocol: Protocol,
     #[serde(default)]
-    pub node: String,
-    /// `"<namespace>/<hostname>"` -> service port -> target port.
+    pub network_mode: NetworkMode,
     #[serde(default)]
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
-    /// `"<namespace>/<name>"` of WorkloadSelector policies that select this workload.
+    pub uid: String,
+    #[serde(default)]
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub workload_type: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub native_tunnel: bool,
+    #[serde(default)]
+    pub application_tunnel: Option<LocalApplicationTunnel>,
+    /// `namespace/name` of the WorkloadSelector policies that select it.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    #[serde(default)]
+    pub status: HealthStatus,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub locality: LocalLocality,
+    #[serde(default = "one")]
+    pub capacity: u32,
+    /// `namespace/hostname` -> service port -> target port.
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
 }
 
-fn default_sa() -> String {
-    "default".into()
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLocality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
 }
 
-fn default_td() -> String {
-    "cluster.local".into()
+/// A waypoint or network gateway: `destination` is `network/ip` or
+/// `namespace/hostname`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalGateway {
+    pub destination: String,
+    pub hbone_mtls_port: u16,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalApplicationTunnel {
+    pub protocol: TunnelProtocol,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalService {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
-    /// `"<network>/<ip>"`; the network may be empty (`"/10.96.0.10"`).
-    #[serde(default)]
+    /// `network/ip`; the network may be empty (`/10.96.0.10`).
     pub vips: Vec<String>,
     /// Service port -> target port.
-    #[serde(default)]
     pub ports: BTreeMap<u16, u16>,
+    /// Keyed by workload uid.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, LocalEndpoint>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub waypoint: Option<LocalGateway>,
+    #[serde(default)]
+    pub load_balancer: Option<LocalLoadBalancer>,
+    #[serde(default)]
+    pub ip_families: Option<IpFamily>,
+    #[serde(default)]
+    pub canonical: bool,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-pub enum Scope {
-    Global,
-    Namespace,
-    WorkloadSelector,
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalEndpoint {
+    pub workload_uid: String,
+    pub port: BTreeMap<u16, u16>,
+    pub status: HealthStatus,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalLoadBalancer {
+    pub routing_preferences: Vec<RoutingScope>,
+    pub mode: LoadBalancerMode,
+    pub health_policy: HealthPolicy,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// An authorization policy: every field is required, `dryRun` included.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalPolicy {
     pub name: String,
     pub namespace: String,
     pub scope: Scope,
     pub action: Action,
-    #[serde(default)]
-    pub dry_run: bool,
     /// Rules are ORed, a rule's clauses ANDed, a clause's matches ORed.
-    #[serde(default)]
     pub rules: Vec<Vec<Vec<LocalMatch>>>,
+    pub dry_run: bool,
 }
 
-/// One match: every field given must match (any of its values), and no `not…` field
-/// may match.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalMatch {
     #[serde(default)]
-    pub namespaces: Vec<String>,
+    pub namespaces: Vec<LocalStringMatch>,
     #[serde(default)]
-    pub not_namespaces: Vec<String>,
+    pub not_namespaces: Vec<LocalStringMatch>,
     #[serde(default)]
-    pub service_accounts: Vec<String>,
+    pub service_accounts: Vec<LocalServiceAccountMatch>,
     #[serde(default)]
-    pub not_service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<LocalServiceAccountMatch>,
     #[serde(default)]
-    pub principals: Vec<String>,
+    pub principals: Vec<LocalStringMatch>,
     #[serde(default)]
-    pub not_principals: Vec<String>,
+    pub not_principals: Vec<LocalStringMatch>,
+    /// CIDRs (`10.0.0.0/8`, `10.0.0.1/32`).
     #[serde(default)]
     pub source_ips: Vec<String>,
     #[serde(default)]
@@ -133,6 +194,22 @@ pub struct LocalMatch {
     pub destination_ports: Vec<u16>,
     #[serde(default)]
     pub not_destination_ports: Vec<u16>,
+}
+
+/// `{Exact: x}`, `{Prefix: x}`, `{Suffix: x}` or `{Presence: []}`.
+#[derive(Debug, Deserialize)]
+pub enum LocalStringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Presence(),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalServiceAccountMatch {
+    pub namespace: String,
+    pub service_account: String,
 }
 
 /// A configuration error, naming where in the file it is.
@@ -154,80 +231,22 @@ pub enum ConfigError {
 }
 
 impl LocalConfig {
-    /// Parses YAML text; `path` names the source in errors. serde's messages name the
-    /// unknown or invalid field and the line and column where it is.
+    /// Parses YAML text; `path` names the source in errors, which give the line and
+    /// column and name the field. YAML 1.2 booleans only (`yes` is not `true`), and a
+    /// key given twice is an error, as with Istio's parser.
     pub fn parse(path: &str, text: &str) -> Result<LocalConfig, ConfigError> {
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        let options = serde_saphyr::options! {
+            strict_booleans: true,
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+            with_snippet: false,
+        };
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
-            message: e.to_string(),
+            message: e
+                .to_string()
+                .trim_start_matches("error: ")
+                .trim_end()
+                .to_string(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const DESIGN_EXAMPLE: &str = r#"
-workloads:
-- uid: cluster1//v1/Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  trustDomain: cluster.local
-  workloadIps: ["10.244.0.3"]
-  protocol: HBONE
-  node: node-1
-  services: {"default/server.default.svc.cluster.local": {80: 8080}}
-services:
-- name: server
-  namespace: default
-  hostname: server.default.svc.cluster.local
-  vips: ["/10.96.0.10"]
-  ports: {80: 8080}
-policies:
-- name: deny-9999
-  namespace: default
-  scope: Namespace
-  action: Deny
-  dryRun: false
-  rules: [[[{destinationPorts: [9999]}]]]
-"#;
-
-    #[test]
-    fn the_design_example_parses() {
-        let cfg = LocalConfig::parse("example.yaml", DESIGN_EXAMPLE).unwrap();
-        assert_eq!(cfg.workloads[0].protocol, Protocol::Hbone);
-        assert_eq!(
-            cfg.workloads[0].services["default/server.default.svc.cluster.local"][&80],
-            8080
-        );
-        assert_eq!(cfg.services[0].ports[&80], 8080);
-        assert_eq!(cfg.policies[0].rules[0][0][0].destination_ports, [9999]);
-    }
-
-    #[test]
-    fn unknown_fields_and_bad_values_name_the_field_and_line() {
-        let err = LocalConfig::parse(
-            "c.yaml",
-            "workloads:\n- name: a\n  namespace: b\n  colour: red\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("colour") && err.contains("line 4"), "{err}");
-        let err = LocalConfig::parse(
-            "c.yaml",
-            "workloads:\n- name: a\n  namespace: b\n  workloadIps: [nope]\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("workloadIps") || err.contains("IP"), "{err}");
-        let err = LocalConfig::parse(
-            "c.yaml",
-            "policies:\n- {name: p, namespace: n, scope: Everywhere, action: Deny}\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("Everywhere"), "{err}");
     }
 }

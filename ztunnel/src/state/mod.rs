@@ -1,236 +1,138 @@
-//! What ztunnel knows about the mesh: workloads, services and policies, from the local
-//! configuration file, indexed for the lookups the data path makes per connection.
+//! What ztunnel knows about the mesh: workloads, services and policies, indexed for the
+//! lookups the data path makes per connection.
 //!
-//! - [`localconfig`]: the file's schema.
+//! The domain model is Istio's ztunnel's ([`workload`], [`service`], [`policy`]). Sources
+//! translate into it through one [`StateBuilder`]: the local file ([`localconfig`],
+//! [`translate`]) today, xDS next. Nothing outside this module names a file-schema type.
+//!
 //! - [`MeshState`]: one immutable, validated snapshot with its indexes.
-//! - [`Store`]: the current snapshot, swapped whole on reload; subscribers are told.
-//! - [`watch`]: reloads the file when it changes.
+//! - [`Store`]: the current snapshot. An update builds a whole new snapshot off the data
+//!   path and swaps it in at once: readers see the old state or the new, never half, and
+//!   hold no lock while they use it.
+//! - [`watch`]: reloads the local file when it changes.
 
+pub mod builder;
 pub mod localconfig;
+pub mod policy;
+pub mod service;
+pub mod translate;
 pub mod watch;
+pub mod workload;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use localconfig::{ConfigError, LocalConfig, Protocol};
+pub use builder::{BuildError, StateBuilder};
+pub use policy::PolicyIndex;
+pub use service::{Pick, ServiceEntry};
+pub use workload::{NamespacedHostname, Protocol, Uid, Workload};
 
-use crate::authz::{Policy, PolicySet};
-use crate::identity::Identity;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Workload {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub trust_domain: String,
-    pub ips: Vec<IpAddr>,
-    pub protocol: Protocol,
-    pub node: String,
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
-    pub authorization_policies: Vec<String>,
-}
-
-impl Workload {
-    pub fn identity(&self) -> Identity {
-        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
-    }
-}
-
-#[derive(Debug)]
-pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub hostname: String,
-    pub vips: Vec<IpAddr>,
-    pub ports: BTreeMap<u16, u16>,
-    /// Workloads that back this service.
-    pub endpoints: Vec<Arc<Workload>>,
-    next: AtomicUsize,
-}
-
-impl Service {
-    /// `namespace/hostname`, as workloads refer to it.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.hostname)
-    }
-
-    /// Picks the next endpoint (round robin) for a connection to `port`, with the
-    /// target port it maps to. None when the service has no endpoint or no such port.
-    pub fn pick(&self, port: u16) -> Option<(Arc<Workload>, SocketAddr)> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let key = self.key();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..self.endpoints.len()).find_map(|i| {
-            let ep = &self.endpoints[(start + i) % self.endpoints.len()];
-            let target = ep
-                .services
-                .get(&key)
-                .and_then(|ports| ports.get(&port))
-                .or_else(|| self.ports.get(&port))?;
-            let ip = *ep.ips.first()?;
-            Some((ep.clone(), SocketAddr::new(ip, *target)))
-        })
-    }
-}
-
-/// Where a connection to some address should go.
+/// Where a connection to some address goes.
 #[derive(Clone, Debug)]
 pub enum Destination {
-    /// A workload: tunnel over HBONE if it is in the mesh.
+    /// A workload: over HBONE if it is in the mesh.
     Workload(Arc<Workload>, SocketAddr),
-    /// A service VIP with no endpoint serving the port: the connection fails. Passing
-    /// it on to the VIP would let kube-proxy deliver it, in plaintext, to a pod.
-    NoEndpoint { service: String, port: u16 },
-    /// Nothing known: plain TCP passthrough.
-    Unknown(SocketAddr),
+    /// A service VIP with nothing to serve the connection: it fails. Passing it on to
+    /// the VIP would let kube-proxy deliver it, in plaintext, to a pod.
+    NoEndpoint {
+        service: NamespacedHostname,
+        port: u16,
+        reason: &'static str,
+    },
+    /// Nothing known (or a passthrough service): plain TCP to the address itself.
+    Passthrough(SocketAddr),
 }
 
-/// One validated configuration snapshot.
+/// One validated snapshot of the mesh.
 #[derive(Debug, Default)]
 pub struct MeshState {
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// namespace -> name -> workload: looked up per connection without allocating.
-    by_name: HashMap<String, HashMap<String, Arc<Workload>>>,
-    by_vip: HashMap<IpAddr, Arc<Service>>,
-    pub policies: PolicySet,
-}
-
-fn invalid(path: &str, location: String, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.to_string(),
-        location,
-        message: message.into(),
-    }
+    by_uid: HashMap<Uid, Arc<Workload>>,
+    /// network -> address -> workload (host-network workloads are not found by address).
+    by_addr: HashMap<String, HashMap<IpAddr, Arc<Workload>>>,
+    /// namespace -> name -> this node's workloads of that name: how pods are matched.
+    local: HashMap<String, HashMap<String, Vec<Arc<Workload>>>>,
+    services: HashMap<NamespacedHostname, Arc<ServiceEntry>>,
+    /// network -> VIP -> service.
+    by_vip: HashMap<String, HashMap<IpAddr, Arc<ServiceEntry>>>,
+    policies: PolicyIndex,
 }
 
 impl MeshState {
-    /// Validates `cfg` and builds the indexes.
-    pub fn build(path: &str, cfg: LocalConfig) -> Result<MeshState, ConfigError> {
-        let mut state = MeshState::default();
-        let mut workloads = Vec::new();
-        for (i, w) in cfg.workloads.into_iter().enumerate() {
-            let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
-            if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(invalid(path, at, "name and namespace are required"));
-            }
-            let workload = Arc::new(Workload {
-                uid: w.uid,
-                name: w.name,
-                namespace: w.namespace,
-                service_account: w.service_account,
-                trust_domain: w.trust_domain,
-                ips: w.workload_ips,
-                protocol: w.protocol,
-                node: w.node,
-                services: w.services,
-                authorization_policies: w.authorization_policies,
-            });
-            for ip in &workload.ips {
-                if state.by_ip.insert(*ip, workload.clone()).is_some() {
-                    return Err(invalid(
-                        path,
-                        at,
-                        format!("workloadIps: {ip} is used by two workloads"),
-                    ));
-                }
-            }
-            let names = state.by_name.entry(workload.namespace.clone()).or_default();
-            if names
-                .insert(workload.name.clone(), workload.clone())
-                .is_some()
-            {
-                return Err(invalid(path, at, "two workloads with this namespace/name"));
-            }
-            workloads.push(workload);
-        }
-        for (i, s) in cfg.services.into_iter().enumerate() {
-            let at = format!("services[{i}] ({}/{})", s.namespace, s.name);
-            let key = format!("{}/{}", s.namespace, s.hostname);
-            let mut vips = Vec::new();
-            for vip in &s.vips {
-                let ip = vip.rsplit('/').next().unwrap_or(vip);
-                vips.push(ip.parse::<IpAddr>().map_err(|_| {
-                    invalid(
-                        path,
-                        at.clone(),
-                        format!("vips: {vip:?} is not \"<network>/<ip>\""),
-                    )
-                })?);
-            }
-            let service = Arc::new(Service {
-                endpoints: workloads
-                    .iter()
-                    .filter(|w| w.services.contains_key(&key))
-                    .cloned()
-                    .collect(),
-                name: s.name,
-                namespace: s.namespace,
-                hostname: s.hostname,
-                vips,
-                ports: s.ports,
-                next: AtomicUsize::new(0),
-            });
-            for vip in &service.vips {
-                if state.by_vip.insert(*vip, service.clone()).is_some() {
-                    return Err(invalid(
-                        path,
-                        at,
-                        format!("vips: {vip} is used by two services"),
-                    ));
-                }
-            }
-        }
-        let mut policies = Vec::new();
-        for (i, p) in cfg.policies.iter().enumerate() {
-            let at = format!("policies[{i}] ({}/{})", p.namespace, p.name);
-            policies.push(Policy::compile(p).map_err(|m| invalid(path, at, m))?);
-        }
-        state.policies = PolicySet::new(policies);
-        Ok(state)
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(uid)
     }
 
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip)
+    /// The workload at `ip` in `network`.
+    pub fn workload_at(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_addr.get(network)?.get(&ip)
     }
 
-    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_name.get(namespace)?.get(name)
+    pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
     }
 
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&ip)
+    /// The service whose VIP is `ip` in `network`.
+    pub fn service_at(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_vip.get(network)?.get(&ip)
+    }
+
+    /// The workload of a pod the agent enrolled: this node's workload with the pod's
+    /// namespace, name and service account (any service account if the agent gave
+    /// none), as Istio matches them.
+    pub fn pod_workload(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+    ) -> Option<&Arc<Workload>> {
+        self.local
+            .get(namespace)?
+            .get(name)?
+            .iter()
+            .find(|w| service_account.is_empty() || w.service_account == service_account)
+    }
+
+    pub fn policies(&self) -> &PolicyIndex {
+        &self.policies
     }
 
     pub fn workload_count(&self) -> usize {
-        self.by_name.values().map(HashMap::len).sum()
+        self.by_uid.len()
     }
 
-    /// Resolves where a connection to `dst` goes: a service VIP picks an endpoint
-    /// (round robin) and maps the port; a workload address is that workload.
-    pub fn resolve(&self, dst: SocketAddr) -> Destination {
-        if let Some(svc) = self.service_by_vip(dst.ip()) {
-            return match svc.pick(dst.port()) {
-                Some((w, addr)) => Destination::Workload(w, addr),
-                None => Destination::NoEndpoint {
-                    service: svc.key(),
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Where a connection from `src` to `dst` goes: a service VIP picks an endpoint
+    /// (or fails); a workload address is that workload; anything else passes through.
+    /// Addresses are looked up in `src`'s network.
+    pub fn resolve(&self, src: &Workload, dst: SocketAddr) -> Destination {
+        if let Some(svc) = self.service_at(&src.network, dst.ip()) {
+            return match svc.pick(src, dst) {
+                Pick::Upstream(w, addr) => Destination::Workload(w, addr),
+                Pick::OriginalDestination => self.resolve_address(src, dst),
+                Pick::None(reason) => Destination::NoEndpoint {
+                    service: svc.service.key(),
                     port: dst.port(),
+                    reason,
                 },
             };
         }
-        match self.workload_by_ip(dst.ip()) {
+        self.resolve_address(src, dst)
+    }
+
+    fn resolve_address(&self, src: &Workload, dst: SocketAddr) -> Destination {
+        match self.workload_at(&src.network, dst.ip()) {
             Some(w) => Destination::Workload(w.clone(), dst),
-            None => Destination::Unknown(dst),
+            None => Destination::Passthrough(dst),
         }
     }
 }
 
 /// The current snapshot. Readers take an `Arc` and keep a consistent view for as long
-/// as they hold it; a reload swaps the whole snapshot and notifies subscribers.
+/// as they hold it; an update swaps the whole snapshot and notifies subscribers.
 pub struct Store {
     current: RwLock<Arc<MeshState>>,
     changed: tokio::sync::watch::Sender<u64>,
@@ -244,6 +146,7 @@ impl Store {
         })
     }
 
+    /// The current snapshot. The lock is held only to clone the pointer.
     pub fn get(&self) -> Arc<MeshState> {
         self.current
             .read()
@@ -251,8 +154,15 @@ impl Store {
             .clone()
     }
 
+    /// Swaps in `state` (built beforehand: the lock is held only for the swap).
     pub fn replace(&self, state: MeshState) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        let state = Arc::new(state);
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            state,
+        );
+        // The old snapshot is freed here, outside the lock, unless readers still hold it.
+        drop(old);
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -265,97 +175,185 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::service::{Endpoint, Service};
+    use crate::state::workload::HealthStatus;
 
-    const CFG: &str = r#"
-workloads:
-- {name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, services: {"default/svc.default.svc.cluster.local": {80: 8080}}}
-- {name: b, namespace: default, workloadIps: ["10.0.0.2"], protocol: HBONE, services: {"default/svc.default.svc.cluster.local": {80: 9090}}}
-- {name: c, namespace: default, workloadIps: ["10.0.0.3"]}
-services:
-- {name: svc, namespace: default, hostname: svc.default.svc.cluster.local, vips: ["/10.96.0.10"], ports: {80: 8080}}
-"#;
-
-    fn state(yaml: &str) -> Result<MeshState, ConfigError> {
-        MeshState::build("t.yaml", LocalConfig::parse("t.yaml", yaml)?)
-    }
-
-    #[test]
-    fn a_vip_spreads_over_its_endpoints_with_their_target_ports() {
-        let s = state(CFG).unwrap();
-        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..4 {
-            match s.resolve(vip) {
-                Destination::Workload(w, addr) => {
-                    seen.insert((w.name.clone(), addr.to_string()));
-                }
-                other => panic!("{other:?}"),
-            }
+    fn w(uid: &str, name: &str, ips: &[&str], node: &str) -> Workload {
+        Workload {
+            uid: Uid(uid.into()),
+            name: name.into(),
+            namespace: "ns".into(),
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            node: node.into(),
+            protocol: Protocol::Hbone,
+            ..Workload::default()
         }
-        let want: std::collections::BTreeSet<_> = [
-            ("a".to_string(), "10.0.0.1:8080".to_string()),
-            ("b".to_string(), "10.0.0.2:9090".to_string()),
-        ]
-        .into();
-        assert_eq!(seen, want);
+    }
+
+    fn svc(name: &str, vip: &str) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "ns".into(),
+            hostname: format!("{name}.ns.svc.cluster.local"),
+            vips: vec![vip.parse().unwrap()],
+            ports: [(80, 8080)].into(),
+            endpoints: Default::default(),
+            subject_alt_names: vec![],
+            waypoint: None,
+            load_balancer: None,
+            ip_families: None,
+            canonical: false,
+        }
+    }
+
+    fn ep(uid: &str, status: HealthStatus) -> Endpoint {
+        Endpoint {
+            workload_uid: Uid(uid.into()),
+            port: Default::default(),
+            status,
+        }
     }
 
     #[test]
-    fn workloads_resolve_by_ip_and_unknown_addresses_pass_through() {
-        let s = state(CFG).unwrap();
-        assert!(
-            matches!(s.resolve("10.0.0.3:80".parse().unwrap()), Destination::Workload(w, _) if w.protocol == Protocol::Tcp)
-        );
-        assert!(matches!(
-            s.resolve("1.2.3.4:80".parse().unwrap()),
-            Destination::Unknown(_)
-        ));
+    fn defaults_are_filled_and_pods_match_only_this_nodes_workloads() {
+        let mut b = StateBuilder::new(Some("node-1".into()));
+        b.workload(w("u1", "a", &["10.0.0.1"], "node-1")).unwrap();
+        b.workload(w("u2", "b", &["10.0.0.2"], "node-2")).unwrap();
+        let s = b.build().unwrap();
+        let a = s.pod_workload("ns", "a", "default").unwrap();
         assert_eq!(
-            s.workload_by_name("default", "a")
-                .unwrap()
-                .identity()
-                .to_string(),
-            "spiffe://cluster.local/ns/default/sa/default"
+            a.identity().to_string(),
+            "spiffe://cluster.local/ns/ns/sa/default"
+        );
+        assert!(
+            s.pod_workload("ns", "a", "other").is_none(),
+            "the service account must match"
+        );
+        assert!(
+            s.pod_workload("ns", "a", "").is_some(),
+            "no service account given: any"
+        );
+        assert!(
+            s.pod_workload("ns", "b", "default").is_none(),
+            "b runs on another node"
+        );
+        // Every node's workloads are still destinations.
+        assert!(s.workload_at("", "10.0.0.2".parse().unwrap()).is_some());
+        let anywhere = {
+            let mut b = StateBuilder::new(None);
+            b.workload(w("u2", "b", &["10.0.0.2"], "node-2")).unwrap();
+            b.build().unwrap()
+        };
+        assert!(anywhere.pod_workload("ns", "b", "default").is_some());
+    }
+
+    #[test]
+    fn endpoints_join_their_workloads_and_unhealthy_ones_are_left_out() {
+        let mut b = StateBuilder::new(None);
+        b.workload(w("u1", "a", &["10.0.0.1"], "")).unwrap();
+        b.workload(w("u2", "b", &["10.0.0.2"], "")).unwrap();
+        b.endpoint(
+            svc("s", "/10.96.0.1").key(),
+            ep("u1", HealthStatus::Healthy),
+        );
+        b.endpoint(
+            svc("s", "/10.96.0.1").key(),
+            ep("u2", HealthStatus::Unhealthy),
+        );
+        b.endpoint(
+            svc("s", "/10.96.0.1").key(),
+            ep("gone", HealthStatus::Healthy),
+        );
+        b.service(svc("s", "/10.96.0.1")).unwrap();
+        let s = b.build().unwrap();
+        let entry = s.service_at("", "10.96.0.1".parse().unwrap()).unwrap();
+        let names: Vec<_> = entry
+            .backends
+            .iter()
+            .map(|b| b.workload.name.as_str())
+            .collect();
+        assert_eq!(names, ["a"]);
+        let src = w("src", "src", &[], "");
+        for _ in 0..3 {
+            assert!(matches!(
+                s.resolve(&src, "10.96.0.1:80".parse().unwrap()),
+                Destination::Workload(w, a) if w.name == "a" && a.port() == 8080
+            ));
+        }
+        assert!(matches!(
+            s.resolve(&src, "10.96.0.1:81".parse().unwrap()),
+            Destination::NoEndpoint { port: 81, .. }
+        ));
+        assert!(matches!(
+            s.resolve(&src, "1.2.3.4:80".parse().unwrap()),
+            Destination::Passthrough(_)
+        ));
+    }
+
+    #[test]
+    fn addresses_are_per_network() {
+        let mut b = StateBuilder::new(None);
+        let mut remote = w("u1", "a", &["10.0.0.1"], "");
+        remote.network = "net-2".into();
+        b.workload(remote).unwrap();
+        b.service(svc("s", "net-2/10.96.0.1")).unwrap();
+        let s = b.build().unwrap();
+        let local_src = w("src", "src", &[], "");
+        assert!(matches!(
+            s.resolve(&local_src, "10.0.0.1:80".parse().unwrap()),
+            Destination::Passthrough(_)
+        ));
+        assert!(matches!(
+            s.resolve(&local_src, "10.96.0.1:80".parse().unwrap()),
+            Destination::Passthrough(_)
+        ));
+        let mut remote_src = local_src.clone();
+        remote_src.network = "net-2".into();
+        assert!(matches!(
+            s.resolve(&remote_src, "10.0.0.1:80".parse().unwrap()),
+            Destination::Workload(..)
+        ));
+    }
+
+    #[test]
+    fn keys_are_unique() {
+        let mut b = StateBuilder::new(None);
+        b.workload(w("u1", "a", &["10.0.0.1"], "")).unwrap();
+        assert_eq!(
+            b.workload(w("u1", "b", &["10.0.0.2"], "")),
+            Err(BuildError::DuplicateWorkload(Uid("u1".into())))
+        );
+        b.service(svc("s", "/10.96.0.1")).unwrap();
+        assert!(matches!(
+            b.service(svc("s", "/10.96.0.2")),
+            Err(BuildError::DuplicateService(_))
+        ));
+        b.service(svc("t", "/10.96.0.1")).unwrap();
+        let err = b.build().unwrap_err().to_string();
+        assert!(
+            err.contains("/10.96.0.1") && err.contains("s.ns") && err.contains("t.ns"),
+            "{err}"
         );
     }
 
     #[test]
-    fn a_vip_without_an_endpoint_for_the_port_resolves_to_no_endpoint() {
-        let s = state(
-            r#"
-workloads:
-- {name: a, namespace: default, workloadIps: ["10.0.0.1"], protocol: HBONE, services: {"default/svc.default.svc.cluster.local": {80: 8080}}}
-services:
-- {name: svc, namespace: default, hostname: svc.default.svc.cluster.local, vips: ["/10.96.0.10"], ports: {80: 8080}}
-- {name: empty, namespace: default, hostname: empty.default.svc.cluster.local, vips: ["/10.96.0.11"], ports: {80: 8080}}
-"#,
-        )
-        .unwrap();
-        assert!(matches!(
-            s.resolve("10.96.0.11:80".parse().unwrap()),
-            Destination::NoEndpoint { port: 80, .. }
-        ));
-        // The port is not one the service (or its endpoint) serves.
-        assert!(matches!(
-            s.resolve("10.96.0.10:443".parse().unwrap()),
-            Destination::NoEndpoint { port: 443, .. }
-        ));
-    }
-
-    #[test]
-    fn inconsistent_files_are_rejected_with_a_location() {
-        let err = state("workloads:\n- {name: a, namespace: n, workloadIps: [\"10.0.0.1\"]}\n- {name: b, namespace: n, workloadIps: [\"10.0.0.1\"]}\n").unwrap_err().to_string();
-        assert!(
-            err.contains("workloads[1] (n/b)") && err.contains("10.0.0.1"),
-            "{err}"
+    fn a_pod_in_the_mesh_wins_a_shared_address() {
+        let mut b = StateBuilder::new(None);
+        let mut entry = w(
+            "c/networking.istio.io/WorkloadEntry/ns/vm",
+            "vm",
+            &["10.0.0.1"],
+            "",
         );
-        let err =
-            state("services:\n- {name: s, namespace: n, hostname: h, vips: [\"net/not-ip\"]}\n")
-                .unwrap_err()
-                .to_string();
-        assert!(
-            err.contains("services[0]") && err.contains("not-ip"),
-            "{err}"
+        entry.protocol = Protocol::Hbone;
+        let mut pod = w("Kubernetes//Pod/ns/p", "p", &["10.0.0.1"], "");
+        pod.protocol = Protocol::Tcp;
+        b.workload(pod).unwrap();
+        b.workload(entry).unwrap();
+        let s = b.build().unwrap();
+        assert_eq!(
+            s.workload_at("", "10.0.0.1".parse().unwrap()).unwrap().name,
+            "p"
         );
     }
 }

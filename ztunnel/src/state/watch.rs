@@ -8,13 +8,14 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use super::localconfig::{ConfigError, LocalConfig};
-use super::{MeshState, Store};
+use super::{translate, MeshState, Store};
 
 /// The largest local config file read: far above any real mesh's, far below memory.
 const MAX_FILE: u64 = 64 << 20;
 
-/// Reads and validates the file.
-pub fn load(path: &Path) -> Result<MeshState, ConfigError> {
+/// Reads, validates and translates the file; `node` is this ztunnel's node (see
+/// [`super::StateBuilder::new`]). Warnings come back with the state.
+pub fn load(path: &Path, node: Option<&str>) -> Result<(MeshState, Vec<String>), ConfigError> {
     use std::io::Read;
     let name = path.display().to_string();
     let read_err = |source| ConfigError::Read {
@@ -31,7 +32,21 @@ pub fn load(path: &Path) -> Result<MeshState, ConfigError> {
             format!("larger than {MAX_FILE} bytes"),
         )));
     }
-    MeshState::build(&name, LocalConfig::parse(&name, &text)?)
+    load_str(&name, &text, node)
+}
+
+/// Parses, validates and translates `text`; `name` names it in errors.
+pub fn load_str(
+    name: &str,
+    text: &str,
+    node: Option<&str>,
+) -> Result<(MeshState, Vec<String>), ConfigError> {
+    let cfg = LocalConfig::parse(name, text)?;
+    translate::build(cfg, node.map(str::to_string)).map_err(|e| ConfigError::Invalid {
+        path: name.to_string(),
+        location: e.location,
+        message: e.message,
+    })
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -44,7 +59,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Polls `path` every `every` and swaps the store's snapshot when the file changed
 /// (content time or inode, so editors that write a new file and rename are seen).
-pub async fn watch(path: PathBuf, store: Arc<Store>, every: Duration) {
+pub async fn watch(path: PathBuf, node: Option<String>, store: Arc<Store>, every: Duration) {
     let mut last = stamp(&path);
     loop {
         tokio::time::sleep(every).await;
@@ -53,9 +68,12 @@ pub async fn watch(path: PathBuf, store: Arc<Store>, every: Duration) {
             continue;
         }
         last = now;
-        match load(&path) {
-            Ok(state) => {
-                info!(path = %path.display(), workloads = state.workload_count(), policies = state.policies.len(), "local config reloaded");
+        match load(&path, node.as_deref()) {
+            Ok((state, warnings)) => {
+                for w in warnings {
+                    warn!(path = %path.display(), "{w}");
+                }
+                info!(path = %path.display(), workloads = state.workload_count(), services = state.service_count(), policies = state.policies().len(), "local config reloaded");
                 store.replace(state);
             }
             Err(e) => warn!("local config not reloaded, keeping the last good one: {e}"),

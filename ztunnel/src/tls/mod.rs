@@ -60,12 +60,6 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<Identity> {
     identity_of(conn.peer_certificates()?.first()?).ok()
 }
 
-fn roots(root: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, Error> {
-    let mut store = RootCertStore::empty();
-    store.add(root.clone())?;
-    Ok(Arc::new(store))
-}
-
 /// Presents the identity's current certificate (renewals show up at the next handshake).
 #[derive(Debug)]
 struct CurrentCert(Arc<IdentityCert>);
@@ -86,14 +80,14 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
-/// The server config of a local workload: requires client certificates from the mesh
-/// root and the same trust domain.
+/// The server config of a local workload: requires client certificates chained to
+/// `roots` (normally `cert.roots()`) and in the same trust domain.
 pub fn server_config(
     cert: Arc<IdentityCert>,
-    root: &CertificateDer<'static>,
+    roots: Arc<RootCertStore>,
 ) -> Result<ServerConfig, Error> {
     let provider = provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(roots(root)?, provider.clone())
+    let webpki = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
     let verifier = Arc::new(SameTrustDomain {
@@ -109,15 +103,15 @@ pub fn server_config(
 }
 
 /// The client config for connecting as `cert`'s identity to a server that must prove
-/// `expected`.
+/// `expected` with a certificate chained to `roots` (normally `cert.roots()`).
 pub fn client_config(
     cert: Arc<IdentityCert>,
-    root: &CertificateDer<'static>,
+    roots: Arc<RootCertStore>,
     expected: Identity,
 ) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = Arc::new(ExpectedIdentity {
-        roots: roots(root)?,
+        roots,
         expected,
         algorithms: provider.signature_verification_algorithms,
     });
@@ -282,9 +276,10 @@ mod tests {
         server: &Arc<CertManager>,
         server_id: Identity,
     ) -> Result<Identity, String> {
-        let ccfg =
-            client_config(client.get(&client_id).unwrap(), client.ca().root(), expect).unwrap();
-        let scfg = server_config(server.get(&server_id).unwrap(), server.ca().root()).unwrap();
+        let ccert = client.get(&client_id).await.unwrap();
+        let ccfg = client_config(ccert.clone(), ccert.roots(), expect).unwrap();
+        let scert = server.get(&server_id).await.unwrap();
+        let scfg = server_config(scert.clone(), scert.roots()).unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(ccfg));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(scfg));
@@ -343,17 +338,14 @@ mod tests {
         let other = manager("cluster.local", HOUR);
         // A client whose certificate comes from another root.
         let client_id = id("cluster.local", "sleep");
+        let mesh_cert = mesh.get(&id("cluster.local", "httpbin")).await.unwrap();
         let ccfg = client_config(
-            other.get(&client_id).unwrap(),
-            mesh.ca().root(),
+            other.get(&client_id).await.unwrap(),
+            mesh_cert.roots(),
             id("cluster.local", "httpbin"),
         )
         .unwrap();
-        let scfg = server_config(
-            mesh.get(&id("cluster.local", "httpbin")).unwrap(),
-            mesh.ca().root(),
-        )
-        .unwrap();
+        let scfg = server_config(mesh_cert.clone(), mesh_cert.roots()).unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let (c, s) = tokio::join!(
             tokio_rustls::TlsConnector::from(Arc::new(ccfg))
@@ -395,11 +387,12 @@ mod tests {
         let m = manager("cluster.local", Duration::from_secs(2));
         let client_id = id("cluster.local", "sleep");
         let server_id = id("cluster.local", "httpbin");
+        let client_cert = m.get(&client_id).await.unwrap();
         let ccfg = Arc::new(
-            client_config(m.get(&client_id).unwrap(), m.ca().root(), server_id.clone()).unwrap(),
+            client_config(client_cert.clone(), client_cert.roots(), server_id.clone()).unwrap(),
         );
-        let server_cert = m.get(&server_id).unwrap();
-        let scfg = Arc::new(server_config(server_cert.clone(), m.ca().root()).unwrap());
+        let server_cert = m.get(&server_id).await.unwrap();
+        let scfg = Arc::new(server_config(server_cert.clone(), server_cert.roots()).unwrap());
         let first = server_cert.current().cert[0].clone();
 
         let (a, b) = tokio::io::duplex(64 * 1024);

@@ -1,0 +1,79 @@
+//! The real [`ProxyFactory`]: for each pod the agent hands over, the mesh side (its
+//! workload, identity and certificate), a socket thread in its netns and the three
+//! listeners. The in-pod state manager decides when; this decides how.
+
+use std::sync::Arc;
+
+use protocol::zds::WorkloadInfo;
+use protocol::{Netns, WorkloadUid};
+use tracing::warn;
+
+use super::{PodContext, PodMesh, PodProxy, ProxyConfig};
+use crate::inpod::netns::InpodNetns;
+use crate::inpod::statemanager::{BoxFuture, ProxyFactory, RunningProxy};
+
+impl RunningProxy for PodProxy {
+    fn drain(self: Box<Self>) -> BoxFuture<()> {
+        Box::pin(PodProxy::drain(*self))
+    }
+}
+
+/// The real factory: a socket thread in the pod's netns and the three listeners.
+pub struct InpodProxyFactory {
+    pub cfg: Arc<ProxyConfig>,
+}
+
+impl ProxyFactory for InpodProxyFactory {
+    fn start(
+        &self,
+        uid: WorkloadUid,
+        info: WorkloadInfo,
+        netns: Netns,
+    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let mesh = match &cfg.mesh {
+                Some(m) => Some(PodMesh::for_pod(m, &info).await?),
+                None => {
+                    warn!(%uid, pod = %format!("{}/{}", info.namespace, info.name),
+                          "PASSTHROUGH_ONLY: this pod's traffic is passed through in plaintext, without policy");
+                    None
+                }
+            };
+            let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
+            if !cfg.ipv6 {
+                // Dual-stack listeners are off: a routable IPv6 address would carry
+                // traffic nothing captures.
+                let addrs = netns
+                    .run(|| {
+                        let all = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+                        Ok(all
+                            .filter_map(|a| a.address?.as_sockaddr_in6().map(|s| s.ip()))
+                            .collect::<Vec<_>>())
+                    })
+                    .await
+                    .map_err(|e| format!("reading the pod's addresses: {e}"))?;
+                if let Some(v6) = addrs
+                    .into_iter()
+                    .map(std::net::IpAddr::V6)
+                    .find(protocol::routable)
+                {
+                    return Err(format!(
+                        "the pod has the IPv6 address {v6} and IPV6_ENABLED is off: refusing it, its IPv6 traffic would bypass ztunnel"
+                    ));
+                }
+            }
+            let ctx = PodContext {
+                uid,
+                info,
+                netns,
+                cfg,
+                mesh,
+            };
+            let proxy = PodProxy::start(ctx)
+                .await
+                .map_err(|e| format!("starting proxy in pod netns: {e}"))?;
+            Ok(Box::new(proxy) as Box<dyn RunningProxy>)
+        })
+    }
+}
