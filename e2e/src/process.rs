@@ -104,6 +104,9 @@ impl Process {
         let mut cmd = Command::new(bin);
         cmd.env("INPOD_UDS", node.zds_socket())
             .env("READINESS_ADDR", "127.0.0.1:0")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            // The local file (or nothing) unless a test gives a control plane.
+            .env("XDS_ADDRESS", "")
             .env("POD_DRAIN_GRACE", "1s")
             .env("CONNECT_TIMEOUT", "2s")
             .env("NODE_NAME", node.node_name())
@@ -154,22 +157,22 @@ impl Process {
 
     /// The HTTP status of `GET /healthz/ready`.
     pub async fn readiness(&self) -> u16 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.readiness_body().await.0
+    }
+
+    /// The status and body of `GET /healthz/ready`.
+    pub async fn readiness_body(&self) -> (u16, String) {
         let addr = self.readiness_addr().await;
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("readiness port");
-        stream
-            .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: ztunnel\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("send readiness request");
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response).await;
-        response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"))
+        crate::http_get(addr, "/healthz/ready").await
+    }
+
+    /// ztunnel's `/config_dump` (admin endpoint).
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let addr = self.listening_addr("admin endpoint listening").await;
+        let (status, body) = crate::http_get(addr, "/config_dump").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("config_dump is not JSON: {e}\n{body}"))
     }
 
     /// Polls readiness until it is `status`.

@@ -160,30 +160,52 @@ async fn a_deny_policy_stops_connections_and_removing_it_lets_them_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_without_a_workload_entry_waits_until_one_appears() {
+async fn a_pod_whose_workload_arrives_late_is_enrolled_and_its_connections_wait_for_it() {
+    use e2e::capture::Capture;
     let node = TestNode::new(38);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
     node.write_mesh_config(&config(&mesh_workloads(&[&b]), ""));
     let Mesh { agent, ztunnel: zt } = Mesh::start_in_mesh(&node, &[&b], &[]).await;
     let server = echo_server(&b, 8080).await;
-    let err = agent.enrollment().enroll(&a.pod()).await.unwrap_err();
+    // The Add is acked: a's listeners are up (captured), though its workload is not
+    // known yet; the node stays ready, the body says what a waits for.
+    agent.enrollment().enroll(&a.pod()).await.expect("acked");
+    assert_eq!(a.ports_of("ztunnel"), [15001, 15006, 15008]);
+    let (status, body) = zt.readiness_body().await;
+    assert_eq!(status, 200, "{body}");
     assert!(
-        err.to_string()
-            .contains("no workload for pod ambient-demo/sleep"),
-        "{err}"
-    );
-    assert_eq!(zt.readiness().await, 503, "a pending pod means not ready");
-    let response = request(&a, server.addr, std::time::Duration::from_secs(1)).await;
-    assert!(
-        response.map(|r| seen_peer(&r).is_none()).unwrap_or(true),
-        "a pending pod's traffic must fail closed"
+        body.contains("sleep") && body.contains("WAITING for its workload"),
+        "{body}"
     );
 
-    node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
-    zt.wait_readiness(200).await;
-    let response = request(&a, server.addr, T)
-        .await
-        .expect("a -> b once a has its entry");
+    let capture = Capture::on_host_veth(&a, "tcp", node.dir.path());
+    // With no workload at all, the connection waits, then is refused: nothing reaches b.
+    let started = std::time::Instant::now();
+    let refused = e2e::app::exchange(
+        &a,
+        server.addr,
+        "no-workload-yet\n",
+        std::time::Duration::from_secs(8),
+    )
+    .await;
+    assert!(refused.is_err(), "served without a workload: {refused:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(4),
+        "refused before the wait: {:?}",
+        started.elapsed()
+    );
+    zt.wait_for(&["refused: no workload for pod ambient-demo/sleep"], 1)
+        .await;
+
+    // A connection made before the workload arrives waits for it, then goes over HBONE.
+    let (first, ()) = tokio::join!(
+        e2e::app::exchange(&a, server.addr, "waited-for-workload\n", T),
+        async {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            node.write_mesh_config(&config(&mesh_workloads(&[&a, &b]), ""));
+        }
+    );
+    let response = first.expect("the first connection waited, then went through");
     assert_eq!(seen_peer(&response), Some(a.ip));
     zt.wait_for(
         &[
@@ -193,6 +215,18 @@ async fn a_pod_without_a_workload_entry_waits_until_one_appears() {
         1,
     )
     .await;
+    let wire = capture.stop();
+    assert!(
+        wire.packets.contains(".15008"),
+        "no HBONE:\n{}",
+        wire.packets
+    );
+    for payload in ["no-workload-yet", "waited-for-workload"] {
+        assert!(
+            !wire.ascii.contains(payload),
+            "{payload} crossed the wire in plaintext"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

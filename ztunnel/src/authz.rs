@@ -136,7 +136,7 @@ mod tests {
     fn index(policies: Vec<Policy>) -> PolicyIndex {
         let mut b = StateBuilder::new(None);
         for p in policies {
-            b.policy(p).unwrap();
+            b.policy(std::sync::Arc::new(p)).unwrap();
         }
         b.build().unwrap().policies().clone()
     }

@@ -11,8 +11,11 @@ use clap::Parser;
 /// Where the mesh state comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshSource {
-    /// A local config file (`LOCAL_XDS_PATH`).
-    LocalFile(PathBuf),
+    /// xDS (`XDS_ADDRESS`) and/or a local config file (`LOCAL_XDS_PATH`); at least one.
+    Mesh {
+        xds: Option<String>,
+        local: Option<PathBuf>,
+    },
     /// No mesh on purpose (`PASSTHROUGH_ONLY`): plaintext passthrough, no policy.
     Passthrough,
 }
@@ -40,6 +43,9 @@ pub struct Config {
     /// Address of the readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Address of the admin endpoint (`/config_dump`).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
     /// Grace period in-flight connections get when their pod is drained (e.g. 5s, 500ms).
     #[arg(long, env = "POD_DRAIN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub pod_drain_grace: Duration,
@@ -54,9 +60,57 @@ pub struct Config {
     pub local_xds_path: Option<PathBuf>,
     /// istiod's xDS address; empty turns xDS off. Default as Istio's:
     /// `https://istiod.istio-system.svc:15012` in a cluster, else
-    /// `https://localhost:15012`. (This build has no xDS client yet.)
+    /// `https://localhost:15012`.
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
+    /// The CA (istiod's) address; default the xDS address.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Root certificate(s) (PEM) istiod's serving certificate is checked against.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: PathBuf,
+    /// Root certificate(s) (PEM) the CA's serving certificate is checked against.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_ca: PathBuf,
+    /// The name istiod's certificate must carry, when it is not the address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+    /// The name the CA's certificate must carry, when it is not the address's host.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+    /// The service-account token file sent to istiod as a bearer token (re-read for
+    /// every stream and request, so a rotated token is used).
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: PathBuf,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// This ztunnel's pod IP, name and namespace (its xDS node identity).
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    pub instance_ip: String,
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+    /// `shared`: one ztunnel for a node's pods, asking the CA for each workload's
+    /// certificate on its behalf (ImpersonatedIdentity).
+    #[arg(long, env = "PROXY_MODE", default_value = "shared", value_parser = ["shared"])]
+    pub proxy_mode: String,
     /// Serve IPv6 as well as IPv4: pod listeners are dual-stack. Off, a pod whose netns
     /// holds a routable IPv6 address is refused (its IPv6 traffic would be uncaptured).
     #[arg(long, env = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -75,9 +129,13 @@ pub struct Config {
     /// The mesh root key (PEM, mode 0600).
     #[arg(long, env = "LOCAL_CA_KEY")]
     pub local_ca_key: Option<PathBuf>,
-    /// Lifetime of workload certificates (2s to 3650d); they are renewed at half-life.
-    #[arg(long, env = "WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_cert_ttl)]
-    pub workload_cert_ttl: Duration,
+    /// Lifetime of workload certificates asked for (2s to 3650d, default 24h); they
+    /// are renewed at half-life.
+    #[arg(long, env = "SECRET_TTL", value_parser = parse_cert_ttl)]
+    pub secret_ttl: Option<Duration>,
+    /// The same as `SECRET_TTL` (this project's earlier name); `SECRET_TTL` wins.
+    #[arg(long, env = "WORKLOAD_CERT_TTL", value_parser = parse_cert_ttl)]
+    pub workload_cert_ttl: Option<Duration>,
     /// An HBONE connection that carried no stream for this long is closed.
     #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub pool_unused_release_timeout: Duration,
@@ -164,28 +222,43 @@ impl Config {
         }
     }
 
+    /// The CA address in force (`CA_ADDRESS`, else the xDS address).
+    pub fn ca(&self) -> Option<String> {
+        match &self.ca_address {
+            Some(a) if !a.is_empty() => Some(a.clone()),
+            _ => self.xds().or_else(|| Some(default_xds_address())),
+        }
+    }
+
+    /// The certificate lifetime asked for: `SECRET_TTL`, else `WORKLOAD_CERT_TTL`,
+    /// else 24h.
+    pub fn secret_ttl(&self) -> Duration {
+        self.secret_ttl
+            .or(self.workload_cert_ttl)
+            .unwrap_or(Duration::from_secs(86400))
+    }
+
     /// Where mesh state comes from. A ztunnel with no source refuses to start: it would
     /// otherwise carry every pod's traffic in plaintext without policy, and a typo in
     /// a DaemonSet's environment would be enough.
     pub fn mesh_source(&self) -> Result<MeshSource, String> {
-        match (&self.local_xds_path, self.passthrough_only) {
-            (Some(_), true) => Err(
-                "PASSTHROUGH_ONLY and LOCAL_XDS_PATH exclude each other: choose the mesh or no mesh"
+        let xds = self.xds();
+        match (&self.local_xds_path, xds, self.passthrough_only) {
+            (None, None, true) => Ok(MeshSource::Passthrough),
+            (_, _, true) => Err(
+                "PASSTHROUGH_ONLY excludes LOCAL_XDS_PATH and XDS_ADDRESS (set XDS_ADDRESS=\"\" with it): choose the mesh or no mesh"
                     .into(),
             ),
-            (Some(path), false) => Ok(MeshSource::LocalFile(path.clone())),
-            (None, true) => Ok(MeshSource::Passthrough),
-            (None, false) => Err(format!(
-                "no source of mesh state: set LOCAL_XDS_PATH to a local config file{}. \
+            (None, None, false) => Err(
+                "no source of mesh state: XDS_ADDRESS is empty (xDS is off) and LOCAL_XDS_PATH is not set. \
                  Refusing to start rather than pass every pod's traffic in plaintext; \
-                 PASSTHROUGH_ONLY=true runs without a mesh on purpose",
-                match self.xds() {
-                    Some(addr) => format!(
-                        " (XDS_ADDRESS={addr}: this build has no xDS client yet)"
-                    ),
-                    None => " (XDS_ADDRESS is empty: xDS is off)".into(),
-                }
-            )),
+                 PASSTHROUGH_ONLY=true runs without a mesh on purpose"
+                    .into(),
+            ),
+            (local, xds, false) => Ok(MeshSource::Mesh {
+                xds,
+                local: local.clone(),
+            }),
         }
     }
 
@@ -199,6 +272,7 @@ impl Config {
             format!("ipv6_enabled: {}", self.ipv6_enabled),
             format!("node_name: {}", self.node_name),
             format!("readiness_addr: {}", self.readiness_addr),
+            format!("admin_addr: {}", self.admin_addr),
             format!("pod_drain_grace: {:?}", self.pod_drain_grace),
             format!("zds_timeout: {:?}", self.zds_timeout),
             format!("connect_timeout: {:?}", self.connect_timeout),
@@ -210,6 +284,25 @@ impl Config {
                     .unwrap_or_default()
             ),
             format!("xds_address: {}", self.xds().unwrap_or_default()),
+            format!("xds_root_ca: {}", self.xds_root_ca.display()),
+            format!(
+                "alt_xds_hostname: {}",
+                self.alt_xds_hostname.clone().unwrap_or_default()
+            ),
+            format!("ca_address: {}", self.ca().unwrap_or_default()),
+            format!("ca_root_ca: {}", self.ca_root_ca.display()),
+            format!(
+                "alt_ca_hostname: {}",
+                self.alt_ca_hostname.clone().unwrap_or_default()
+            ),
+            format!("auth_token: {}", self.auth_token.display()),
+            format!("cluster_id: {}", self.cluster_id),
+            format!("cluster_domain: {}", self.cluster_domain),
+            format!("trust_domain: {}", self.trust_domain),
+            format!("instance_ip: {}", self.instance_ip),
+            format!("pod_name: {}", self.pod_name),
+            format!("pod_namespace: {}", self.pod_namespace),
+            format!("proxy_mode: {}", self.proxy_mode),
             format!("passthrough_only: {}", self.passthrough_only),
             format!(
                 "local_ca_cert: {}",
@@ -218,7 +311,22 @@ impl Config {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default()
             ),
-            format!("workload_cert_ttl: {:?}", self.workload_cert_ttl),
+            format!("secret_ttl: {:?}", self.secret_ttl()),
+            format!("istio_meta: {:?}", istio_meta()),
+            format!(
+                "xds_headers: {:?}",
+                headers("XDS_HEADER_")
+                    .iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>()
+            ),
+            format!(
+                "ca_headers: {:?}",
+                headers("CA_HEADER_")
+                    .iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>()
+            ),
             format!(
                 "pool_unused_release_timeout: {:?}",
                 self.pool_unused_release_timeout
@@ -233,6 +341,33 @@ impl Config {
             format!("log_format: {}", self.log_format),
         ]
     }
+}
+
+/// `ISTIO_META_<KEY>=<value>` variables: the node metadata sent to istiod, keyed
+/// without the prefix (as Istio's ztunnel sends them).
+pub fn istio_meta() -> Vec<(String, String)> {
+    let mut meta: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_string(), v)))
+        .collect();
+    meta.sort();
+    meta
+}
+
+/// `<prefix><NAME>=<value>` variables (`XDS_HEADER_`, `CA_HEADER_`): extra gRPC
+/// headers, named in lower case with `-` for `_`. Values are printed nowhere (they
+/// may be credentials).
+pub fn headers(prefix: &str) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| {
+            let name = k
+                .strip_prefix(prefix)?
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            Some((name, v))
+        })
+        .collect();
+    headers.sort();
+    headers
 }
 
 /// The longest duration any setting accepts: 100 years. Longer ones would overflow
@@ -344,28 +479,55 @@ mod tests {
     }
 
     #[test]
-    fn without_a_source_of_mesh_state_ztunnel_refuses_to_run() {
-        let err = without(&[]).mesh_source().unwrap_err();
+    fn mesh_state_comes_from_xds_by_default_and_never_from_nowhere() {
+        assert!(matches!(
+            without(&[]).mesh_source(),
+            Ok(MeshSource::Mesh {
+                xds: Some(_),
+                local: None
+            })
+        ));
+        let err = without(&["--xds-address", ""]).mesh_source().unwrap_err();
         assert!(
             err.contains("LOCAL_XDS_PATH")
                 && err.contains("XDS_ADDRESS")
-                && err.contains("PASSTHROUGH_ONLY"),
+                && err.contains("PASSTHROUGH_ONLY")
+                && err.contains("xDS is off"),
             "{err}"
         );
-        let err = without(&["--xds-address", ""]).mesh_source().unwrap_err();
-        assert!(err.contains("xDS is off"), "{err}");
         assert_eq!(
-            without(&["--passthrough-only", "true"]).mesh_source(),
+            without(&["--xds-address", "", "--passthrough-only", "true"]).mesh_source(),
             Ok(MeshSource::Passthrough)
         );
+        assert!(without(&["--passthrough-only", "true"])
+            .mesh_source()
+            .is_err());
         assert_eq!(
-            without(&["--local-xds-path", "/m.yaml"]).mesh_source(),
-            Ok(MeshSource::LocalFile("/m.yaml".into()))
+            without(&["--xds-address", "", "--local-xds-path", "/m.yaml"]).mesh_source(),
+            Ok(MeshSource::Mesh {
+                xds: None,
+                local: Some("/m.yaml".into())
+            })
         );
-        assert!(
-            without(&["--local-xds-path", "/m.yaml", "--passthrough-only", "true"])
-                .mesh_source()
-                .is_err()
+        assert!(matches!(
+            without(&["--local-xds-path", "/m.yaml"]).mesh_source(),
+            Ok(MeshSource::Mesh {
+                xds: Some(_),
+                local: Some(_)
+            })
+        ));
+    }
+
+    #[test]
+    fn secret_ttl_wins_over_its_old_name() {
+        assert_eq!(without(&[]).secret_ttl(), Duration::from_secs(86400));
+        assert_eq!(
+            without(&["--workload-cert-ttl", "1h"]).secret_ttl(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            without(&["--workload-cert-ttl", "1h", "--secret-ttl", "2h"]).secret_ttl(),
+            Duration::from_secs(7200)
         );
     }
 

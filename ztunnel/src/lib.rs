@@ -2,61 +2,158 @@
 //! network namespace from the node agent and proxies the pod's traffic from listeners
 //! created inside that namespace.
 
+pub mod admin;
 pub mod authz;
 pub mod config;
+pub mod controlplane;
 pub mod http;
 pub mod identity;
 pub mod inpod;
+pub mod proto;
 pub mod proxy;
-pub mod readiness;
 pub mod state;
 pub mod tls;
+pub mod xds;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use admin::readiness::Readiness;
 use config::{Config, MeshSource};
+use controlplane::{ControlPlane, ControlPlaneConfig};
 use identity::manager::CertManager;
+use identity::source::CertSource;
 use inpod::packet::Keepalive;
 use inpod::statemanager::StateManager;
 use inpod::workloadmanager::WorkloadProxyManager;
 use proxy::factory::InpodProxyFactory;
 use proxy::pool::HboneConfig;
 use proxy::{MeshConfig, ProxyConfig};
-use state::Store;
+use state::{Protocol, Sources, Store};
+use tokio::sync::watch;
+use xds::{NodeIdentity, XdsClient, XdsStatus};
 
-/// The mesh side: its state (from the local config, reloaded on change) and the local
-/// CA. `None` only with `PASSTHROUGH_ONLY`; with no source at all, an error.
-fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
-    let path = match cfg.mesh_source().map_err(anyhow::Error::msg)? {
+/// How long a connection waits for a pod's workload or certificate (Istio: 5 s).
+const POD_WAIT: Duration = Duration::from_secs(5);
+
+/// The running mesh side.
+struct Mesh {
+    config: Arc<MeshConfig>,
+    xds: Option<Arc<XdsStatus>>,
+    /// True once the mesh state is complete enough to take pods.
+    ready: watch::Receiver<bool>,
+}
+
+/// Where certificates come from: the local CA when `LOCAL_CA_CERT`/`LOCAL_CA_KEY` are
+/// set, istiod's CA otherwise.
+fn cert_source(cfg: &Config) -> anyhow::Result<Arc<dyn CertSource>> {
+    match (&cfg.local_ca_cert, &cfg.local_ca_key) {
+        (Some(cert), Some(key)) => Ok(Arc::new(identity::ca::LocalCa::from_files(cert, key)?)),
+        (None, None) => {
+            if cfg.xds().is_none() && cfg.ca_address.is_none() {
+                anyhow::bail!(
+                    "no source of certificates: xDS is off and neither LOCAL_CA_CERT/LOCAL_CA_KEY (a local root: `ztunnel create-root --out-dir DIR`) nor CA_ADDRESS is set"
+                );
+            }
+            let address = cfg.ca().unwrap_or_default();
+            let cp = ControlPlane::new(ControlPlaneConfig {
+                address,
+                root: cfg.ca_root_ca.clone(),
+                alt_hostname: cfg.alt_ca_hostname.clone(),
+                token: cfg.auth_token.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+                headers: config::headers("CA_HEADER_"),
+            })?;
+            Ok(Arc::new(controlplane::ca::CaClient::new(cp)))
+        }
+        _ => anyhow::bail!("LOCAL_CA_CERT and LOCAL_CA_KEY go together: set both or neither"),
+    }
+}
+
+/// Keeps a certificate for every identity of this node's workloads in the mesh, from
+/// the moment the workload appears (as Istio's ztunnel prefetches them).
+async fn keep_certificates(store: Arc<Store>, certs: Arc<CertManager>) {
+    let mut changes = store.subscribe();
+    loop {
+        let ids: BTreeSet<_> = store
+            .get()
+            .local_workloads()
+            .filter(|w| w.protocol == Protocol::Hbone)
+            .map(|w| w.identity())
+            .collect();
+        certs.keep(ids);
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The mesh side: its state (xDS and/or the local file) and its certificates. `None`
+/// only with `PASSTHROUGH_ONLY`; with no source at all, an error.
+fn start_mesh(cfg: &Config, readiness: &Arc<Readiness>) -> anyhow::Result<Option<Mesh>> {
+    let (xds, local) = match cfg.mesh_source().map_err(anyhow::Error::msg)? {
         MeshSource::Passthrough => {
             tracing::warn!("PASSTHROUGH_ONLY: no mesh; every pod's traffic is passed through in plaintext, without policy");
             return Ok(None);
         }
-        MeshSource::LocalFile(path) => path,
-    };
-    if let Some(addr) = cfg.xds() {
-        tracing::warn!("XDS_ADDRESS={addr}: this build has no xDS client yet; mesh state comes from LOCAL_XDS_PATH only");
-    }
-    let (Some(ca_cert), Some(ca_key)) = (&cfg.local_ca_cert, &cfg.local_ca_key) else {
-        anyhow::bail!(
-            "LOCAL_XDS_PATH needs LOCAL_CA_CERT and LOCAL_CA_KEY (make a root with `ztunnel create-root --out-dir DIR`)"
-        );
+        MeshSource::Mesh { xds, local } => (xds, local),
     };
     let node = Some(cfg.node_name.clone()).filter(|n| !n.is_empty());
-    let (state, warnings) = state::watch::load(&path, node.as_deref())?;
-    for w in warnings {
-        tracing::warn!(path = %path.display(), "{w}");
+    let store = Store::new(state::MeshState::default());
+    let sources = Sources::new(node, store.clone());
+    if let Some(path) = local {
+        let (objects, warnings) = state::watch::load(&path)?;
+        for w in warnings {
+            tracing::warn!(path = %path.display(), "{w}");
+        }
+        sources.set_local(objects);
+        tokio::spawn(state::watch::watch(
+            path,
+            sources.clone(),
+            cfg.local_xds_poll,
+        ));
     }
-    let store = Store::new(state);
-    tokio::spawn(state::watch::watch(
-        path,
-        node,
-        store.clone(),
-        cfg.local_xds_poll,
-    ));
-    let ca = identity::ca::LocalCa::from_files(ca_cert, ca_key)?;
-    let certs = CertManager::new(Arc::new(ca), cfg.workload_cert_ttl, tls::provider());
-    Ok(Some(Arc::new(MeshConfig {
+    let certs = CertManager::new(cert_source(cfg)?, cfg.secret_ttl(), tls::provider());
+    let (ready_tx, ready) = watch::channel(false);
+    let xds = match xds {
+        None => {
+            ready_tx.send_replace(true);
+            None
+        }
+        Some(address) => {
+            let cp = ControlPlane::new(ControlPlaneConfig {
+                address,
+                root: cfg.xds_root_ca.clone(),
+                alt_hostname: cfg.alt_xds_hostname.clone(),
+                token: cfg.auth_token.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+                headers: config::headers("XDS_HEADER_"),
+            })?;
+            let node = NodeIdentity {
+                instance_ip: cfg.instance_ip.clone(),
+                pod_name: cfg.pod_name.clone(),
+                pod_namespace: cfg.pod_namespace.clone(),
+                cluster_domain: cfg.cluster_domain.clone(),
+                node_name: cfg.node_name.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+                meta: config::istio_meta(),
+            };
+            let (client, status) = XdsClient::new(cp, &node, sources.clone());
+            let blocker = readiness.block("xDS: the first state of every type");
+            let mut first = status.ready();
+            tokio::spawn(async move {
+                if first.wait_for(|r| *r).await.is_ok() {
+                    blocker.release();
+                    ready_tx.send_replace(true);
+                }
+            });
+            tokio::spawn(client.run());
+            Some(status)
+        }
+    };
+    tokio::spawn(keep_certificates(store.clone(), certs.clone()));
+    let config = Arc::new(MeshConfig {
         store,
         certs,
         hbone: HboneConfig {
@@ -70,7 +167,9 @@ fn mesh_config(cfg: &Config) -> anyhow::Result<Option<Arc<MeshConfig>>> {
             response_timeout: cfg.connect_timeout,
             ..HboneConfig::default()
         },
-    })))
+        pod_wait: POD_WAIT,
+    });
+    Ok(Some(Mesh { config, xds, ready }))
 }
 
 /// Writes a new root into `dir`: ca.crt (0644) and ca.key (0600).
@@ -100,6 +199,8 @@ pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let readiness = Readiness::new();
+    let mesh = start_mesh(&cfg, &readiness)?;
     let proxy_cfg = Arc::new(ProxyConfig {
         mark: cfg.packet_mark,
         reuse_port: cfg.inpod_port_reuse,
@@ -112,21 +213,40 @@ pub async fn run(
             retries: cfg.keepalive_retries,
             user_timeout: cfg.user_timeout_enabled,
         }),
-        mesh: mesh_config(&cfg)?,
+        mesh: mesh.as_ref().map(|m| m.config.clone()),
     });
-    let state = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
+    let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
+    let synced = readiness.block("the agent's first snapshot");
+    let mut first_snapshot = pods.synced();
+    tokio::spawn(async move {
+        if first_snapshot.wait_for(|s| *s).await.is_ok() {
+            synced.release();
+        }
+    });
     let limits = http::Limits {
         header_read_timeout: cfg.http_header_read_timeout,
         max_connections: cfg.http_max_connections as usize,
         ..http::Limits::default()
     };
-    let readiness = http::bind("readiness", cfg.readiness_addr).await?;
-    tokio::spawn(readiness::serve(readiness, limits, state.ready()));
-    let zds = WorkloadProxyManager::new(cfg.inpod_uds.clone(), state.clone(), cfg.zds_timeout);
+    let view = admin::NodeView {
+        readiness: readiness.clone(),
+        pods: pods.clone(),
+        mesh: mesh.as_ref().map(|m| m.config.clone()),
+        xds: mesh.as_ref().and_then(|m| m.xds.clone()),
+    };
+    let listener = http::bind("readiness", cfg.readiness_addr).await?;
+    tokio::spawn(admin::serve_readiness(listener, limits, view.clone()));
+    let listener = http::bind("admin", cfg.admin_addr).await?;
+    tokio::spawn(admin::serve_admin(listener, limits, view));
+    let mut zds = WorkloadProxyManager::new(cfg.inpod_uds.clone(), pods.clone(), cfg.zds_timeout);
+    if let Some(m) = &mesh {
+        zds = zds.after(m.ready.clone());
+    }
     tokio::select! {
         _ = zds.run() => {}
         _ = shutdown => {}
     }
-    state.shutdown().await;
+    readiness.shutdown();
+    pods.shutdown().await;
     Ok(())
 }

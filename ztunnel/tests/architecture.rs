@@ -67,11 +67,17 @@ fn modules_depend_on_each_other_one_way() {
         ("tls", &["identity"]),
         ("state", &["identity"]),
         ("authz", &["identity", "state"]),
+        ("proto", &[]),
+        ("controlplane", &["identity", "proto", "tls"]),
+        ("xds", &["controlplane", "identity", "proto", "state"]),
         ("inpod", &["config"]),
         ("http", &[]),
-        ("readiness", &["http"]),
         ("config", &[]),
         ("proxy", &["authz", "state", "identity", "tls", "inpod"]),
+        (
+            "admin",
+            &["http", "identity", "inpod", "proxy", "state", "xds"],
+        ),
     ];
     let mut wrong = Vec::new();
     for (module, file, code) in modules() {
@@ -98,7 +104,7 @@ fn modules_depend_on_each_other_one_way() {
 fn the_local_files_schema_stays_in_state() {
     let schema = [
         "localconfig",
-        "translate",
+        "state::translate",
         "LocalConfig",
         "LocalWorkload",
         "LocalService",

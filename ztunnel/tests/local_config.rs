@@ -26,7 +26,7 @@ fn every_workload_field_istio_accepts_is_loaded_and_kept() {
     let s = fixture();
     assert_eq!(
         (s.workload_count(), s.service_count(), s.policies().len()),
-        (7, 3, 4)
+        (8, 6, 4)
     );
     let c = s.workload("Kubernetes//Pod/app/client").unwrap();
     assert_eq!(
@@ -116,7 +116,10 @@ fn every_service_field_istio_accepts_is_loaded_and_kept() {
         service.subject_alt_names,
         ["spiffe://cluster.local/ns/app/sa/server"]
     );
-    assert!(matches!(&service.waypoint.as_ref().unwrap().destination,
+    let ui = s
+        .service(&"app/ui.app.svc.cluster.local".parse().unwrap())
+        .unwrap();
+    assert!(matches!(&ui.service.waypoint.as_ref().unwrap().destination,
         GatewayDestination::Hostname(h) if h.hostname == "waypoint.app.svc.cluster.local"));
     let lb = service.load_balancer.as_ref().unwrap();
     assert_eq!(
@@ -130,7 +133,7 @@ fn every_service_field_istio_accepts_is_loaded_and_kept() {
     assert_eq!(service.ip_families, Some(IpFamily::Dual));
     assert!(service.canonical);
     // Endpoints: declared by the service, and by the workloads that back it.
-    let mut uids: Vec<_> = service.endpoints.keys().map(|u| u.0.as_str()).collect();
+    let mut uids: Vec<_> = svc.endpoints.keys().map(|u| u.0.as_str()).collect();
     uids.sort();
     assert_eq!(
         uids,
@@ -163,13 +166,23 @@ fn pods_are_matched_to_this_nodes_workloads_by_namespace_name_and_account() {
     assert!(s.pod_workload("legacy", "vm", "default").is_some());
 }
 
-fn route(s: &MeshState, dst: &str) -> String {
-    let src = s.workload("Kubernetes//Pod/app/client").unwrap();
+fn route_from(s: &MeshState, src: &str, dst: &str) -> String {
+    let src = s.workload(src).unwrap();
     match s.resolve(src, dst.parse::<SocketAddr>().unwrap()) {
         Destination::Workload(w, addr) => format!("{} {addr}", w.name),
+        Destination::Waypoint {
+            waypoint,
+            addr,
+            target,
+        } => format!("via {} {addr} to {target}", waypoint.name),
+        Destination::NoWaypoint { reason, .. } => format!("fail: {reason}"),
         Destination::NoEndpoint { reason, .. } => format!("fail: {reason}"),
         Destination::Passthrough(addr) => format!("passthrough {addr}"),
     }
+}
+
+fn route(s: &MeshState, dst: &str) -> String {
+    route_from(s, "Kubernetes//Pod/app/client", dst)
 }
 
 #[test]
@@ -199,6 +212,36 @@ fn connections_go_where_istio_would_send_them() {
     for (dst, want) in table {
         assert_eq!(route(&s, dst), *want, "to {dst}");
     }
+}
+
+#[test]
+fn traffic_goes_through_waypoints_as_istio_sends_it() {
+    let s = fixture();
+    // A service with a waypoint: HBONE to the waypoint, asking for the VIP.
+    assert_eq!(
+        route(&s, "10.96.0.20:80"),
+        "via waypoint 10.0.9.9:15008 to 10.96.0.20:80"
+    );
+    // A waypoint that does not exist: the connection fails.
+    assert_eq!(
+        route(&s, "10.96.0.21:80"),
+        "fail: waypoint app/missing-waypoint.app.svc.cluster.local not found"
+    );
+    // A workload with a waypoint (client's is /10.0.9.9), addressed directly.
+    assert_eq!(
+        route_from(&s, "Kubernetes//Pod/app/server-a", "10.0.1.1:8080"),
+        "via waypoint 10.0.9.9:15008 to 10.0.1.1:8080"
+    );
+    // ... unless the connection comes from that waypoint.
+    assert_eq!(
+        route_from(&s, "Kubernetes//Pod/app/waypoint", "10.0.1.1:8080"),
+        "client 10.0.1.1:8080"
+    );
+    // The waypoint accepts HBONE for the service and the workload it serves.
+    let w = s.workload("Kubernetes//Pod/app/waypoint").unwrap();
+    assert!(s.routes_through("", "10.96.0.20".parse().unwrap(), w));
+    assert!(s.routes_through("", "10.0.1.1".parse().unwrap(), w));
+    assert!(!s.routes_through("", "10.0.2.1".parse().unwrap(), w));
 }
 
 /// Decides a connection from `src` (identity `ns/sa`, or plaintext) at `src_ip` to

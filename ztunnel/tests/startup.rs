@@ -11,9 +11,11 @@ fn ztunnel(env: &[(&str, &std::path::Path)]) -> (bool, String) {
 /// output.
 fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ztunnel"));
+    // xDS off unless a test turns it on: with its default address ztunnel would start
+    // and wait for istiod.
     cmd.args(args)
         .env_remove("LOCAL_XDS_PATH")
-        .env_remove("XDS_ADDRESS")
+        .env("XDS_ADDRESS", "")
         .env("READINESS_ADDR", "127.0.0.1:0")
         .env("INPOD_UDS", "/nonexistent/ztunnel.sock");
     for (k, v) in env {
@@ -33,7 +35,7 @@ fn without_a_source_of_mesh_state_ztunnel_refuses_to_start() {
     assert!(
         out.contains("no source of mesh state")
             && out.contains("LOCAL_XDS_PATH")
-            && out.contains("XDS_ADDRESS"),
+            && out.contains("XDS_ADDRESS is empty"),
         "{out}"
     );
     assert!(!out.contains("listening"), "it served something:\n{out}");

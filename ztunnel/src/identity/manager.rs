@@ -1,8 +1,12 @@
-//! One certificate per local identity, issued on first use and renewed at half-life in
-//! the background. TLS configs read the current certificate at each handshake, so a
-//! renewal changes what new connections present without touching live ones.
+//! One certificate per local identity, from a [`CertSource`]: fetched as soon as a
+//! workload of that identity appears on the node ([`CertManager::keep`]) or on first
+//! use, renewed at half-life, retried with backoff when the source fails, and dropped
+//! when no workload of the node needs it any more. TLS configs read the current
+//! certificate at each handshake, so a renewal changes what new connections present
+//! without touching live ones. A certificate that expired because renewals kept
+//! failing is never presented: [`IdentityCert::usable`] says why.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
@@ -15,36 +19,65 @@ use tracing::{info, warn};
 use super::source::{BoxError, CertSource};
 use super::Identity;
 
+/// The current certificate of an identity.
+struct Current {
+    key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    not_after: SystemTime,
+    renew_at: SystemTime,
+}
+
 /// The live certificate of one identity, and the roots that came with it.
 pub struct IdentityCert {
     pub identity: Identity,
-    current: RwLock<(Arc<CertifiedKey>, Arc<RootCertStore>)>,
-    renew_at: RwLock<SystemTime>,
+    current: RwLock<Current>,
+    /// The last renewal failure, until a renewal succeeds.
+    last_error: Mutex<Option<String>>,
     generation: AtomicU64,
 }
 
 impl IdentityCert {
     /// The certificate to present now.
     pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.read().key.clone()
     }
 
     /// The roots peers must chain to, as of the current certificate.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        self.read().roots.clone()
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.read().not_after
     }
 
     /// 1 for the first certificate, +1 at each renewal.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The certificate may be presented: it has not expired. If it has (renewals
+    /// failed for its whole second half-life), why.
+    pub fn usable(&self) -> Result<(), String> {
+        let not_after = self.not_after();
+        if SystemTime::now() < not_after {
+            return Ok(());
+        }
+        let why = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no renewal yet".into());
+        Err(format!(
+            "the certificate of {} expired at {} and could not be renewed: {why}",
+            self.identity,
+            humantime(not_after)
+        ))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -57,12 +90,12 @@ impl std::fmt::Debug for IdentityCert {
     }
 }
 
-/// Issues workload certificates from a [`CertSource`] and renews them.
-pub struct CertManager {
-    source: Arc<dyn CertSource>,
-    ttl: Duration,
-    provider: Arc<CryptoProvider>,
-    certs: Mutex<HashMap<Identity, Weak<IdentityCert>>>,
+/// Seconds since the epoch, for logs and dumps (RFC 3339 would need a date crate).
+pub fn humantime(t: SystemTime) -> String {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!("{}s after the epoch", d.as_secs()),
+        Err(_) => "before the epoch".into(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +113,46 @@ pub enum CertError {
     Roots(rustls::Error),
 }
 
-/// A fresh certificate: the key to present, the roots, and when to renew.
-type Fresh = (Arc<CertifiedKey>, Arc<RootCertStore>, SystemTime);
+/// How one identity's certificate stands, for readiness and the admin views.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertState {
+    /// Being fetched for the first time.
+    Pending,
+    /// Held and valid until `not_after`; `renewal_error` if the last renewal failed.
+    Valid {
+        not_after: SystemTime,
+        generation: u64,
+        renewal_error: Option<String>,
+    },
+    /// Held but expired, renewals failing.
+    Expired {
+        not_after: SystemTime,
+        error: String,
+    },
+    /// Never fetched: the source keeps failing.
+    Failing { error: String, attempts: u64 },
+}
+
+struct Wanted {
+    /// Kept alive while a workload of the node has this identity.
+    cert: Option<Arc<IdentityCert>>,
+    failure: Option<(String, u64)>,
+}
+
+/// Issues workload certificates from a [`CertSource`] and renews them.
+pub struct CertManager {
+    source: Arc<dyn CertSource>,
+    ttl: Duration,
+    provider: Arc<CryptoProvider>,
+    certs: Mutex<HashMap<Identity, Weak<IdentityCert>>>,
+    wanted: Mutex<HashMap<Identity, Wanted>>,
+}
+
+/// A fresh certificate.
+type Fresh = Current;
+
+const RETRY_START: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(15);
 
 impl CertManager {
     pub fn new(
@@ -94,7 +165,12 @@ impl CertManager {
             ttl,
             provider,
             certs: Mutex::default(),
+            wanted: Mutex::default(),
         })
+    }
+
+    pub fn describe_source(&self) -> String {
+        self.source.describe()
     }
 
     async fn issue(&self, identity: &Identity) -> Result<Fresh, CertError> {
@@ -113,13 +189,19 @@ impl CertManager {
             ));
         }
         let renew_at = wc.renew_at();
+        let not_after = wc.not_after;
         let mut roots = RootCertStore::empty();
         for root in wc.roots {
             roots.add(root).map_err(CertError::Roots)?;
         }
         let key =
             CertifiedKey::from_der(wc.chain, wc.key, &self.provider).map_err(CertError::Key)?;
-        Ok((Arc::new(key), Arc::new(roots), renew_at))
+        Ok(Current {
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+            not_after,
+            renew_at,
+        })
     }
 
     fn held(&self, identity: &Identity) -> Option<Arc<IdentityCert>> {
@@ -137,7 +219,7 @@ impl CertManager {
         if let Some(held) = self.held(identity) {
             return Ok(held);
         }
-        let (key, roots, renew_at) = self.issue(identity).await?;
+        let fresh = self.issue(identity).await?;
         let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(raced) = certs.get(identity).and_then(Weak::upgrade) {
             return Ok(raced);
@@ -145,37 +227,142 @@ impl CertManager {
         info!(identity = %identity, source = %self.source.describe(), "issued workload certificate");
         let cert = Arc::new(IdentityCert {
             identity: identity.clone(),
-            current: RwLock::new((key, roots)),
-            renew_at: RwLock::new(renew_at),
+            current: RwLock::new(fresh),
+            last_error: Mutex::new(None),
             generation: AtomicU64::new(1),
         });
         certs.insert(identity.clone(), Arc::downgrade(&cert));
         tokio::spawn(renew_loop(self.clone(), Arc::downgrade(&cert)));
         Ok(cert)
     }
+
+    /// The identities of the node's workloads: each gets its certificate now (retried
+    /// with backoff until the source delivers) and keeps it while it is in the set;
+    /// the others are let go (a connection still using one keeps it alive until it
+    /// ends).
+    pub fn keep(self: &Arc<Self>, identities: BTreeSet<Identity>) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        wanted.retain(|id, _| identities.contains(id));
+        for id in identities {
+            if wanted.contains_key(&id) {
+                continue;
+            }
+            wanted.insert(
+                id.clone(),
+                Wanted {
+                    cert: None,
+                    failure: None,
+                },
+            );
+            tokio::spawn(prefetch(self.clone(), id));
+        }
+    }
+
+    fn still_wanted(&self, id: &Identity) -> bool {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    /// Every identity wanted or held, and how its certificate stands.
+    pub fn states(&self) -> Vec<(Identity, CertState)> {
+        let mut out: HashMap<Identity, CertState> = HashMap::new();
+        for (id, w) in self.wanted.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if let (None, Some((error, attempts))) = (&w.cert, &w.failure) {
+                out.insert(
+                    id.clone(),
+                    CertState::Failing {
+                        error: error.clone(),
+                        attempts: *attempts,
+                    },
+                );
+            } else if w.cert.is_none() {
+                out.insert(id.clone(), CertState::Pending);
+            }
+        }
+        let live: Vec<Arc<IdentityCert>> = self
+            .certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for c in live {
+            let not_after = c.not_after();
+            let renewal_error = c
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let state = match c.usable() {
+                Ok(()) => CertState::Valid {
+                    not_after,
+                    generation: c.generation(),
+                    renewal_error,
+                },
+                Err(error) => CertState::Expired { not_after, error },
+            };
+            out.insert(c.identity.clone(), state);
+        }
+        let mut v: Vec<_> = out.into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+async fn prefetch(manager: Arc<CertManager>, id: Identity) {
+    let mut backoff = RETRY_START;
+    while manager.still_wanted(&id) {
+        match manager.get(&id).await {
+            Ok(cert) => {
+                let mut wanted = manager.wanted.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(w) = wanted.get_mut(&id) {
+                    w.cert = Some(cert);
+                    w.failure = None;
+                }
+                return;
+            }
+            Err(e) => {
+                let attempts = {
+                    let mut wanted = manager.wanted.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(w) = wanted.get_mut(&id) else { return };
+                    let attempts = w.failure.as_ref().map_or(1, |(_, n)| n + 1);
+                    w.failure = Some((e.to_string(), attempts));
+                    attempts
+                };
+                warn!(identity = %id, attempts, "fetching workload certificate failed, retrying in {backoff:?}: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
 }
 
 async fn renew_loop(manager: Arc<CertManager>, cert: Weak<IdentityCert>) {
+    let mut backoff = RETRY_START;
     loop {
-        let Some(at) = cert
-            .upgrade()
-            .map(|c| *c.renew_at.read().unwrap_or_else(|p| p.into_inner()))
-        else {
+        let Some(at) = cert.upgrade().map(|c| c.read().renew_at) else {
             return;
         };
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
         tokio::time::sleep(wait).await;
         let Some(live) = cert.upgrade() else { return };
         match manager.issue(&live.identity).await {
-            Ok((key, roots, renew_at)) => {
-                *live.current.write().unwrap_or_else(|p| p.into_inner()) = (key, roots);
-                *live.renew_at.write().unwrap_or_else(|p| p.into_inner()) = renew_at;
+            Ok(fresh) => {
+                *live.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                *live.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let generation = live.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 info!(identity = %live.identity, generation, "renewed workload certificate");
+                backoff = RETRY_START;
             }
             Err(e) => {
-                warn!(identity = %live.identity, "renewing workload certificate failed, retrying: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let expired = SystemTime::now() >= live.not_after();
+                warn!(identity = %live.identity, expired, "renewing workload certificate failed, retrying in {backoff:?}: {e}");
+                *live.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                drop(live);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
     }

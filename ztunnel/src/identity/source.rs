@@ -27,6 +27,17 @@ pub struct WorkloadCert {
     pub not_after: SystemTime,
 }
 
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity.to_string())
+            .field("chain", &self.chain.len())
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl WorkloadCert {
     /// When the certificate should be replaced: half-way through its life.
     pub fn renew_at(&self) -> SystemTime {

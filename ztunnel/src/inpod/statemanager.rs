@@ -50,7 +50,19 @@ enum Status {
 
 struct PodState {
     netns: NetnsId,
+    info: WorkloadInfo,
     status: Status,
+}
+
+/// A pod as the state manager holds it, for readiness and the admin views.
+#[derive(Clone, Debug)]
+pub struct PodSummary {
+    pub uid: WorkloadUid,
+    pub info: WorkloadInfo,
+    /// Its listeners are up.
+    pub running: bool,
+    /// Why its listeners are not up (they are being retried).
+    pub error: Option<String>,
 }
 
 #[derive(Default)]
@@ -88,17 +100,15 @@ impl StateManager {
         self
     }
 
-    /// Ready once a snapshot was received and every pod's proxy is up.
-    pub fn ready(&self) -> watch::Receiver<bool> {
+    /// True once the agent's first snapshot has been applied (a startup gate of
+    /// ztunnel's readiness, as in Istio: one pod's trouble never makes the node
+    /// unready; it shows in the readiness body instead).
+    pub fn synced(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }
 
     fn update_ready(&self, st: &State) {
-        let ready = st.synced
-            && st
-                .pods
-                .values()
-                .all(|p| matches!(p.status, Status::Running(_)));
+        let ready = st.synced;
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
     }
@@ -135,6 +145,28 @@ impl StateManager {
     /// Number of pods with a proxy (running or retrying).
     pub async fn pod_count(&self) -> usize {
         self.state.lock().await.pods.len()
+    }
+
+    /// Every pod, sorted by namespace and name.
+    pub async fn pods(&self) -> Vec<PodSummary> {
+        let st = self.state.lock().await;
+        let mut pods: Vec<PodSummary> = st
+            .pods
+            .iter()
+            .map(|(uid, p)| PodSummary {
+                uid: uid.clone(),
+                info: p.info.clone(),
+                running: matches!(p.status, Status::Running(_)),
+                error: match &p.status {
+                    Status::Running(_) => None,
+                    Status::Retrying { last_error, .. } => Some(last_error.clone()),
+                },
+            })
+            .collect();
+        pods.sort_by(|a, b| {
+            (&a.info.namespace, &a.info.name).cmp(&(&b.info.namespace, &b.info.name))
+        });
+        pods
     }
 
     /// Applies one request; the result is the ack.
@@ -182,6 +214,7 @@ impl StateManager {
                     uid,
                     PodState {
                         netns: id,
+                        info,
                         status: Status::Running(proxy),
                     },
                 );
@@ -198,6 +231,7 @@ impl StateManager {
                     uid.clone(),
                     PodState {
                         netns: id,
+                        info: info.clone(),
                         status: Status::Retrying {
                             netns: retry_netns,
                             info,
@@ -395,7 +429,7 @@ mod tests {
             sm.handle(add(uid)).await.unwrap();
         }
         sm.handle(Request::SnapshotSent).await.unwrap();
-        assert!(*sm.ready().borrow());
+        assert!(*sm.synced().borrow());
         // Reconnect: the agent now knows a (Add) and b (Keep), not c.
         sm.new_connection().await;
         sm.handle(add("a")).await.unwrap();
@@ -455,15 +489,22 @@ mod tests {
         c.fail.store(true, Ordering::SeqCst);
         let err = sm.handle(add("a")).await.unwrap_err();
         assert!(err.contains("address in use"));
-        assert!(!*sm.ready().borrow(), "a pending pod means not ready");
+        let pods = sm.pods().await;
+        assert!(!pods[0].running && pods[0].error.as_deref() == Some("address in use"));
+        assert!(
+            *sm.synced().borrow(),
+            "one pod's trouble does not unsync the node"
+        );
         // The same Add again while retrying reports the pending state, starts nothing.
         assert!(sm.handle(add("a")).await.unwrap_err().contains("retrying"));
         c.fail.store(false, Ordering::SeqCst);
-        let mut ready = sm.ready();
-        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
-            .await
-            .expect("retry brought the pod up")
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !sm.pods().await[0].running {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("retry brought the pod up");
         assert_eq!(c.started.load(Ordering::SeqCst), 1);
     }
 }

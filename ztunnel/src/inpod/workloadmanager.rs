@@ -22,6 +22,9 @@ pub struct WorkloadProxyManager {
     uds: PathBuf,
     state: StateManager,
     timeout: Duration,
+    /// Connect only once this is true: the mesh state is ready (Istio's ztunnel waits
+    /// for its first xDS state before taking pods).
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl WorkloadProxyManager {
@@ -30,11 +33,27 @@ impl WorkloadProxyManager {
             uds,
             state,
             timeout,
+            gate: None,
         }
     }
 
+    /// Waits for `ready` before connecting to the agent.
+    pub fn after(mut self, ready: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.gate = Some(ready);
+        self
+    }
+
     /// Runs forever: connect, serve the stream, back off, reconnect.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        if let Some(gate) = self.gate.as_mut() {
+            if !*gate.borrow() {
+                info!("waiting for the mesh state before connecting to the agent");
+            }
+            // A closed gate (its sender gone) never opens: stay disconnected.
+            if gate.wait_for(|ready| *ready).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
         let mut backoff = BACKOFF_FIRST;
         loop {
             match SeqpacketConn::connect(&self.uds).await {

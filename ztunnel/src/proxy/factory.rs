@@ -33,7 +33,7 @@ impl ProxyFactory for InpodProxyFactory {
         let cfg = self.cfg.clone();
         Box::pin(async move {
             let mesh = match &cfg.mesh {
-                Some(m) => Some(PodMesh::for_pod(m, &info).await?),
+                Some(m) => Some(PodMesh::new(m.clone(), info.clone())),
                 None => {
                     warn!(%uid, pod = %format!("{}/{}", info.namespace, info.name),
                           "PASSTHROUGH_ONLY: this pod's traffic is passed through in plaintext, without policy");

@@ -47,10 +47,12 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let acceptor = match pod.acceptor() {
-        Ok(a) => a,
+    // The pod's identity may not be known yet: wait for it (up to the pod wait), then
+    // refuse. Without it there is no certificate to present, and never plaintext.
+    let acceptor = match pod.acceptor().await {
+        Ok((_, a)) => a,
         Err(e) => {
-            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some(&e));
+            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some(&format!("refused: {e}")));
             return;
         }
     };
@@ -76,7 +78,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         let (ctx, mesh) = (ctx.clone(), mesh.clone());
         hyper::service::service_fn(move |req| {
             let (ctx, mesh, peer_id) = (ctx.clone(), mesh.clone(), peer_id.clone());
-            async move { Ok::<_, Infallible>(tunnel(ctx, mesh, req, peer, peer_id).await) }
+            async move { Ok::<_, Infallible>(tunnel(ctx, mesh, req, peer, local, peer_id).await) }
         })
     };
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -105,6 +107,7 @@ async fn tunnel(
     mesh: Arc<MeshConfig>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    local: SocketAddr,
     peer_id: Option<Identity>,
 ) -> Response<Empty<Bytes>> {
     let target = req
@@ -126,16 +129,34 @@ async fn tunnel(
         flow.log(0, 0, Some("bad request: not a CONNECT to ip:port"));
         return status(StatusCode::BAD_REQUEST);
     };
-    let state = mesh.store.get();
-    let Some(w) = ctx.workload(&state) else {
-        flow.log(0, 0, Some("pod has no workload entry"));
+    let Some(pod) = ctx.mesh.as_ref() else {
         return status(StatusCode::SERVICE_UNAVAILABLE);
     };
+    let w = match pod.workload().await {
+        Ok(w) => w,
+        Err(e) => {
+            flow.log(0, 0, Some(&format!("refused: {e}")));
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let state = mesh.store.get();
     flow.dst_identity = Some(w.identity());
-    if !w.ips.contains(&target.ip()) || is_ztunnel_port(target.port()) {
+    // The target is this pod's app; or, when this pod is a waypoint, a service or
+    // workload whose waypoint it is (the waypoint gets the connection on its own
+    // address, at the target's port), as Istio's ztunnel accepts it.
+    let upstream = if w.ips.contains(&target.ip()) {
+        target
+    } else if state.routes_through(&w.network, target.ip(), &w) {
+        SocketAddr::new(local.ip(), target.port())
+    } else {
         flow.log(0, 0, Some("bad request: authority is not this pod's app"));
         return status(StatusCode::BAD_REQUEST);
+    };
+    if is_ztunnel_port(upstream.port()) {
+        flow.log(0, 0, Some("bad request: authority is ztunnel itself"));
+        return status(StatusCode::BAD_REQUEST);
     }
+    let target = upstream;
     let attrs = Attrs {
         src_ip: peer.ip(),
         src_identity: peer_id,

@@ -36,11 +36,16 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     };
     let registration = match (&ctx.cfg.mesh, &ctx.mesh) {
         (Some(mesh), Some(pod)) => {
-            let state = mesh.store.get();
-            let Some(w) = ctx.workload(&state) else {
-                flow.log(0, 0, Some("refused: pod has no workload entry"));
-                return;
+            // Policy needs the pod's workload: wait for it if ztunnel does not have
+            // it yet; refuse after the pod wait.
+            let w = match pod.workload().await {
+                Ok(w) => w,
+                Err(e) => {
+                    flow.log(0, 0, Some(&format!("refused: {e}")));
+                    return;
+                }
             };
+            let state = mesh.store.get();
             flow.dst_identity = Some(w.identity());
             if let Decision::Deny { policy } = attrs.decide(&state, &w) {
                 flow.log(0, 0, Some(&format!("denied by policy {policy}")));

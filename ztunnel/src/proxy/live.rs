@@ -98,11 +98,19 @@ impl LiveConns {
         }
     }
 
-    /// Re-decides every live connection to `dst` under `state`; closes the denied.
-    pub fn recheck(&self, state: &MeshState, dst: &Workload) {
+    /// Re-decides every live connection to `dst` under `state`; closes the denied. A
+    /// pod whose workload left the mesh state has nothing to allow its connections:
+    /// they are closed.
+    pub fn recheck(&self, state: &MeshState, dst: Option<&Workload>) {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         for entry in conns.values() {
-            if let Decision::Deny { policy } = entry.attrs.decide(state, dst) {
+            let decision = match dst {
+                Some(dst) => entry.attrs.decide(state, dst),
+                None => Decision::Deny {
+                    policy: "the pod's workload left the mesh state".into(),
+                },
+            };
+            if let Decision::Deny { policy } = decision {
                 info!(src = %entry.attrs.src_ip, dst_port = entry.attrs.dst_port, %policy, "policy change denies a live connection; closing it");
                 *entry.reason.lock().unwrap_or_else(|p| p.into_inner()) =
                     format!("denied by policy {policy} after a config change");

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::identity::manager::{CertManager, IdentityCert};
+use crate::identity::Identity;
 use crate::inpod::netns::InpodNetns;
 use crate::inpod::packet::{self, Keepalive, ListenerOpts};
 use crate::state::{MeshState, Store, Workload};
@@ -49,20 +50,28 @@ pub fn is_ztunnel_port(port: u16) -> bool {
     )
 }
 
-/// What pods in the mesh share: the mesh state, the CA, HBONE tuning. Absent when
-/// ztunnel runs without a local config: then traffic is proxied in plaintext only.
+/// What pods in the mesh share: the mesh state, the certificates, HBONE tuning.
+/// Absent only with `PASSTHROUGH_ONLY`: then traffic is proxied in plaintext only.
 pub struct MeshConfig {
     pub store: Arc<Store>,
     pub certs: Arc<CertManager>,
     pub hbone: HboneConfig,
+    /// How long a connection waits for state it needs and ztunnel does not have yet
+    /// (the pod's workload, its certificate) before it is refused (Istio: 5 s).
+    pub pod_wait: Duration,
 }
 
-/// A pod's part of the mesh: its workload identity's certificate, its TLS acceptor,
-/// its HBONE connections and its live inbound connections.
+/// A pod's part of the mesh: its HBONE connections, its live inbound connections, and
+/// the TLS acceptor of its identity. Its workload and certificate are looked up per
+/// connection: a pod whose workload has not arrived yet is served as soon as it does,
+/// and its connections wait for it (up to [`MeshConfig::pod_wait`]), never passing
+/// through in plaintext.
 pub struct PodMesh {
-    pub cert: Arc<IdentityCert>,
-    /// Rebuilt when the certificate is renewed (the roots come with it).
-    acceptor: std::sync::Mutex<(u64, tokio_rustls::TlsAcceptor)>,
+    mesh: Arc<MeshConfig>,
+    info: WorkloadInfo,
+    /// The acceptor built for a certificate (identity, generation): rebuilt when the
+    /// certificate is renewed (the roots come with it) or the identity changes.
+    acceptor: std::sync::Mutex<Option<(Identity, u64, tokio_rustls::TlsAcceptor)>>,
     pub pool: Pool,
     pub live: LiveConns,
     /// TLS handshakes in progress on the pod's 15008 (see `HboneConfig::max_handshakes`).
@@ -76,40 +85,80 @@ fn acceptor(cert: &Arc<IdentityCert>) -> Result<tokio_rustls::TlsAcceptor, Strin
 }
 
 impl PodMesh {
-    /// The mesh side of a new pod proxy: the pod must have a workload on this node,
-    /// matched by namespace, name and service account.
-    pub async fn for_pod(mesh: &MeshConfig, info: &WorkloadInfo) -> Result<PodMesh, String> {
-        let identity = {
-            let state = mesh.store.get();
-            let w = state
-                .pod_workload(&info.namespace, &info.name, &info.service_account)
-                .ok_or_else(|| {
-                    format!(
-                        "no workload for pod {}/{} (service account {:?}) on this node in the mesh state yet; the pod waits for one",
-                        info.namespace, info.name, info.service_account
-                    )
-                })?;
-            w.identity()
-        };
-        let cert = mesh.certs.get(&identity).await.map_err(|e| e.to_string())?;
-        let generation = cert.generation();
-        Ok(PodMesh {
-            acceptor: std::sync::Mutex::new((generation, acceptor(&cert)?)),
-            cert,
+    pub fn new(mesh: Arc<MeshConfig>, info: WorkloadInfo) -> PodMesh {
+        PodMesh {
+            handshakes: Arc::new(tokio::sync::Semaphore::new(mesh.hbone.max_handshakes)),
+            mesh,
+            info,
+            acceptor: std::sync::Mutex::new(None),
             pool: Pool::default(),
             live: LiveConns::default(),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(mesh.hbone.max_handshakes)),
-        })
+        }
     }
 
-    /// The TLS acceptor for the current certificate and roots.
-    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, String> {
-        let generation = self.cert.generation();
-        let mut held = self.acceptor.lock().unwrap_or_else(|p| p.into_inner());
-        if held.0 != generation {
-            *held = (generation, acceptor(&self.cert)?);
+    /// The pod's workload (this node's, matched by namespace, name and service
+    /// account), waiting for it to arrive up to the pod wait.
+    pub async fn workload(&self) -> Result<Arc<Workload>, String> {
+        let deadline = tokio::time::Instant::now() + self.mesh.pod_wait;
+        let mut changes = self.mesh.store.subscribe();
+        loop {
+            if let Some(w) = self.lookup(&self.mesh.store.get()) {
+                return Ok(w);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return Err(format!(
+                        "no workload for pod {}/{} (service account {:?}) on this node after waiting {:?}",
+                        self.info.namespace, self.info.name, self.info.service_account, self.mesh.pod_wait
+                    ))
+                }
+            }
         }
-        Ok(held.1.clone())
+    }
+
+    /// The pod's workload in `state`, without waiting.
+    pub fn lookup(&self, state: &MeshState) -> Option<Arc<Workload>> {
+        state
+            .pod_workload(
+                &self.info.namespace,
+                &self.info.name,
+                &self.info.service_account,
+            )
+            .cloned()
+    }
+
+    /// The pod's workload and a certificate it may present, waiting (up to the pod
+    /// wait) for whichever is missing.
+    pub async fn identity(&self) -> Result<(Arc<Workload>, Arc<IdentityCert>), String> {
+        let w = self.workload().await?;
+        let id = w.identity();
+        let cert = tokio::time::timeout(self.mesh.pod_wait, self.mesh.certs.get(&id))
+            .await
+            .map_err(|_| {
+                format!(
+                    "no certificate for {id} after waiting {:?}",
+                    self.mesh.pod_wait
+                )
+            })?
+            .map_err(|e| format!("no certificate for {id}: {e}"))?;
+        cert.usable()?;
+        Ok((w, cert))
+    }
+
+    /// The pod's workload and the TLS acceptor of its current certificate.
+    pub async fn acceptor(&self) -> Result<(Arc<Workload>, tokio_rustls::TlsAcceptor), String> {
+        let (w, cert) = self.identity().await?;
+        let generation = cert.generation();
+        let mut held = self.acceptor.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, g, a)) = held.as_ref() {
+            if *id == cert.identity && *g == generation {
+                return Ok((w, a.clone()));
+            }
+        }
+        let a = acceptor(&cert)?;
+        *held = Some((cert.identity.clone(), generation, a.clone()));
+        Ok((w, a))
     }
 }
 
@@ -139,17 +188,6 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// The pod's workload in the current mesh state.
-    pub fn workload(&self, state: &MeshState) -> Option<Arc<Workload>> {
-        state
-            .pod_workload(
-                &self.info.namespace,
-                &self.info.name,
-                &self.info.service_account,
-            )
-            .cloned()
-    }
-
     /// Connects to `dest` from inside the pod's netns, with the mark (and, with
     /// `source`, from that address, transparently).
     pub async fn connect(
@@ -293,8 +331,8 @@ impl PodProxy {
                 }
                 let Some(ctx) = ctx.upgrade() else { return };
                 let state = mesh.store.get();
-                if let (Some(pod), Some(w)) = (&ctx.mesh, ctx.workload(&state)) {
-                    pod.live.recheck(&state, &w);
+                if let Some(pod) = &ctx.mesh {
+                    pod.live.recheck(&state, pod.lookup(&state).as_deref());
                 }
             }
         });

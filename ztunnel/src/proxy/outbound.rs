@@ -38,34 +38,36 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         return;
     }
     if let (Some(mesh), Some(pod)) = (&ctx.cfg.mesh, &ctx.mesh) {
-        let state = mesh.store.get();
-        let Some(src) = ctx.workload(&state) else {
-            // The pod's workload left the mesh state: nothing says where its traffic
-            // may go, or as whom. Refused, never passed on.
-            Flow::new(&ctx, "outbound", peer, dst).log(
-                0,
-                0,
-                Some("refused: the pod has no workload in the mesh state"),
-            );
-            return;
+        // The pod's own workload says where its traffic may go and as whom: wait for
+        // it (and its certificate) if ztunnel does not have them yet; refuse after.
+        let (src, cert) = match pod.identity().await {
+            Ok(found) => found,
+            Err(e) => {
+                Flow::new(&ctx, "outbound", peer, dst).log(0, 0, Some(&format!("refused: {e}")));
+                return;
+            }
         };
-        match state.resolve(&src, dst) {
-            Destination::Workload(w, target) if w.protocol == Protocol::Hbone => {
-                let mut flow = Flow::new(&ctx, "outbound", peer, target);
-                flow.src_identity = Some(pod.cert.identity.clone());
-                flow.dst_identity = Some(w.identity());
-                drop(state);
-                match pod
-                    .pool
-                    .connect(&ctx, mesh, pod.cert.clone(), w.identity(), target, peer)
-                    .await
-                {
-                    Ok((tunnel, stream_slot)) => {
-                        flow.relay(stream, tunnel, None).await;
-                        drop(stream_slot);
-                    }
-                    Err(e) => flow.log(0, 0, Some(&format!("HBONE: {e}"))),
-                }
+        let state = mesh.store.get();
+        let route = state.resolve(&src, dst);
+        drop(state);
+        // (HBONE peer address, CONNECT target, identity the peer must prove, workload)
+        let hbone = match route {
+            Destination::Workload(w, target) if w.protocol == Protocol::Hbone => Some((
+                SocketAddr::new(target.ip(), super::INBOUND_HBONE_PORT),
+                target,
+                w.identity(),
+            )),
+            Destination::Waypoint {
+                waypoint,
+                addr,
+                target,
+            } => Some((addr, target, waypoint.identity())),
+            Destination::NoWaypoint { target, reason } => {
+                Flow::new(&ctx, "outbound", peer, target).log(
+                    0,
+                    0,
+                    Some(&format!("refused: the destination's waypoint: {reason}")),
+                );
                 return;
             }
             Destination::NoEndpoint {
@@ -85,6 +87,23 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             Destination::Workload(_, target) | Destination::Passthrough(target) => {
                 return passthrough(&ctx, stream, peer, target).await;
             }
+        };
+        if let Some((via, target, dst_identity)) = hbone {
+            let mut flow = Flow::new(&ctx, "outbound", peer, target);
+            flow.src_identity = Some(cert.identity.clone());
+            flow.dst_identity = Some(dst_identity.clone());
+            match pod
+                .pool
+                .connect(&ctx, mesh, cert, dst_identity, via, target, peer)
+                .await
+            {
+                Ok((tunnel, stream_slot)) => {
+                    flow.relay(stream, tunnel, None).await;
+                    drop(stream_slot);
+                }
+                Err(e) => flow.log(0, 0, Some(&format!("HBONE: {e}"))),
+            }
+            return;
         }
     }
     passthrough(&ctx, stream, peer, dst).await

@@ -22,7 +22,6 @@ use tracing::{debug, info};
 use super::{MeshConfig, PodContext};
 use crate::identity::manager::IdentityCert;
 use crate::identity::Identity;
-use crate::proxy::INBOUND_HBONE_PORT;
 use crate::tls;
 
 /// Tuning and limits of HBONE connections, both sides.
@@ -140,14 +139,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Opens a CONNECT tunnel to `target` (the workload's `ip:port`) through its
-    /// ztunnel at `<ip>:15008`, proving `src` and requiring the peer to prove `dst`.
+    /// Opens a CONNECT tunnel to `target` through the HBONE peer at `via` (the
+    /// workload's ztunnel at `<ip>:15008`, or a waypoint), proving `cert`'s identity
+    /// and requiring the peer to prove `dst`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         &self,
         ctx: &PodContext,
         mesh: &MeshConfig,
         cert: Arc<IdentityCert>,
         dst: Identity,
+        via: SocketAddr,
         target: SocketAddr,
         client: SocketAddr,
     ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamGuard), HboneError> {
@@ -155,7 +157,7 @@ impl Pool {
         let key = Key {
             src: cert.identity.clone(),
             dst: dst.clone(),
-            addr: SocketAddr::new(target.ip(), INBOUND_HBONE_PORT),
+            addr: via,
         };
         let conn = match self.reuse(&key, cfg, cert.generation()) {
             Some(c) => c,

@@ -15,6 +15,7 @@ pub mod builder;
 pub mod localconfig;
 pub mod policy;
 pub mod service;
+pub mod sources;
 pub mod translate;
 pub mod watch;
 pub mod workload;
@@ -23,9 +24,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-pub use builder::{BuildError, StateBuilder};
+pub use builder::{BuildError, Objects, StateBuilder};
 pub use policy::PolicyIndex;
 pub use service::{Pick, ServiceEntry};
+pub use sources::Sources;
+use workload::{GatewayAddress, GatewayDestination};
 pub use workload::{NamespacedHostname, Protocol, Uid, Workload};
 
 /// Where a connection to some address goes.
@@ -33,6 +36,16 @@ pub use workload::{NamespacedHostname, Protocol, Uid, Workload};
 pub enum Destination {
     /// A workload: over HBONE if it is in the mesh.
     Workload(Arc<Workload>, SocketAddr),
+    /// Through a waypoint: HBONE to the waypoint at `addr`, asking it for `target`
+    /// (the address the connection was made to).
+    Waypoint {
+        waypoint: Arc<Workload>,
+        addr: SocketAddr,
+        target: SocketAddr,
+    },
+    /// The destination has a waypoint that cannot be found: the connection fails
+    /// rather than skip the waypoint (and the L7 policy enforced there).
+    NoWaypoint { target: SocketAddr, reason: String },
     /// A service VIP with nothing to serve the connection: it fails. Passing it on to
     /// the VIP would let kube-proxy deliver it, in plaintext, to a pod.
     NoEndpoint {
@@ -56,9 +69,32 @@ pub struct MeshState {
     /// network -> VIP -> service.
     by_vip: HashMap<String, HashMap<IpAddr, Arc<ServiceEntry>>>,
     policies: PolicyIndex,
+    /// What the builder had to decide between (the same key twice, when merging).
+    conflicts: Vec<String>,
 }
 
 impl MeshState {
+    pub fn conflicts(&self) -> &[String] {
+        &self.conflicts
+    }
+
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.by_uid.values()
+    }
+
+    /// The workloads of this node (all of them without a node name).
+    pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.local
+            .values()
+            .flat_map(|names| names.values().flatten())
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
+    }
+
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.by_uid.get(uid)
     }
@@ -105,11 +141,16 @@ impl MeshState {
         self.services.len()
     }
 
-    /// Where a connection from `src` to `dst` goes: a service VIP picks an endpoint
-    /// (or fails); a workload address is that workload; anything else passes through.
-    /// Addresses are looked up in `src`'s network.
+    /// Where a connection from `src` to `dst` goes, as Istio's ztunnel routes it: a
+    /// service with a waypoint goes through the waypoint; another service VIP picks
+    /// an endpoint (or fails); a workload address is that workload, through its
+    /// waypoint if it has one (unless the connection comes from that waypoint);
+    /// anything else passes through. Addresses are looked up in `src`'s network.
     pub fn resolve(&self, src: &Workload, dst: SocketAddr) -> Destination {
         if let Some(svc) = self.service_at(&src.network, dst.ip()) {
+            if let Some(gw) = &svc.service.waypoint {
+                return self.via_waypoint(gw, src, dst);
+            }
             return match svc.pick(src, dst) {
                 Pick::Upstream(w, addr) => Destination::Workload(w, addr),
                 Pick::OriginalDestination => self.resolve_address(src, dst),
@@ -125,8 +166,87 @@ impl MeshState {
 
     fn resolve_address(&self, src: &Workload, dst: SocketAddr) -> Destination {
         match self.workload_at(&src.network, dst.ip()) {
-            Some(w) => Destination::Workload(w.clone(), dst),
+            Some(w) => match &w.waypoint {
+                Some(gw) if !self.is_waypoint_of(gw, src) => self.via_waypoint(gw, src, dst),
+                _ => Destination::Workload(w.clone(), dst),
+            },
             None => Destination::Passthrough(dst),
+        }
+    }
+
+    fn via_waypoint(&self, gw: &GatewayAddress, src: &Workload, dst: SocketAddr) -> Destination {
+        match self.waypoint(gw, src, dst) {
+            Ok((waypoint, addr)) => Destination::Waypoint {
+                waypoint,
+                addr,
+                target: dst,
+            },
+            Err(reason) => Destination::NoWaypoint {
+                target: dst,
+                reason,
+            },
+        }
+    }
+
+    /// The waypoint workload (and its HBONE address) that carries a connection from
+    /// `src` to `original`: a service (picked among its endpoints) or a workload,
+    /// named by address or hostname.
+    pub fn waypoint(
+        &self,
+        gw: &GatewayAddress,
+        src: &Workload,
+        original: SocketAddr,
+    ) -> Result<(Arc<Workload>, SocketAddr), String> {
+        let port = gw.hbone_mtls_port;
+        match &gw.destination {
+            GatewayDestination::Address(na) => {
+                if let Some(svc) = self.service_at(&na.network, na.address) {
+                    return svc.pick_waypoint(src, original, port).ok_or_else(|| {
+                        format!(
+                            "waypoint service {} has no usable endpoint",
+                            svc.service.key()
+                        )
+                    });
+                }
+                match self.workload_at(&na.network, na.address) {
+                    Some(w) => Ok((w.clone(), SocketAddr::new(na.address, port))),
+                    None => Err(format!("waypoint {na} not found")),
+                }
+            }
+            GatewayDestination::Hostname(nh) => match self.service(nh) {
+                Some(svc) => svc
+                    .pick_waypoint(src, original, port)
+                    .ok_or_else(|| format!("waypoint service {nh} has no usable endpoint")),
+                None => Err(format!("waypoint {nh} not found")),
+            },
+        }
+    }
+
+    /// Whether traffic to `ip` (in `network`) is meant to go through `waypoint`: the
+    /// service or workload there names it as its waypoint.
+    pub fn routes_through(&self, network: &str, ip: IpAddr, waypoint: &Workload) -> bool {
+        let gw = match self.service_at(network, ip) {
+            Some(svc) => svc.service.waypoint.as_ref(),
+            None => self
+                .workload_at(network, ip)
+                .and_then(|w| w.waypoint.as_ref()),
+        };
+        gw.is_some_and(|gw| self.is_waypoint_of(gw, waypoint))
+    }
+
+    /// Whether `w` is (one of) the waypoint(s) `gw` names.
+    pub fn is_waypoint_of(&self, gw: &GatewayAddress, w: &Workload) -> bool {
+        match &gw.destination {
+            GatewayDestination::Address(na) => {
+                if let Some(svc) = self.service_at(&na.network, na.address) {
+                    return svc.has_backend(w);
+                }
+                self.workload_at(&na.network, na.address)
+                    .is_some_and(|x| x.uid == w.uid)
+            }
+            GatewayDestination::Hostname(nh) => {
+                self.service(nh).is_some_and(|svc| svc.has_backend(w))
+            }
         }
     }
 }
@@ -178,7 +298,11 @@ mod tests {
     use crate::state::service::{Endpoint, Service};
     use crate::state::workload::HealthStatus;
 
-    fn w(uid: &str, name: &str, ips: &[&str], node: &str) -> Workload {
+    fn w(uid: &str, name: &str, ips: &[&str], node: &str) -> Arc<Workload> {
+        Arc::new(wl(uid, name, ips, node))
+    }
+
+    fn wl(uid: &str, name: &str, ips: &[&str], node: &str) -> Workload {
         Workload {
             uid: Uid(uid.into()),
             name: name.into(),
@@ -188,10 +312,11 @@ mod tests {
             protocol: Protocol::Hbone,
             ..Workload::default()
         }
+        .with_defaults()
     }
 
-    fn svc(name: &str, vip: &str) -> Service {
-        Service {
+    fn svc(name: &str, vip: &str) -> Arc<Service> {
+        Arc::new(Service {
             name: name.into(),
             namespace: "ns".into(),
             hostname: format!("{name}.ns.svc.cluster.local"),
@@ -203,7 +328,7 @@ mod tests {
             load_balancer: None,
             ip_families: None,
             canonical: false,
-        }
+        })
     }
 
     fn ep(uid: &str, status: HealthStatus) -> Endpoint {
@@ -293,9 +418,9 @@ mod tests {
     #[test]
     fn addresses_are_per_network() {
         let mut b = StateBuilder::new(None);
-        let mut remote = w("u1", "a", &["10.0.0.1"], "");
+        let mut remote = wl("u1", "a", &["10.0.0.1"], "");
         remote.network = "net-2".into();
-        b.workload(remote).unwrap();
+        b.workload(Arc::new(remote)).unwrap();
         b.service(svc("s", "net-2/10.96.0.1")).unwrap();
         let s = b.build().unwrap();
         let local_src = w("src", "src", &[], "");
@@ -307,7 +432,7 @@ mod tests {
             s.resolve(&local_src, "10.96.0.1:80".parse().unwrap()),
             Destination::Passthrough(_)
         ));
-        let mut remote_src = local_src.clone();
+        let mut remote_src = (*local_src).clone();
         remote_src.network = "net-2".into();
         assert!(matches!(
             s.resolve(&remote_src, "10.0.0.1:80".parse().unwrap()),
@@ -339,17 +464,17 @@ mod tests {
     #[test]
     fn a_pod_in_the_mesh_wins_a_shared_address() {
         let mut b = StateBuilder::new(None);
-        let mut entry = w(
+        let mut entry = wl(
             "c/networking.istio.io/WorkloadEntry/ns/vm",
             "vm",
             &["10.0.0.1"],
             "",
         );
         entry.protocol = Protocol::Hbone;
-        let mut pod = w("Kubernetes//Pod/ns/p", "p", &["10.0.0.1"], "");
+        let mut pod = wl("Kubernetes//Pod/ns/p", "p", &["10.0.0.1"], "");
         pod.protocol = Protocol::Tcp;
-        b.workload(pod).unwrap();
-        b.workload(entry).unwrap();
+        b.workload(Arc::new(pod)).unwrap();
+        b.workload(Arc::new(entry)).unwrap();
         let s = b.build().unwrap();
         assert_eq!(
             s.workload_at("", "10.0.0.1".parse().unwrap()).unwrap().name,

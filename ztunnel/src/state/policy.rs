@@ -126,9 +126,9 @@ pub struct PolicyIndex {
 }
 
 impl PolicyIndex {
-    pub(super) fn new(policies: impl IntoIterator<Item = Policy>) -> PolicyIndex {
+    pub(super) fn new(policies: impl IntoIterator<Item = Arc<Policy>>) -> PolicyIndex {
         let mut index = PolicyIndex::default();
-        for p in policies.into_iter().map(Arc::new) {
+        for p in policies {
             match p.scope {
                 Scope::Global => index.global.push(p.clone()),
                 Scope::Namespace => index
@@ -153,6 +153,11 @@ impl PolicyIndex {
 
     pub fn get(&self, key: &PolicyKey) -> Option<&Arc<Policy>> {
         self.by_key.get(key)
+    }
+
+    /// Every policy, in no particular order.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.by_key.values()
     }
 
     /// The policies that apply to connections to `dst`, as Istio gathers them: global,

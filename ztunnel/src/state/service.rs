@@ -140,11 +140,12 @@ pub struct Backend {
     pub endpoint: Endpoint,
 }
 
-/// A service in a snapshot: the service and its pickable backends (workloads known,
-/// health admitted).
+/// A service in a snapshot: the service, its endpoints (its own and those its
+/// workloads declare), and the pickable ones (workload known, health admitted).
 #[derive(Debug)]
 pub struct ServiceEntry {
-    pub service: Service,
+    pub service: Arc<Service>,
+    pub endpoints: BTreeMap<Uid, Endpoint>,
     pub backends: Vec<Backend>,
     next: AtomicUsize,
 }
@@ -161,9 +162,14 @@ pub enum Pick {
 }
 
 impl ServiceEntry {
-    pub(super) fn new(service: Service, backends: Vec<Backend>) -> ServiceEntry {
+    pub(super) fn new(
+        service: Arc<Service>,
+        endpoints: BTreeMap<Uid, Endpoint>,
+        backends: Vec<Backend>,
+    ) -> ServiceEntry {
         ServiceEntry {
             service,
+            endpoints,
             backends,
             next: AtomicUsize::new(0),
         }
@@ -179,13 +185,52 @@ impl ServiceEntry {
         let Some(&svc_target) = self.service.ports.get(&port) else {
             return Pick::None("the service has no such port");
         };
-        let serving = |b: &&Backend| svc_target != 0 || b.endpoint.port.contains_key(&port);
+        let serving = |b: &Backend| svc_target != 0 || b.endpoint.port.contains_key(&port);
+        let Some(chosen) = self.choose(src, serving) else {
+            return Pick::None("no endpoint serves the port");
+        };
+        let target = match chosen.endpoint.port.get(&port) {
+            Some(&p) => p,
+            None if svc_target > 0 => svc_target,
+            None => match &chosen.workload.application_tunnel {
+                Some(ApplicationTunnel { port: Some(_), .. }) => port,
+                _ => return Pick::None("no endpoint serves the port"),
+            },
+        };
+        match pick_ip(&chosen.workload, dst.ip(), self.service.ip_families) {
+            Some(ip) => Pick::Upstream(chosen.workload.clone(), SocketAddr::new(ip, target)),
+            None => Pick::None("the endpoint has no address of a usable family"),
+        }
+    }
+
+    /// Picks one of this (waypoint) service's endpoints to carry a connection from
+    /// `src` to `original`, at its HBONE port `port`: the same ranking, no port
+    /// mapping (a waypoint listens for HBONE itself).
+    pub fn pick_waypoint(
+        &self,
+        src: &Workload,
+        original: SocketAddr,
+        port: u16,
+    ) -> Option<(Arc<Workload>, SocketAddr)> {
+        let chosen = self.choose(src, |_| true)?;
+        let ip = pick_ip(&chosen.workload, original.ip(), self.service.ip_families)?;
+        Some((chosen.workload.clone(), SocketAddr::new(ip, port)))
+    }
+
+    /// Whether `w` is one of the service's (pickable) endpoints.
+    pub fn has_backend(&self, w: &Workload) -> bool {
+        self.backends.iter().any(|b| b.workload.uid == w.uid)
+    }
+
+    /// One backend among those `eligible`, ranked by locality when the service asks,
+    /// weighted by capacity.
+    fn choose(&self, src: &Workload, eligible: impl Fn(&Backend) -> bool) -> Option<&Backend> {
         let candidates: Vec<&Backend> = match &self.service.load_balancer {
             Some(lb) if lb.mode != LoadBalancerMode::Standard => {
                 let ranked: Vec<(usize, &Backend)> = self
                     .backends
                     .iter()
-                    .filter(serving)
+                    .filter(|b| eligible(b))
                     .filter_map(|b| {
                         let rank = lb
                             .routing_preferences
@@ -204,23 +249,9 @@ impl ServiceEntry {
                     .map(|(_, b)| b)
                     .collect()
             }
-            _ => self.backends.iter().filter(serving).collect(),
+            _ => self.backends.iter().filter(|b| eligible(b)).collect(),
         };
-        let Some(chosen) = weighted(&candidates, self.next.fetch_add(1, Ordering::Relaxed)) else {
-            return Pick::None("no endpoint serves the port");
-        };
-        let target = match chosen.endpoint.port.get(&port) {
-            Some(&p) => p,
-            None if svc_target > 0 => svc_target,
-            None => match &chosen.workload.application_tunnel {
-                Some(ApplicationTunnel { port: Some(_), .. }) => port,
-                _ => return Pick::None("no endpoint serves the port"),
-            },
-        };
-        match pick_ip(&chosen.workload, dst.ip(), self.service.ip_families) {
-            Some(ip) => Pick::Upstream(chosen.workload.clone(), SocketAddr::new(ip, target)),
-            None => Pick::None("the endpoint has no address of a usable family"),
-        }
+        weighted(&candidates, self.next.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -330,7 +361,8 @@ mod tests {
             wl("b", &["10.0.0.2"], "z1", 1),
         );
         let e = ServiceEntry::new(
-            svc(&[(80, 8080), (90, 0)], None),
+            Arc::new(svc(&[(80, 8080), (90, 0)], None)),
+            BTreeMap::new(),
             vec![backend(&a, &[(80, 9090)]), backend(&b, &[])],
         );
         let src = wl("src", &[], "z1", 1);
@@ -344,7 +376,11 @@ mod tests {
             ["none: no endpoint serves the port"]
         );
         // A port the service does not have is refused even if an endpoint maps it.
-        let e = ServiceEntry::new(svc(&[(80, 8080)], None), vec![backend(&a, &[(81, 1)])]);
+        let e = ServiceEntry::new(
+            Arc::new(svc(&[(80, 8080)], None)),
+            BTreeMap::new(),
+            vec![backend(&a, &[(81, 1)])],
+        );
         assert_eq!(
             picks(&e, &src, "10.96.0.1:81", 1),
             ["none: the service has no such port"]
@@ -358,7 +394,8 @@ mod tests {
             wl("b", &["10.0.0.2"], "z", 1),
         );
         let e = ServiceEntry::new(
-            svc(&[(80, 80)], None),
+            Arc::new(svc(&[(80, 80)], None)),
+            BTreeMap::new(),
             vec![backend(&a, &[]), backend(&b, &[])],
         );
         let got = picks(&e, &wl("src", &[], "z", 1), "10.96.0.1:80", 8);
@@ -377,7 +414,8 @@ mod tests {
         };
         let both = |mode| {
             ServiceEntry::new(
-                svc(&[(80, 80)], Some(lb(mode))),
+                Arc::new(svc(&[(80, 80)], Some(lb(mode)))),
+                BTreeMap::new(),
                 vec![backend(&near, &[]), backend(&far, &[])],
             )
         };
@@ -414,18 +452,22 @@ mod tests {
     #[test]
     fn the_address_family_follows_the_connection_unless_the_service_restricts_it() {
         let dual = wl("d", &["10.0.0.1", "fd00::1"], "z", 1);
-        let e = ServiceEntry::new(svc(&[(80, 80)], None), vec![backend(&dual, &[])]);
+        let e = ServiceEntry::new(
+            Arc::new(svc(&[(80, 80)], None)),
+            BTreeMap::new(),
+            vec![backend(&dual, &[])],
+        );
         let src = wl("src", &[], "z", 1);
         assert_eq!(picks(&e, &src, "10.96.0.1:80", 1), ["d@10.0.0.1:80"]);
         assert_eq!(picks(&e, &src, "[fd96::1]:80", 1), ["d@[fd00::1]:80"]);
         let mut only6 = svc(&[(80, 80)], None);
         only6.ip_families = Some(IpFamily::V6);
-        let e = ServiceEntry::new(only6, vec![backend(&dual, &[])]);
+        let e = ServiceEntry::new(Arc::new(only6), BTreeMap::new(), vec![backend(&dual, &[])]);
         assert_eq!(picks(&e, &src, "10.96.0.1:80", 1), ["d@[fd00::1]:80"]);
         let v4 = wl("v4", &["10.0.0.2"], "z", 1);
         let mut only6 = svc(&[(80, 80)], None);
         only6.ip_families = Some(IpFamily::V6);
-        let e = ServiceEntry::new(only6, vec![backend(&v4, &[])]);
+        let e = ServiceEntry::new(Arc::new(only6), BTreeMap::new(), vec![backend(&v4, &[])]);
         assert_eq!(
             picks(&e, &src, "10.96.0.1:80", 1),
             ["none: the endpoint has no address of a usable family"]

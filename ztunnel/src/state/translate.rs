@@ -1,9 +1,11 @@
 //! The local file, translated into the domain model: each entry becomes a builder
 //! call, and every error names the entry it is in.
 
+use std::sync::Arc;
+
 use ipnet::IpNet;
 
-use super::builder::{BuildError, StateBuilder};
+use super::builder::{BuildError, Objects, StateBuilder};
 use super::localconfig::{
     LocalConfig, LocalGateway, LocalMatch, LocalPolicy, LocalService, LocalServiceAccountMatch,
     LocalStringMatch, LocalWorkload,
@@ -14,7 +16,6 @@ use super::workload::{
     ApplicationTunnel, GatewayAddress, GatewayDestination, Locality, NamespacedHostname,
     NetworkAddress, Uid, Workload,
 };
-use super::MeshState;
 
 /// What is wrong, and where in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,34 +31,45 @@ fn at(location: &str) -> impl Fn(String) -> Invalid + '_ {
     }
 }
 
-/// Translates `cfg` and builds the snapshot. Returns the warnings worth an operator's
-/// attention (things that load, but cannot mean what they seem to).
-pub fn build(cfg: LocalConfig, node: Option<String>) -> Result<(MeshState, Vec<String>), Invalid> {
-    let mut b = StateBuilder::new(node);
+/// Translates `cfg` into domain objects, checked for consistency on their own (keys
+/// unique, VIPs unshared). Returns the warnings worth an operator's attention (things
+/// that load, but cannot mean what they seem to).
+pub fn translate(cfg: LocalConfig) -> Result<(Objects, Vec<String>), Invalid> {
+    let mut check = StateBuilder::new(None);
+    let mut objects = Objects::default();
     let mut warnings = Vec::new();
     for (i, w) in cfg.workloads.into_iter().enumerate() {
         let loc = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
         let (workload, endpoints) = workload(w).map_err(at(&loc))?;
-        for (svc, ep) in endpoints {
-            b.endpoint(svc, ep);
-        }
-        b.workload(workload).map_err(|e| at(&loc)(explain(e)))?;
+        let workload = Arc::new(workload.with_defaults());
+        check
+            .workload(workload.clone())
+            .map_err(|e| at(&loc)(explain(e)))?;
+        objects.workloads.push(workload);
+        objects.endpoints.extend(endpoints);
     }
     for (i, s) in cfg.services.into_iter().enumerate() {
         let loc = format!("services[{i}] ({}/{})", s.namespace, s.name);
-        b.service(service(s).map_err(at(&loc))?)
+        let service = Arc::new(service(s).map_err(at(&loc))?);
+        check
+            .service(service.clone())
             .map_err(|e| at(&loc)(explain(e)))?;
+        objects.services.push(service);
     }
     for (i, p) in cfg.policies.into_iter().enumerate() {
         let loc = format!("policies[{i}] ({}/{})", p.namespace, p.name);
         let policy = policy(p, &mut |w| warnings.push(format!("{loc}: {w}"))).map_err(at(&loc))?;
-        b.policy(policy).map_err(|e| at(&loc)(explain(e)))?;
+        let policy = Arc::new(policy);
+        check
+            .policy(policy.clone())
+            .map_err(|e| at(&loc)(explain(e)))?;
+        objects.policies.push(policy);
     }
-    let state = b.build().map_err(|e| Invalid {
+    check.build().map_err(|e| Invalid {
         location: "services".into(),
         message: explain(e),
     })?;
-    Ok((state, warnings))
+    Ok((objects, warnings))
 }
 
 fn explain(e: BuildError) -> String {

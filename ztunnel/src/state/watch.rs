@@ -7,15 +7,16 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
+use super::builder::{Objects, StateBuilder};
 use super::localconfig::{ConfigError, LocalConfig};
-use super::{translate, MeshState, Store};
+use super::sources::Sources;
+use super::{translate, MeshState};
 
 /// The largest local config file read: far above any real mesh's, far below memory.
 const MAX_FILE: u64 = 64 << 20;
 
-/// Reads, validates and translates the file; `node` is this ztunnel's node (see
-/// [`super::StateBuilder::new`]). Warnings come back with the state.
-pub fn load(path: &Path, node: Option<&str>) -> Result<(MeshState, Vec<String>), ConfigError> {
+/// Reads, validates and translates the file. Warnings come back with the objects.
+pub fn load(path: &Path) -> Result<(Objects, Vec<String>), ConfigError> {
     use std::io::Read;
     let name = path.display().to_string();
     let read_err = |source| ConfigError::Read {
@@ -32,21 +33,34 @@ pub fn load(path: &Path, node: Option<&str>) -> Result<(MeshState, Vec<String>),
             format!("larger than {MAX_FILE} bytes"),
         )));
     }
-    load_str(&name, &text, node)
+    load_objects(&name, &text)
 }
 
 /// Parses, validates and translates `text`; `name` names it in errors.
+pub fn load_objects(name: &str, text: &str) -> Result<(Objects, Vec<String>), ConfigError> {
+    let cfg = LocalConfig::parse(name, text)?;
+    translate::translate(cfg).map_err(|e| ConfigError::Invalid {
+        path: name.to_string(),
+        location: e.location,
+        message: e.message,
+    })
+}
+
+/// [`load_objects`], built into a snapshot as ztunnel on `node` would see it.
 pub fn load_str(
     name: &str,
     text: &str,
     node: Option<&str>,
 ) -> Result<(MeshState, Vec<String>), ConfigError> {
-    let cfg = LocalConfig::parse(name, text)?;
-    translate::build(cfg, node.map(str::to_string)).map_err(|e| ConfigError::Invalid {
+    let (objects, warnings) = load_objects(name, text)?;
+    let mut b = StateBuilder::new(node.map(str::to_string));
+    let built = b.add(&objects).and_then(|()| b.build());
+    let state = built.map_err(|e| ConfigError::Invalid {
         path: name.to_string(),
-        location: e.location,
-        message: e.message,
-    })
+        location: "services".into(),
+        message: e.to_string(),
+    })?;
+    Ok((state, warnings))
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -59,7 +73,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Polls `path` every `every` and swaps the store's snapshot when the file changed
 /// (content time or inode, so editors that write a new file and rename are seen).
-pub async fn watch(path: PathBuf, node: Option<String>, store: Arc<Store>, every: Duration) {
+pub async fn watch(path: PathBuf, sources: Arc<Sources>, every: Duration) {
     let mut last = stamp(&path);
     loop {
         tokio::time::sleep(every).await;
@@ -68,13 +82,13 @@ pub async fn watch(path: PathBuf, node: Option<String>, store: Arc<Store>, every
             continue;
         }
         last = now;
-        match load(&path, node.as_deref()) {
-            Ok((state, warnings)) => {
+        match load(&path) {
+            Ok((objects, warnings)) => {
                 for w in warnings {
                     warn!(path = %path.display(), "{w}");
                 }
-                info!(path = %path.display(), workloads = state.workload_count(), services = state.service_count(), policies = state.policies().len(), "local config reloaded");
-                store.replace(state);
+                info!(path = %path.display(), workloads = objects.workloads.len(), services = objects.services.len(), policies = objects.policies.len(), "local config reloaded");
+                sources.set_local(objects);
             }
             Err(e) => warn!("local config not reloaded, keeping the last good one: {e}"),
         }

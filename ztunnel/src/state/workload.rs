@@ -228,6 +228,18 @@ impl Default for Workload {
 }
 
 impl Workload {
+    /// Istio's defaults, applied by every source: an empty trust domain is
+    /// `cluster.local`, an empty service account `default`.
+    pub fn with_defaults(mut self) -> Workload {
+        if self.trust_domain.is_empty() {
+            self.trust_domain = "cluster.local".into();
+        }
+        if self.service_account.is_empty() {
+            self.service_account = "default".into();
+        }
+        self
+    }
+
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
