@@ -11,11 +11,13 @@ pub mod capture;
 pub mod cgroups;
 pub mod cluster;
 pub mod cni;
+pub mod controlplane;
 pub mod kube_api;
 pub mod mesh;
 pub mod mesh_files;
 pub mod node;
 pub mod process;
+pub mod waypoint;
 
 pub use mesh::Mesh;
 pub use node::{TestNode, TestPod};

@@ -120,7 +120,7 @@ fn every_service_field_istio_accepts_is_loaded_and_kept() {
         .service(&"app/ui.app.svc.cluster.local".parse().unwrap())
         .unwrap();
     assert!(matches!(&ui.service.waypoint.as_ref().unwrap().destination,
-        GatewayDestination::Hostname(h) if h.hostname == "waypoint.app.svc.cluster.local"));
+        GatewayDestination::Hostname(h) if &*h.hostname == "waypoint.app.svc.cluster.local"));
     let lb = service.load_balancer.as_ref().unwrap();
     assert_eq!(
         lb.routing_preferences,
@@ -133,7 +133,7 @@ fn every_service_field_istio_accepts_is_loaded_and_kept() {
     assert_eq!(service.ip_families, Some(IpFamily::Dual));
     assert!(service.canonical);
     // Endpoints: declared by the service, and by the workloads that back it.
-    let mut uids: Vec<_> = svc.endpoints.keys().map(|u| u.0.as_str()).collect();
+    let mut uids: Vec<_> = svc.endpoints.keys().map(|u| &*u.0).collect();
     uids.sort();
     assert_eq!(
         uids,

@@ -140,8 +140,8 @@ impl NodeView {
         let mut dump = json!({});
         if let Some(mesh) = &self.mesh {
             let state = mesh.store.get();
-            let gateway = |g: &Option<crate::state::workload::GatewayAddress>| {
-                g.as_ref().map(|g| {
+            let gateway = |g: Option<&crate::state::workload::GatewayAddress>| {
+                g.map(|g| {
                     let dest = match &g.destination {
                         GatewayDestination::Address(a) => a.to_string(),
                         GatewayDestination::Hostname(h) => h.to_string(),
@@ -153,12 +153,12 @@ impl NodeView {
                 .workloads()
                 .map(|w| {
                     json!({
-                        "uid": w.uid.0, "name": w.name, "namespace": w.namespace,
+                        "uid": &*w.uid.0, "name": w.name, "namespace": w.namespace,
                         "identity": w.identity().to_string(),
                         "workloadIps": w.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                         "protocol": format!("{:?}", w.protocol).to_uppercase(),
                         "node": w.node, "network": w.network, "status": format!("{:?}", w.status),
-                        "waypoint": gateway(&w.waypoint),
+                        "waypoint": gateway(w.waypoint.as_deref()),
                         "authorizationPolicies": w.authorization_policies.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
                         "services": w.services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                     })
@@ -173,8 +173,8 @@ impl NodeView {
                         "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
                         "vips": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
                         "ports": s.ports.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                        "endpoints": e.endpoints.keys().map(|u| u.0.clone()).collect::<Vec<_>>(),
-                        "waypoint": gateway(&s.waypoint),
+                        "endpoints": e.endpoints.keys().map(|u| u.0.to_string()).collect::<Vec<_>>(),
+                        "waypoint": gateway(s.waypoint.as_ref()),
                     })
                 })
                 .collect();

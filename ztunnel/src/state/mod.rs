@@ -12,21 +12,24 @@
 //! - [`watch`]: reloads the local file when it changes.
 
 pub mod builder;
+pub mod index;
 pub mod localconfig;
 pub mod policy;
 pub mod service;
+mod shards;
 pub mod sources;
 pub mod translate;
 pub mod watch;
 pub mod workload;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 pub use builder::{BuildError, Objects, StateBuilder};
+pub use index::{Index, Source, WorkloadEntry};
 pub use policy::PolicyIndex;
 pub use service::{Pick, ServiceEntry};
+use shards::Shards;
 pub use sources::Sources;
 use workload::{GatewayAddress, GatewayDestination};
 pub use workload::{NamespacedHostname, Protocol, Uid, Workload};
@@ -57,27 +60,23 @@ pub enum Destination {
     Passthrough(SocketAddr),
 }
 
-/// One validated snapshot of the mesh.
-#[derive(Debug, Default)]
+/// One snapshot of the mesh: immutable, cheap to copy (see [`index`]).
+#[derive(Clone, Debug, Default)]
 pub struct MeshState {
-    by_uid: HashMap<Uid, Arc<Workload>>,
-    /// network -> address -> workload (host-network workloads are not found by address).
-    by_addr: HashMap<String, HashMap<IpAddr, Arc<Workload>>>,
-    /// namespace -> name -> this node's workloads of that name: how pods are matched.
-    local: HashMap<String, HashMap<String, Vec<Arc<Workload>>>>,
-    services: HashMap<NamespacedHostname, Arc<ServiceEntry>>,
-    /// network -> VIP -> service.
-    by_vip: HashMap<String, HashMap<IpAddr, Arc<ServiceEntry>>>,
-    policies: PolicyIndex,
-    /// What the builder had to decide between (the same key twice, when merging).
-    conflicts: Vec<String>,
+    by_uid: Shards<Uid, Arc<Workload>>,
+    /// Address -> the workloads there, in any network (host-network workloads are not
+    /// found by address).
+    by_addr: Shards<IpAddr, Arc<[Arc<Workload>]>>,
+    /// Hash of (namespace, name) -> this node's workloads of that name: how pods are
+    /// matched.
+    local: Shards<u64, Arc<[Arc<Workload>]>>,
+    services: Shards<NamespacedHostname, Arc<ServiceEntry>>,
+    /// VIP -> the services there, in any network.
+    by_vip: Shards<IpAddr, Arc<[Arc<ServiceEntry>]>>,
+    policies: Arc<PolicyIndex>,
 }
 
 impl MeshState {
-    pub fn conflicts(&self) -> &[String] {
-        &self.conflicts
-    }
-
     /// Every workload, in no particular order.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.by_uid.values()
@@ -85,9 +84,7 @@ impl MeshState {
 
     /// The workloads of this node (all of them without a node name).
     pub fn local_workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.local
-            .values()
-            .flat_map(|names| names.values().flatten())
+        self.local.values().flat_map(|l| l.iter())
     }
 
     /// Every service, in no particular order.
@@ -99,9 +96,21 @@ impl MeshState {
         self.by_uid.get(uid)
     }
 
-    /// The workload at `ip` in `network`.
+    /// The workload at `ip` in `network`: of several, the best ranked (the later of
+    /// equals), as in Istio.
     pub fn workload_at(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_addr.get(network)?.get(&ip)
+        let mut best: Option<&Arc<Workload>> = None;
+        for w in self
+            .by_addr
+            .get(&ip)?
+            .iter()
+            .filter(|w| *w.network == *network)
+        {
+            if best.is_none_or(|b| w.address_rank() >= b.address_rank()) {
+                best = Some(w);
+            }
+        }
+        best
     }
 
     pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<ServiceEntry>> {
@@ -110,7 +119,12 @@ impl MeshState {
 
     /// The service whose VIP is `ip` in `network`.
     pub fn service_at(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        self.by_vip.get(network)?.get(&ip)
+        self.by_vip.get(&ip)?.iter().rev().find(|s| {
+            s.service
+                .vips
+                .iter()
+                .any(|v| v.address == ip && *v.network == *network)
+        })
     }
 
     /// The workload of a pod the agent enrolled: this node's workload with the pod's
@@ -123,10 +137,13 @@ impl MeshState {
         service_account: &str,
     ) -> Option<&Arc<Workload>> {
         self.local
-            .get(namespace)?
-            .get(name)?
+            .get(&index::pod_key(namespace, name))?
             .iter()
-            .find(|w| service_account.is_empty() || w.service_account == service_account)
+            .find(|w| {
+                w.namespace == namespace
+                    && w.name == name
+                    && (service_account.is_empty() || w.service_account == service_account)
+            })
     }
 
     pub fn policies(&self) -> &PolicyIndex {
@@ -229,7 +246,7 @@ impl MeshState {
             Some(svc) => svc.service.waypoint.as_ref(),
             None => self
                 .workload_at(network, ip)
-                .and_then(|w| w.waypoint.as_ref()),
+                .and_then(|w| w.waypoint.as_deref()),
         };
         gw.is_some_and(|gw| self.is_waypoint_of(gw, waypoint))
     }
@@ -304,7 +321,7 @@ mod tests {
 
     fn wl(uid: &str, name: &str, ips: &[&str], node: &str) -> Workload {
         Workload {
-            uid: Uid(uid.into()),
+            uid: Uid::from(uid),
             name: name.into(),
             namespace: "ns".into(),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
@@ -313,6 +330,13 @@ mod tests {
             ..Workload::default()
         }
         .with_defaults()
+    }
+
+    fn entry(w: Arc<Workload>, eps: Vec<(NamespacedHostname, Endpoint)>) -> WorkloadEntry {
+        WorkloadEntry {
+            workload: w,
+            endpoints: eps.into(),
+        }
     }
 
     fn svc(name: &str, vip: &str) -> Arc<Service> {
@@ -333,7 +357,7 @@ mod tests {
 
     fn ep(uid: &str, status: HealthStatus) -> Endpoint {
         Endpoint {
-            workload_uid: Uid(uid.into()),
+            workload_uid: Uid::from(uid),
             port: Default::default(),
             status,
         }
@@ -342,8 +366,10 @@ mod tests {
     #[test]
     fn defaults_are_filled_and_pods_match_only_this_nodes_workloads() {
         let mut b = StateBuilder::new(Some("node-1".into()));
-        b.workload(w("u1", "a", &["10.0.0.1"], "node-1")).unwrap();
-        b.workload(w("u2", "b", &["10.0.0.2"], "node-2")).unwrap();
+        b.workload_with(w("u1", "a", &["10.0.0.1"], "node-1"), vec![])
+            .unwrap();
+        b.workload_with(w("u2", "b", &["10.0.0.2"], "node-2"), vec![])
+            .unwrap();
         let s = b.build().unwrap();
         let a = s.pod_workload("ns", "a", "default").unwrap();
         assert_eq!(
@@ -366,7 +392,8 @@ mod tests {
         assert!(s.workload_at("", "10.0.0.2".parse().unwrap()).is_some());
         let anywhere = {
             let mut b = StateBuilder::new(None);
-            b.workload(w("u2", "b", &["10.0.0.2"], "node-2")).unwrap();
+            b.workload_with(w("u2", "b", &["10.0.0.2"], "node-2"), vec![])
+                .unwrap();
             b.build().unwrap()
         };
         assert!(anywhere.pod_workload("ns", "b", "default").is_some());
@@ -374,24 +401,26 @@ mod tests {
 
     #[test]
     fn endpoints_join_their_workloads_and_unhealthy_ones_are_left_out() {
+        let key = svc("s", "/10.96.0.1").key();
         let mut b = StateBuilder::new(None);
-        b.workload(w("u1", "a", &["10.0.0.1"], "")).unwrap();
-        b.workload(w("u2", "b", &["10.0.0.2"], "")).unwrap();
-        b.endpoint(
-            svc("s", "/10.96.0.1").key(),
-            ep("u1", HealthStatus::Healthy),
-        );
-        b.endpoint(
-            svc("s", "/10.96.0.1").key(),
-            ep("u2", HealthStatus::Unhealthy),
-        );
-        b.endpoint(
-            svc("s", "/10.96.0.1").key(),
-            ep("gone", HealthStatus::Healthy),
-        );
-        b.service(svc("s", "/10.96.0.1")).unwrap();
+        b.workload_with(
+            w("u1", "a", &["10.0.0.1"], ""),
+            vec![(key.clone(), ep("u1", HealthStatus::Healthy))],
+        )
+        .unwrap();
+        b.workload_with(
+            w("u2", "b", &["10.0.0.2"], ""),
+            vec![(key.clone(), ep("u2", HealthStatus::Unhealthy))],
+        )
+        .unwrap();
+        // The service names an endpoint whose workload is unknown.
+        let mut s = (*svc("s", "/10.96.0.1")).clone();
+        s.endpoints
+            .insert(Uid::from("gone"), ep("gone", HealthStatus::Healthy));
+        b.service(Arc::new(s)).unwrap();
         let s = b.build().unwrap();
         let entry = s.service_at("", "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(entry.endpoints.len(), 3);
         let names: Vec<_> = entry
             .backends
             .iter()
@@ -420,7 +449,7 @@ mod tests {
         let mut b = StateBuilder::new(None);
         let mut remote = wl("u1", "a", &["10.0.0.1"], "");
         remote.network = "net-2".into();
-        b.workload(Arc::new(remote)).unwrap();
+        b.workload_with(Arc::new(remote), vec![]).unwrap();
         b.service(svc("s", "net-2/10.96.0.1")).unwrap();
         let s = b.build().unwrap();
         let local_src = w("src", "src", &[], "");
@@ -443,18 +472,18 @@ mod tests {
     #[test]
     fn keys_are_unique() {
         let mut b = StateBuilder::new(None);
-        b.workload(w("u1", "a", &["10.0.0.1"], "")).unwrap();
+        b.workload_with(w("u1", "a", &["10.0.0.1"], ""), vec![])
+            .unwrap();
         assert_eq!(
-            b.workload(w("u1", "b", &["10.0.0.2"], "")),
-            Err(BuildError::DuplicateWorkload(Uid("u1".into())))
+            b.workload_with(w("u1", "b", &["10.0.0.2"], ""), vec![]),
+            Err(BuildError::DuplicateWorkload(Uid::from("u1")))
         );
         b.service(svc("s", "/10.96.0.1")).unwrap();
         assert!(matches!(
             b.service(svc("s", "/10.96.0.2")),
             Err(BuildError::DuplicateService(_))
         ));
-        b.service(svc("t", "/10.96.0.1")).unwrap();
-        let err = b.build().unwrap_err().to_string();
+        let err = b.service(svc("t", "/10.96.0.1")).unwrap_err().to_string();
         assert!(
             err.contains("/10.96.0.1") && err.contains("s.ns") && err.contains("t.ns"),
             "{err}"
@@ -464,21 +493,100 @@ mod tests {
     #[test]
     fn a_pod_in_the_mesh_wins_a_shared_address() {
         let mut b = StateBuilder::new(None);
-        let mut entry = wl(
+        let mut vm = wl(
             "c/networking.istio.io/WorkloadEntry/ns/vm",
             "vm",
             &["10.0.0.1"],
             "",
         );
-        entry.protocol = Protocol::Hbone;
+        vm.protocol = Protocol::Hbone;
         let mut pod = wl("Kubernetes//Pod/ns/p", "p", &["10.0.0.1"], "");
         pod.protocol = Protocol::Tcp;
-        b.workload(Arc::new(pod)).unwrap();
-        b.workload(Arc::new(entry)).unwrap();
+        b.workload_with(Arc::new(pod), vec![]).unwrap();
+        b.workload_with(Arc::new(vm), vec![]).unwrap();
         let s = b.build().unwrap();
         assert_eq!(
             s.workload_at("", "10.0.0.1".parse().unwrap()).unwrap().name,
             "p"
         );
+    }
+
+    #[test]
+    fn changes_apply_incrementally_and_earlier_snapshots_stay_as_they_were() {
+        let key = svc("s", "/10.96.0.1").key();
+        let mut index = Index::new(None);
+        index.set_service(Source::Xds, key.clone(), Some(svc("s", "/10.96.0.1")));
+        let a = w("u1", "a", &["10.0.0.1"], "");
+        index.set_workload(
+            Source::Xds,
+            a.uid.clone(),
+            Some(entry(
+                a,
+                vec![(key.clone(), ep("u1", HealthStatus::Healthy))],
+            )),
+        );
+        let before = index.snapshot();
+        // a moves to another address; b joins the service; a policy arrives.
+        let a2 = w("u1", "a", &["10.0.0.9"], "");
+        index.set_workload(
+            Source::Xds,
+            a2.uid.clone(),
+            Some(entry(
+                a2,
+                vec![(key.clone(), ep("u1", HealthStatus::Healthy))],
+            )),
+        );
+        let b = w("u2", "b", &["10.0.0.2"], "");
+        index.set_workload(
+            Source::Xds,
+            b.uid.clone(),
+            Some(entry(
+                b,
+                vec![(key.clone(), ep("u2", HealthStatus::Healthy))],
+            )),
+        );
+        let after = index.snapshot();
+        let at = |s: &MeshState, ip: &str| {
+            s.workload_at("", ip.parse().unwrap())
+                .map(|w| w.name.clone())
+        };
+        assert_eq!(
+            (at(&before, "10.0.0.1"), at(&before, "10.0.0.9")),
+            (Some("a".into()), None)
+        );
+        assert_eq!(
+            (at(&after, "10.0.0.1"), at(&after, "10.0.0.9")),
+            (None, Some("a".into()))
+        );
+        let backends = |s: &MeshState| {
+            let mut v: Vec<String> = s
+                .service(&key)
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| format!("{}@{}", b.workload.name, b.workload.ips[0]))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(backends(&before), ["a@10.0.0.1"]);
+        assert_eq!(backends(&after), ["a@10.0.0.9", "b@10.0.0.2"]);
+        // The local file's object comes back when the control plane drops its own.
+        let local = w("u2", "b-from-file", &["10.0.0.3"], "");
+        index.set_workload(
+            Source::LocalFile,
+            local.uid.clone(),
+            Some(entry(local, vec![])),
+        );
+        assert_eq!(index.snapshot().workload("u2").unwrap().name, "b");
+        index.set_workload(Source::Xds, Uid::from("u2"), None);
+        let s = index.snapshot();
+        assert_eq!(s.workload("u2").unwrap().name, "b-from-file");
+        assert_eq!(backends(&s), ["a@10.0.0.9"]);
+        index.set_workload(Source::LocalFile, Uid::from("u2"), None);
+        index.set_service(Source::Xds, key.clone(), None);
+        let s = index.snapshot();
+        assert!(s.workload("u2").is_none() && s.service(&key).is_none());
+        assert!(s.service_at("", "10.96.0.1".parse().unwrap()).is_none());
     }
 }

@@ -83,12 +83,15 @@ impl IpFamily {
     }
 }
 
+/// Service port -> target port; shared between the copies of an endpoint.
+pub type Ports = Arc<BTreeMap<u16, u16>>;
+
 /// A workload behind a service, with its own port mapping.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub workload_uid: Uid,
     /// Service port -> target port, overriding the service's.
-    pub port: BTreeMap<u16, u16>,
+    pub port: Ports,
     pub status: HealthStatus,
 }
 
@@ -111,10 +114,7 @@ pub struct Service {
 
 impl Service {
     pub fn key(&self) -> NamespacedHostname {
-        NamespacedHostname {
-            namespace: self.namespace.clone(),
-            hostname: self.hostname.clone(),
-        }
+        NamespacedHostname::new(&self.namespace, &self.hostname)
     }
 
     /// Whether an endpoint in state `status` may be picked at all.
@@ -304,7 +304,7 @@ mod tests {
 
     fn wl(name: &str, ips: &[&str], zone: &str, capacity: u32) -> Arc<Workload> {
         Arc::new(Workload {
-            uid: Uid(name.into()),
+            uid: Uid::from(name),
             name: name.into(),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
             locality: Locality {
@@ -322,7 +322,7 @@ mod tests {
             workload: w.clone(),
             endpoint: Endpoint {
                 workload_uid: w.uid.clone(),
-                port: ports.iter().copied().collect(),
+                port: Arc::new(ports.iter().copied().collect()),
                 status: HealthStatus::Healthy,
             },
         }

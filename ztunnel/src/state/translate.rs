@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::builder::{BuildError, Objects, StateBuilder};
+use super::index::WorkloadEntry;
 use super::localconfig::{
     LocalConfig, LocalGateway, LocalMatch, LocalPolicy, LocalService, LocalServiceAccountMatch,
     LocalStringMatch, LocalWorkload,
@@ -41,12 +42,11 @@ pub fn translate(cfg: LocalConfig) -> Result<(Objects, Vec<String>), Invalid> {
     for (i, w) in cfg.workloads.into_iter().enumerate() {
         let loc = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
         let (workload, endpoints) = workload(w).map_err(at(&loc))?;
-        let workload = Arc::new(workload.with_defaults());
+        let entry = WorkloadEntry::new(workload.with_defaults(), endpoints);
         check
-            .workload(workload.clone())
+            .workload(entry.clone())
             .map_err(|e| at(&loc)(explain(e)))?;
-        objects.workloads.push(workload);
-        objects.endpoints.extend(endpoints);
+        objects.workloads.push(entry);
     }
     for (i, s) in cfg.services.into_iter().enumerate() {
         let loc = format!("services[{i}] ({}/{})", s.namespace, s.name);
@@ -99,7 +99,7 @@ fn gateway(g: Option<LocalGateway>, field: &str) -> Result<Option<GatewayAddress
 type Endpoints = Vec<(NamespacedHostname, Endpoint)>;
 
 fn workload(w: LocalWorkload) -> Result<(Workload, Endpoints), String> {
-    let uid = Uid(w.uid);
+    let uid = Uid::from(w.uid.as_str());
     let mut endpoints = Vec::new();
     let mut services = Vec::new();
     for (key, ports) in w.services {
@@ -108,7 +108,7 @@ fn workload(w: LocalWorkload) -> Result<(Workload, Endpoints), String> {
             svc.clone(),
             Endpoint {
                 workload_uid: uid.clone(),
-                port: ports,
+                port: Arc::new(ports),
                 status: w.status,
             },
         ));
@@ -122,8 +122,8 @@ fn workload(w: LocalWorkload) -> Result<(Workload, Endpoints), String> {
         service_account: w.service_account,
         network: w.network,
         ips: w.workload_ips,
-        waypoint: gateway(w.waypoint, "waypoint")?,
-        network_gateway: gateway(w.network_gateway, "networkGateway")?,
+        waypoint: gateway(w.waypoint, "waypoint")?.map(Box::new),
+        network_gateway: gateway(w.network_gateway, "networkGateway")?.map(Box::new),
         protocol: w.protocol,
         network_mode: w.network_mode,
         workload_name: w.workload_name,
@@ -171,10 +171,10 @@ fn service(s: LocalService) -> Result<Service, String> {
             .endpoints
             .into_values()
             .map(|ep| {
-                let uid = Uid(ep.workload_uid);
+                let uid = Uid::from(ep.workload_uid.as_str());
                 let endpoint = Endpoint {
                     workload_uid: uid.clone(),
-                    port: ep.port,
+                    port: Arc::new(ep.port),
                     status: ep.status,
                 };
                 (uid, endpoint)

@@ -7,15 +7,30 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::policy::PolicyKey;
 use crate::identity::Identity;
 
-/// A workload's uid, its primary key (`cluster1//v1/Pod/default/server` from istiod).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Uid(pub String);
+/// A workload's uid, its primary key (`Kubernetes//Pod/default/server` from istiod).
+/// Shared, not copied: every index and endpoint that names a workload holds the same
+/// string.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Uid(pub Arc<str>);
+
+impl Default for Uid {
+    fn default() -> Self {
+        Uid(Arc::from(""))
+    }
+}
+
+impl From<&str> for Uid {
+    fn from(s: &str) -> Self {
+        Uid(Arc::from(s))
+    }
+}
 
 impl std::borrow::Borrow<str> for Uid {
     fn borrow(&self) -> &str {
@@ -37,11 +52,21 @@ pub struct KeyError {
     pub expected: &'static str,
 }
 
-/// `namespace/hostname`: how workloads and waypoints name a service.
+/// `namespace/hostname`: how workloads and waypoints name a service. Shared strings:
+/// every endpoint a workload declares names its service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamespacedHostname {
-    pub namespace: String,
-    pub hostname: String,
+    pub namespace: Arc<str>,
+    pub hostname: Arc<str>,
+}
+
+impl NamespacedHostname {
+    pub fn new(namespace: &str, hostname: &str) -> NamespacedHostname {
+        NamespacedHostname {
+            namespace: namespace.into(),
+            hostname: hostname.into(),
+        }
+    }
 }
 
 impl FromStr for NamespacedHostname {
@@ -49,10 +74,7 @@ impl FromStr for NamespacedHostname {
 
     fn from_str(s: &str) -> Result<Self, KeyError> {
         match s.split_once('/') {
-            Some((namespace, hostname)) => Ok(NamespacedHostname {
-                namespace: namespace.into(),
-                hostname: hostname.into(),
-            }),
+            Some((namespace, hostname)) => Ok(NamespacedHostname::new(namespace, hostname)),
             None => Err(KeyError {
                 value: s.into(),
                 expected: "\"<namespace>/<hostname>\"",
@@ -171,8 +193,9 @@ pub struct Workload {
     pub service_account: String,
     pub network: String,
     pub ips: Vec<IpAddr>,
-    pub waypoint: Option<GatewayAddress>,
-    pub network_gateway: Option<GatewayAddress>,
+    /// Boxed: most workloads have neither, and a mesh holds many workloads.
+    pub waypoint: Option<Box<GatewayAddress>>,
+    pub network_gateway: Option<Box<GatewayAddress>>,
     pub protocol: Protocol,
     pub network_mode: NetworkMode,
     pub workload_name: String,
@@ -265,7 +288,7 @@ mod tests {
     #[test]
     fn keys_parse_and_print_back() {
         let nh: NamespacedHostname = "default/svc.default.svc.cluster.local".parse().unwrap();
-        assert_eq!(nh.namespace, "default");
+        assert_eq!(&*nh.namespace, "default");
         assert_eq!(nh.to_string(), "default/svc.default.svc.cluster.local");
         assert!("no-slash".parse::<NamespacedHostname>().is_err());
         let na: NetworkAddress = "/10.96.0.10".parse().unwrap();
@@ -284,7 +307,7 @@ mod tests {
     #[test]
     fn a_pod_in_the_mesh_outranks_other_workloads_at_its_address() {
         let w = |uid: &str, protocol| Workload {
-            uid: Uid(uid.into()),
+            uid: Uid::from(uid),
             protocol,
             ..Workload::default()
         };

@@ -1,22 +1,22 @@
-//! What the control plane has sent: every resource by name, with its version, already
-//! translated. A response is applied resource by resource: the valid ones replace or
-//! add, the invalid ones are named (for the NACK) and their last good state is kept;
-//! removals remove.
+//! What the control plane has sent: every resource by name, with its version and the
+//! object it stands for. A response is applied resource by resource: the valid ones
+//! become changes to the mesh state, the invalid ones are named (for the NACK) and
+//! their last good state is kept; removals remove.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
 
-use super::translate::{self, Endpoints};
+use super::translate;
 use crate::proto::envoy::service::discovery::v3::Resource;
 use crate::proto::istio::security::Authorization as XdsAuthorization;
 use crate::proto::istio::workload::address::Type as AddressType;
 use crate::proto::istio::workload::Address as XdsAddress;
-use crate::state::policy::Policy;
-use crate::state::service::Service;
-use crate::state::workload::Workload;
-use crate::state::Objects;
+use crate::state::policy::PolicyKey;
+use crate::state::sources::Change;
+use crate::state::workload::{NamespacedHostname, Uid};
+use crate::state::WorkloadEntry;
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
@@ -24,16 +24,22 @@ pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authori
 /// The types ztunnel subscribes to, in the order it asks for them.
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
 
-#[derive(Clone, Debug)]
-enum Address {
-    Workload(Arc<Workload>, Endpoints),
-    Service(Arc<Service>),
+/// What a resource name stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Key {
+    Workload(Uid),
+    Service(NamespacedHostname),
+    Policy(PolicyKey),
 }
 
-#[derive(Clone, Debug)]
-struct Held<T> {
-    version: String,
-    value: T,
+impl Key {
+    fn removal(self) -> Change {
+        match self {
+            Key::Workload(k) => Change::Workload(k, None),
+            Key::Service(k) => Change::Service(k, None),
+            Key::Policy(k) => Change::Policy(k, None),
+        }
+    }
 }
 
 /// A resource that could not be applied, and why.
@@ -44,11 +50,13 @@ pub struct Rejected {
 }
 
 /// What one response changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Applied {
     pub updated: usize,
     pub removed: usize,
     pub rejected: Vec<Rejected>,
+    /// The changes to the mesh state.
+    pub changes: Vec<Change>,
 }
 
 impl Applied {
@@ -67,124 +75,127 @@ impl Applied {
     }
 }
 
+/// What istiod has sent, by resource name: its version and what it stands for (the
+/// objects themselves live in the mesh state).
+/// Resource name → (version, what it stands for), for one type.
+type Held = HashMap<Arc<str>, (Arc<str>, Key), foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct Resources {
-    addresses: HashMap<String, Held<Address>>,
-    policies: HashMap<String, Held<Arc<Policy>>>,
+    held: [Held; 2],
+    shared: translate::Interner,
 }
 
-fn decode_address(r: &Resource) -> Result<Address, String> {
-    let any = r.resource.as_ref().ok_or("no resource in it")?;
-    if any.type_url != ADDRESS_TYPE {
-        return Err(format!("a {} where an Address was expected", any.type_url));
+fn slot(type_url: &str) -> Option<usize> {
+    match type_url {
+        ADDRESS_TYPE => Some(0),
+        AUTHORIZATION_TYPE => Some(1),
+        _ => None,
     }
-    let address =
-        XdsAddress::decode(any.value.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
+}
+
+fn decode(
+    type_url: &str,
+    r: &Resource,
+    shared: &mut translate::Interner,
+) -> Result<Change, String> {
+    let any = r.resource.as_ref().ok_or("no resource in it")?;
+    if any.type_url != type_url {
+        return Err(format!("a {} in a {type_url} response", any.type_url));
+    }
+    let value = any.value.as_slice();
+    if type_url == AUTHORIZATION_TYPE {
+        let a = XdsAuthorization::decode(value).map_err(|e| format!("undecodable: {e}"))?;
+        let p = Arc::new(translate::policy(&a)?);
+        return Ok(Change::Policy(p.key(), Some(p)));
+    }
+    let address = XdsAddress::decode(value).map_err(|e| format!("undecodable: {e}"))?;
     match address.r#type {
         Some(AddressType::Workload(w)) => {
-            let (w, eps) = translate::workload(&w)?;
-            Ok(Address::Workload(Arc::new(w), eps))
+            let (w, eps) = translate::workload(w, shared)?;
+            Ok(Change::Workload(
+                w.uid.clone(),
+                Some(WorkloadEntry::new(w, eps)),
+            ))
         }
-        Some(AddressType::Service(s)) => Ok(Address::Service(Arc::new(translate::service(&s)?))),
+        Some(AddressType::Service(s)) => {
+            let s = Arc::new(translate::service(&s)?);
+            Ok(Change::Service(s.key(), Some(s)))
+        }
         None => Err("an Address that is neither a workload nor a service".into()),
     }
 }
 
-fn decode_policy(r: &Resource) -> Result<Arc<Policy>, String> {
-    let any = r.resource.as_ref().ok_or("no resource in it")?;
-    if any.type_url != AUTHORIZATION_TYPE {
-        return Err(format!(
-            "a {} where an Authorization was expected",
-            any.type_url
-        ));
+fn key_of(change: &Change) -> Key {
+    match change {
+        Change::Workload(k, _) => Key::Workload(k.clone()),
+        Change::Service(k, _) => Key::Service(k.clone()),
+        Change::Policy(k, _) => Key::Policy(k.clone()),
     }
-    let a =
-        XdsAuthorization::decode(any.value.as_slice()).map_err(|e| format!("undecodable: {e}"))?;
-    Ok(Arc::new(translate::policy(&a)?))
-}
-
-fn apply_to<T>(
-    held: &mut HashMap<String, Held<T>>,
-    resources: &[Resource],
-    removed: &[String],
-    decode: impl Fn(&Resource) -> Result<T, String>,
-) -> Applied {
-    let mut applied = Applied::default();
-    for r in resources {
-        match decode(r) {
-            Ok(value) => {
-                held.insert(
-                    r.name.clone(),
-                    Held {
-                        version: r.version.clone(),
-                        value,
-                    },
-                );
-                applied.updated += 1;
-            }
-            Err(reason) => applied.rejected.push(Rejected {
-                name: r.name.clone(),
-                reason,
-            }),
-        }
-    }
-    for name in removed {
-        if held.remove(name).is_some() {
-            applied.removed += 1;
-        }
-    }
-    applied
 }
 
 impl Resources {
-    /// Applies one response of `type_url`.
+    /// Applies one response of `type_url`: the valid resources become changes, the
+    /// invalid ones are named (and keep their last good state), removals remove.
     pub fn apply(&mut self, type_url: &str, resources: &[Resource], removed: &[String]) -> Applied {
-        match type_url {
-            ADDRESS_TYPE => apply_to(&mut self.addresses, resources, removed, decode_address),
-            AUTHORIZATION_TYPE => apply_to(&mut self.policies, resources, removed, decode_policy),
-            other => Applied {
-                rejected: vec![Rejected {
-                    name: other.to_string(),
-                    reason: "a type ztunnel did not subscribe to".into(),
-                }],
-                ..Applied::default()
-            },
+        let mut applied = Applied::default();
+        let Some(i) = slot(type_url) else {
+            applied.rejected.push(Rejected {
+                name: type_url.to_string(),
+                reason: "a type ztunnel did not subscribe to".into(),
+            });
+            return applied;
+        };
+        let held = &mut self.held[i];
+        for r in resources {
+            match decode(type_url, r, &mut self.shared) {
+                Ok(change) => {
+                    let key = key_of(&change);
+                    let name: Arc<str> = match &key {
+                        // The name is the uid, usually: share the string.
+                        Key::Workload(uid) if *uid.0 == *r.name => uid.0.clone(),
+                        _ => r.name.as_str().into(),
+                    };
+                    if let Some((_, old)) =
+                        held.insert(name, (r.version.as_str().into(), key.clone()))
+                    {
+                        if old != key {
+                            applied.changes.push(old.removal());
+                        }
+                    }
+                    applied.changes.push(change);
+                    applied.updated += 1;
+                }
+                Err(reason) => applied.rejected.push(Rejected {
+                    name: r.name.clone(),
+                    reason,
+                }),
+            }
         }
+        for name in removed {
+            if let Some((_, key)) = held.remove(name.as_str()) {
+                applied.changes.push(key.removal());
+                applied.removed += 1;
+            }
+        }
+        applied
     }
 
     /// The versions held of `type_url`'s resources (a new stream's
     /// `initial_resource_versions`).
-    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
-        fn of<T>(held: &HashMap<String, Held<T>>) -> HashMap<String, String> {
-            held.iter()
-                .map(|(k, v)| (k.clone(), v.version.clone()))
-                .collect()
-        }
-        match type_url {
-            ADDRESS_TYPE => of(&self.addresses),
-            AUTHORIZATION_TYPE => of(&self.policies),
-            _ => HashMap::new(),
-        }
-    }
-
-    /// Everything held, as domain objects.
-    pub fn objects(&self) -> Objects {
-        let mut objects = Objects::default();
-        for held in self.addresses.values() {
-            match &held.value {
-                Address::Workload(w, eps) => {
-                    objects.workloads.push(w.clone());
-                    objects.endpoints.extend(eps.iter().cloned());
-                }
-                Address::Service(s) => objects.services.push(s.clone()),
-            }
-        }
-        objects.policies = self.policies.values().map(|h| h.value.clone()).collect();
-        objects
+    pub fn versions(&self, type_url: &str) -> std::collections::BTreeMap<String, String> {
+        slot(type_url)
+            .map(|i| {
+                self.held[i]
+                    .iter()
+                    .map(|(k, (v, _))| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
-        self.addresses.len() + self.policies.len()
+        self.held.iter().map(|h| h.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -239,20 +250,13 @@ mod tests {
         assert_eq!(applied.updated, 1);
         let msg = applied.error_message().unwrap();
         assert!(msg.starts_with("a: undecodable"), "{msg}");
-        let names: Vec<_> = {
-            let mut n: Vec<_> = r
-                .objects()
-                .workloads
-                .iter()
-                .map(|w| w.name.clone())
-                .collect();
-            n.sort();
-            n
-        };
-        assert_eq!(names, ["a", "b"], "a keeps its last good state");
+        assert!(
+            matches!(&applied.changes[..], [Change::Workload(uid, Some(_))] if &*uid.0 == "b"),
+            "only b changes: a keeps its last good state"
+        );
         assert_eq!(r.versions(ADDRESS_TYPE).len(), 2);
         let applied = r.apply(ADDRESS_TYPE, &[], &["a".into(), "unknown".into()]);
         assert_eq!(applied.removed, 1);
-        assert_eq!(r.objects().workloads.len(), 1);
+        assert!(matches!(&applied.changes[..], [Change::Workload(uid, None)] if &*uid.0 == "a"));
     }
 }

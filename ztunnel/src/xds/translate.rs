@@ -6,7 +6,7 @@
 //! length, a port above 65535, a string match with no kind) — which can widen a
 //! policy's match — this translator refuses the resource instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -17,7 +17,7 @@ use crate::state::policy::{
     Action, Match, Policy, PolicyKey, Scope, ServiceAccountMatch, StringMatch,
 };
 use crate::state::service::{
-    Endpoint, HealthPolicy, IpFamily, LoadBalancer, LoadBalancerMode, RoutingScope, Service,
+    Endpoint, HealthPolicy, IpFamily, LoadBalancer, LoadBalancerMode, Ports, RoutingScope, Service,
 };
 use crate::state::workload::{
     ApplicationTunnel, GatewayAddress, GatewayDestination, HealthStatus, Locality,
@@ -25,6 +25,50 @@ use crate::state::workload::{
 };
 
 pub type Endpoints = Vec<(NamespacedHostname, Endpoint)>;
+
+/// Shares what many workloads repeat (service names, port maps) instead of holding a
+/// copy per workload. Bounded: past its size it starts over.
+#[derive(Debug, Default)]
+pub struct Interner {
+    strs: std::collections::HashSet<std::sync::Arc<str>, foldhash::fast::RandomState>,
+    ports: HashMap<BTreeMap<u16, u16>, Ports, foldhash::fast::RandomState>,
+}
+
+const INTERNER_MAX: usize = 100_000;
+
+impl Interner {
+    fn str(&mut self, s: &str) -> std::sync::Arc<str> {
+        if let Some(held) = self.strs.get(s) {
+            return held.clone();
+        }
+        if self.strs.len() >= INTERNER_MAX {
+            self.strs.clear();
+        }
+        let shared: std::sync::Arc<str> = s.into();
+        self.strs.insert(shared.clone());
+        shared
+    }
+
+    fn ports(&mut self, m: BTreeMap<u16, u16>) -> Ports {
+        if let Some(held) = self.ports.get(&m) {
+            return held.clone();
+        }
+        if self.ports.len() >= INTERNER_MAX {
+            self.ports.clear();
+        }
+        let shared = Ports::new(m.clone());
+        self.ports.insert(m, shared.clone());
+        shared
+    }
+
+    fn service_name(&mut self, key: &str) -> Result<NamespacedHostname, String> {
+        let nh: NamespacedHostname = key.parse().map_err(|e| format!("services: {e}"))?;
+        Ok(NamespacedHostname {
+            namespace: self.str(&nh.namespace),
+            hostname: self.str(&nh.hostname),
+        })
+    }
+}
 
 fn ip(bytes: &[u8], field: &str) -> Result<IpAddr, String> {
     match bytes.len() {
@@ -64,10 +108,9 @@ fn gateway(g: &Option<xwl::GatewayAddress>, field: &str) -> Result<Option<Gatewa
     use xwl::gateway_address::Destination as D;
     let destination = match &g.destination {
         Some(D::Address(a)) => GatewayDestination::Address(network_address(a, field)?),
-        Some(D::Hostname(h)) => GatewayDestination::Hostname(NamespacedHostname {
-            namespace: h.namespace.clone(),
-            hostname: h.hostname.clone(),
-        }),
+        Some(D::Hostname(h)) => {
+            GatewayDestination::Hostname(NamespacedHostname::new(&h.namespace, &h.hostname))
+        }
         None => return Err(format!("{field}: no address or hostname")),
     };
     Ok(Some(GatewayAddress {
@@ -76,9 +119,10 @@ fn gateway(g: &Option<xwl::GatewayAddress>, field: &str) -> Result<Option<Gatewa
     }))
 }
 
-/// A workload, and the endpoints it declares for the services it backs.
-pub fn workload(w: &xwl::Workload) -> Result<(Workload, Endpoints), String> {
-    let uid = Uid(w.uid.clone());
+/// A workload, and the endpoints it declares for the services it backs. Takes the
+/// message: its strings move into the domain object instead of being copied.
+pub fn workload(w: xwl::Workload, shared: &mut Interner) -> Result<(Workload, Endpoints), String> {
+    let uid = Uid::from(w.uid.as_str());
     let status = match enum_value::<xwl::WorkloadStatus>(w.status, "status")? {
         xwl::WorkloadStatus::Healthy => HealthStatus::Healthy,
         xwl::WorkloadStatus::Unhealthy => HealthStatus::Unhealthy,
@@ -86,12 +130,12 @@ pub fn workload(w: &xwl::Workload) -> Result<(Workload, Endpoints), String> {
     let mut endpoints = Vec::new();
     let mut services = Vec::new();
     for (key, list) in &w.services {
-        let svc: NamespacedHostname = key.parse().map_err(|e| format!("services: {e}"))?;
+        let svc = shared.service_name(key)?;
         endpoints.push((
             svc.clone(),
             Endpoint {
                 workload_uid: uid.clone(),
-                port: ports(&list.ports, "services")?,
+                port: shared.ports(ports(&list.ports, "services")?),
                 status,
             },
         ));
@@ -126,46 +170,45 @@ pub fn workload(w: &xwl::Workload) -> Result<(Workload, Endpoints), String> {
     };
     let workload = Workload {
         uid,
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        trust_domain: w.trust_domain.clone(),
-        service_account: w.service_account.clone(),
-        network: w.network.clone(),
+        name: w.name,
+        namespace: w.namespace,
+        trust_domain: w.trust_domain,
+        service_account: w.service_account,
+        network: w.network,
         ips: w
             .addresses
             .iter()
             .map(|a| ip(a, "addresses"))
             .collect::<Result<_, _>>()?,
-        waypoint: gateway(&w.waypoint, "waypoint")?,
-        network_gateway: gateway(&w.network_gateway, "network_gateway")?,
+        waypoint: gateway(&w.waypoint, "waypoint")?.map(Box::new),
+        network_gateway: gateway(&w.network_gateway, "network_gateway")?.map(Box::new),
         protocol,
         network_mode,
-        workload_name: w.workload_name.clone(),
+        workload_name: w.workload_name,
         workload_type,
-        canonical_name: w.canonical_name.clone(),
-        canonical_revision: w.canonical_revision.clone(),
-        hostname: w.hostname.clone(),
-        node: w.node.clone(),
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        hostname: w.hostname,
+        node: w.node,
         native_tunnel: w.native_tunnel,
         application_tunnel,
         authorization_policies: w
             .authorization_policies
-            .iter()
-            .map(|p| PolicyKey(p.clone()))
+            .into_iter()
+            .map(PolicyKey)
             .collect(),
         status,
         cluster_id: if w.cluster_id.is_empty() {
             "Kubernetes".into()
         } else {
-            w.cluster_id.clone()
+            w.cluster_id
         },
         locality: w
             .locality
-            .as_ref()
             .map(|l| Locality {
-                region: l.region.clone(),
-                zone: l.zone.clone(),
-                subzone: l.subzone.clone(),
+                region: l.region,
+                zone: l.zone,
+                subzone: l.subzone,
             })
             .unwrap_or_default(),
         services,
@@ -368,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_workload_keeps_everything_and_gets_istios_defaults() {
-        let (w, eps) = workload(&wl()).unwrap();
+        let (w, eps) = workload(wl(), &mut Interner::default()).unwrap();
         assert_eq!(
             w.identity().to_string(),
             "spiffe://cluster.local/ns/ns/sa/default"
@@ -379,7 +422,7 @@ mod tests {
         assert_eq!(w.workload_type, "deployment");
         assert!(matches!(
             &w.waypoint.as_ref().unwrap().destination,
-            GatewayDestination::Hostname(h) if h.hostname == "waypoint.ns.svc.cluster.local"
+            GatewayDestination::Hostname(h) if &*h.hostname == "waypoint.ns.svc.cluster.local"
         ));
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].1.port[&80], 8080);
@@ -389,16 +432,20 @@ mod tests {
     fn unreadable_values_refuse_the_resource_with_the_reason() {
         let mut bad = wl();
         bad.addresses.push(vec![1, 2, 3]);
-        assert!(workload(&bad).unwrap_err().contains("3 bytes"));
+        assert!(workload(bad, &mut Interner::default())
+            .unwrap_err()
+            .contains("3 bytes"));
         let mut bad = wl();
         bad.services
             .insert("no-slash".into(), xwl::PortList::default());
-        assert!(workload(&bad)
+        assert!(workload(bad, &mut Interner::default())
             .unwrap_err()
             .contains("<namespace>/<hostname>"));
         let mut bad = wl();
         bad.tunnel_protocol = 9;
-        assert!(workload(&bad).unwrap_err().contains("tunnel_protocol"));
+        assert!(workload(bad, &mut Interner::default())
+            .unwrap_err()
+            .contains("tunnel_protocol"));
 
         let policy_with = |m: xsec::Match| xsec::Authorization {
             name: "p".into(),
