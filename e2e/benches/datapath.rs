@@ -62,7 +62,7 @@ async fn transfer(from: &TestPod, to: SocketAddr, bytes: usize) {
 fn bench(c: &mut Criterion) {
     assert!(nix::unistd::geteuid().is_root(), "benchmarks need root");
     let rt = Runtime::new().unwrap();
-    let node = TestNode::new(90);
+    let node = TestNode::new(190);
     // A pod pair per path: each connection leaves TIME_WAIT entries in the client
     // pod's port space (two through ztunnel, whose upstream socket lives in the pod
     // too), so sharing a client pod would bias whichever path is measured later.

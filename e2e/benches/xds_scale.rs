@@ -105,7 +105,7 @@ fn main() {
     let services = env_count("XDS_SCALE_SERVICES", 10_000);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let node = TestNode::new(97);
+        let node = TestNode::new(199);
         let cp = ControlPlane::start(&node).await;
         let env = cp.env();
         let zt = Ztunnel::start_with(&node, 1, |cmd| {

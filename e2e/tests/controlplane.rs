@@ -519,3 +519,72 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     zt.wait_for(&["refused: the destination's waypoint"], 1)
         .await;
 }
+
+/// istiod is trusted only with a certificate from the configured root carrying the
+/// name ztunnel dials (or `ALT_XDS_HOSTNAME`): anything else gets no stream at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn istiods_certificate_must_chain_to_the_root_and_carry_the_name_dialled() {
+    let node = TestNode::new(98);
+    let cp = ControlPlane::start(&node).await;
+    let other_root = node.dir.path().join("other-root");
+    ztunnel::create_root("cluster.local", Duration::from_secs(86400), &other_root)
+        .expect("another root");
+    let port = cp.addr.port();
+    let with = |n: u32, changes: Vec<(&str, String)>| {
+        let mut env = cp.env();
+        for (k, v) in changes {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v));
+        }
+        Ztunnel::start_with(&node, n, move |cmd| {
+            for (k, v) in &env {
+                cmd.env(k, v);
+            }
+        })
+    };
+    // The certificate names istiod.istio-system.svc and 127.0.0.1, not "localhost".
+    let wrong_name = with(
+        1,
+        vec![("XDS_ADDRESS", format!("https://localhost:{port}"))],
+    );
+    let wrong_root = with(
+        2,
+        vec![(
+            "XDS_ROOT_CA",
+            other_root.join("ca.crt").display().to_string(),
+        )],
+    );
+    let alt_name = with(
+        3,
+        vec![
+            ("XDS_ADDRESS", format!("https://localhost:{port}")),
+            ("ALT_XDS_HOSTNAME", "istiod.istio-system.svc".into()),
+        ],
+    );
+    /// Polls the readiness body until it holds `needle`; returns the status and body.
+    async fn body_with(zt: &Ztunnel, needle: &str) -> (u16, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = zt.readiness_body().await;
+            if body.contains(needle) {
+                return (status, body);
+            }
+            assert!(Instant::now() < deadline, "never {needle:?}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    body_with(&alt_name, "xds: connected").await;
+    for (zt, why) in [
+        (&wrong_name, "certificate not valid for name \"localhost\""),
+        (&wrong_root, "invalid peer certificate"),
+    ] {
+        let (status, body) = body_with(zt, why).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("xds: DISCONNECTED"), "{body}");
+    }
+    assert_eq!(
+        cp.streams_opened(),
+        1,
+        "only the ALT_XDS_HOSTNAME ztunnel's"
+    );
+}

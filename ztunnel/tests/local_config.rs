@@ -237,6 +237,12 @@ fn traffic_goes_through_waypoints_as_istio_sends_it() {
         route_from(&s, "Kubernetes//Pod/app/waypoint", "10.0.1.1:8080"),
         "client 10.0.1.1:8080"
     );
+    // The same for a service: from its own waypoint, the service's endpoints are
+    // picked (ui has none), never the waypoint again.
+    assert_eq!(
+        route_from(&s, "Kubernetes//Pod/app/waypoint", "10.96.0.20:80"),
+        "fail: no endpoint serves the port"
+    );
     // The waypoint accepts HBONE for the service and the workload it serves.
     let w = s.workload("Kubernetes//Pod/app/waypoint").unwrap();
     assert!(s.routes_through("", "10.96.0.20".parse().unwrap(), w));

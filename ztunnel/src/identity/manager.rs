@@ -90,11 +90,14 @@ impl std::fmt::Debug for IdentityCert {
     }
 }
 
-/// Seconds since the epoch, for logs and dumps (RFC 3339 would need a date crate).
+/// RFC 3339 in UTC, for logs and dumps (`2026-11-27T00:32:00Z`).
 pub fn humantime(t: SystemTime) -> String {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => format!("{}s after the epoch", d.as_secs()),
-        Err(_) => "before the epoch".into(),
+    let t = time::OffsetDateTime::from(t).replace_nanosecond(0);
+    match t {
+        Ok(t) => t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| format!("{t}")),
+        Err(_) => "(out of range)".into(),
     }
 }
 
@@ -365,5 +368,17 @@ async fn renew_loop(manager: Arc<CertManager>, cert: Weak<IdentityCert>) {
                 backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn times_are_shown_in_rfc3339_utc() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_653_120_500);
+        assert_eq!(humantime(t), "2026-11-26T00:32:00Z");
     }
 }

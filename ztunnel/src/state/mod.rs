@@ -166,7 +166,9 @@ impl MeshState {
     pub fn resolve(&self, src: &Workload, dst: SocketAddr) -> Destination {
         if let Some(svc) = self.service_at(&src.network, dst.ip()) {
             if let Some(gw) = &svc.service.waypoint {
-                return self.via_waypoint(gw, src, dst);
+                if !self.is_waypoint_of(gw, src) {
+                    return self.via_waypoint(gw, src, dst);
+                }
             }
             return match svc.pick(src, dst) {
                 Pick::Upstream(w, addr) => Destination::Workload(w, addr),

@@ -223,8 +223,11 @@ impl ServiceEntry {
     }
 
     /// One backend among those `eligible`, ranked by locality when the service asks,
-    /// weighted by capacity.
+    /// weighted by capacity. A backend on another network than `src`'s is reached only
+    /// through its network gateway, which this build does not use: it is never
+    /// eligible (its address means nothing, or something else, on this network).
     fn choose(&self, src: &Workload, eligible: impl Fn(&Backend) -> bool) -> Option<&Backend> {
+        let eligible = |b: &Backend| b.workload.network == src.network && eligible(b);
         let candidates: Vec<&Backend> = match &self.service.load_balancer {
             Some(lb) if lb.mode != LoadBalancerMode::Standard => {
                 let ranked: Vec<(usize, &Backend)> = self
@@ -384,6 +387,30 @@ mod tests {
         assert_eq!(
             picks(&e, &src, "10.96.0.1:81", 1),
             ["none: the service has no such port"]
+        );
+    }
+
+    #[test]
+    fn endpoints_on_another_network_are_never_picked() {
+        let here = wl("here", &["10.0.0.1"], "z", 1);
+        let mut there = (*wl("there", &["10.0.0.2"], "z", 1)).clone();
+        there.network = "remote".into();
+        let there = Arc::new(there);
+        let e = ServiceEntry::new(
+            Arc::new(svc(&[(80, 80)], None)),
+            BTreeMap::new(),
+            vec![backend(&here, &[]), backend(&there, &[])],
+        );
+        let src = wl("src", &[], "z", 1);
+        assert_eq!(picks(&e, &src, "10.96.0.1:80", 3), ["here@10.0.0.1:80"; 3]);
+        let e = ServiceEntry::new(
+            Arc::new(svc(&[(80, 80)], None)),
+            BTreeMap::new(),
+            vec![backend(&there, &[])],
+        );
+        assert_eq!(
+            picks(&e, &src, "10.96.0.1:80", 1),
+            ["none: no endpoint serves the port"]
         );
     }
 

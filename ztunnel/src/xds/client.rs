@@ -109,7 +109,7 @@ impl XdsStatus {
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("{0}")]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Grpc(#[from] tonic::Status),
     #[error("istiod closed the stream")]
     Closed,
