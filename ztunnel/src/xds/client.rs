@@ -221,7 +221,14 @@ impl XdsClient {
                 Ok(None) => return (progressed, StreamError::Closed),
                 Err(e) => return (progressed, e.into()),
             };
-            let answer = self.handle(response);
+            // A large push takes a while to apply: the runtime's other tasks (pods'
+            // traffic) move to another worker meanwhile.
+            let answer = match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(|| self.handle(response))
+                }
+                _ => self.handle(response),
+            };
             progressed = true;
             if tx.send(answer).await.is_err() {
                 return (progressed, StreamError::Closed);

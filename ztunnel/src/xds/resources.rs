@@ -126,6 +126,64 @@ fn decode(
     }
 }
 
+/// From this many resources on, a response is decoded on several threads.
+const PARALLEL_FROM: usize = 2048;
+const MAX_DECODE_THREADS: usize = 8;
+
+/// Decodes every resource, in order. A large response (a full push of a big mesh) is
+/// split over the machine's cores, each part with its own copy of the interner; the
+/// strings they add are merged back.
+fn decode_all(
+    type_url: &str,
+    resources: &[Resource],
+    shared: &mut translate::Interner,
+) -> Vec<Result<Change, String>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_DECODE_THREADS);
+    if threads < 2 || resources.len() < PARALLEL_FROM {
+        return resources
+            .iter()
+            .map(|r| decode(type_url, r, shared))
+            .collect();
+    }
+    let chunk = resources.len().div_ceil(threads);
+    let mut parts = resources.chunks(chunk);
+    let first = parts.next().unwrap_or_default();
+    let (mut out, interners) = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .map(|part| {
+                let mut interner = shared.clone();
+                scope.spawn(move || {
+                    let out: Vec<_> = part
+                        .iter()
+                        .map(|r| decode(type_url, r, &mut interner))
+                        .collect();
+                    (out, interner)
+                })
+            })
+            .collect();
+        let mut out: Vec<_> = first.iter().map(|r| decode(type_url, r, shared)).collect();
+        out.reserve(resources.len() - first.len());
+        let mut interners = Vec::new();
+        for handle in handles {
+            // Decoding does not panic (property-tested); if it did, it does so here
+            // as it would have on this thread.
+            let (part, interner) = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            out.extend(part);
+            interners.push(interner);
+        }
+        (out, interners)
+    });
+    for interner in interners {
+        shared.absorb(interner);
+    }
+    out.shrink_to_fit();
+    out
+}
+
 fn key_of(change: &Change) -> Key {
     match change {
         Change::Workload(k, _) => Key::Workload(k.clone()),
@@ -146,9 +204,10 @@ impl Resources {
             });
             return applied;
         };
+        let decoded = decode_all(type_url, resources, &mut self.shared);
         let held = &mut self.held[i];
-        for r in resources {
-            match decode(type_url, r, &mut self.shared) {
+        for (r, result) in resources.iter().zip(decoded) {
+            match result {
                 Ok(change) => {
                     let key = key_of(&change);
                     let name: Arc<str> = match &key {
@@ -258,5 +317,44 @@ mod tests {
         let applied = r.apply(ADDRESS_TYPE, &[], &["a".into(), "unknown".into()]);
         assert_eq!(applied.removed, 1);
         assert!(matches!(&applied.changes[..], [Change::Workload(uid, None)] if &*uid.0 == "a"));
+    }
+
+    #[test]
+    fn a_large_response_decoded_in_parts_keeps_order_and_names_its_bad_resources() {
+        let n = PARALLEL_FROM * 2 + 7;
+        let resources: Vec<Resource> = (0..n)
+            .map(|i| {
+                let mut r = workload(&format!("w{i}"), (i as u32 + 1).to_be_bytes());
+                if i % 1000 == 999 {
+                    r.resource = Some(prost_types::Any {
+                        type_url: ADDRESS_TYPE.into(),
+                        value: vec![0xff],
+                    });
+                }
+                r
+            })
+            .collect();
+        let mut r = Resources::default();
+        let applied = r.apply(ADDRESS_TYPE, &resources, &[]);
+        let bad: Vec<String> = (0..n)
+            .filter(|i| i % 1000 == 999)
+            .map(|i| format!("w{i}"))
+            .collect();
+        let rejected: Vec<&str> = applied.rejected.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(rejected, bad);
+        assert_eq!(applied.updated, n - bad.len());
+        let uids: Vec<String> = applied
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Workload(uid, Some(_)) => uid.0.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let want: Vec<String> = (0..n)
+            .filter(|i| i % 1000 != 999)
+            .map(|i| format!("w{i}"))
+            .collect();
+        assert_eq!(uids, want);
     }
 }

@@ -28,7 +28,7 @@ pub type Endpoints = Vec<(NamespacedHostname, Endpoint)>;
 
 /// Shares what many workloads repeat (service names, port maps) instead of holding a
 /// copy per workload. Bounded: past its size it starts over.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Interner {
     strs: std::collections::HashSet<std::sync::Arc<str>, foldhash::fast::RandomState>,
     ports: HashMap<BTreeMap<u16, u16>, Ports, foldhash::fast::RandomState>,
@@ -59,6 +59,23 @@ impl Interner {
         let shared = Ports::new(m.clone());
         self.ports.insert(m, shared.clone());
         shared
+    }
+
+    /// Takes in what another interner (a copy of this one, used on another thread)
+    /// added.
+    pub fn absorb(&mut self, other: Interner) {
+        for s in other.strs {
+            if self.strs.len() >= INTERNER_MAX {
+                break;
+            }
+            self.strs.insert(s);
+        }
+        for (m, p) in other.ports {
+            if self.ports.len() >= INTERNER_MAX {
+                break;
+            }
+            self.ports.entry(m).or_insert(p);
+        }
     }
 
     fn service_name(&mut self, key: &str) -> Result<NamespacedHostname, String> {
