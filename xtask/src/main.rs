@@ -1,6 +1,8 @@
 //! `cargo xtask <task>`: the project's commands.
 //!
-//! - `demo`: the main job on one machine: a local ambient node (root).
+//! - `setup`: installs what the demo and the tests need (root; apt-get where there is
+//!   one), or says exactly what to install. `demo` and `test` do it first.
+//! - `demo [--keep]`: the main job on one machine: a local ambient node (root).
 //! - `test`: builds the binaries the end-to-end tests run, then the whole suite
 //!   (nextest when installed, else cargo test). The e2e tests need root.
 //! - `proptest [cases]`: only the property tests, with many more cases than the suite
@@ -9,9 +11,12 @@
 //!   installation against the per-rule `iptables` crate, and pod-to-pod traffic through
 //!   ztunnel against the direct path, each baseline measured in the same run.
 
-use std::process::Command;
+mod setup;
+
+use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
+use setup::For;
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -34,6 +39,7 @@ fn has_nextest() -> bool {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure(For::Tests)?;
     // The e2e tests start the real ztunnel binary: build it first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
@@ -66,12 +72,14 @@ fn proptest(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure(For::Demo)?;
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build)?;
     let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "demo"]);
+    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "demo", "--"]);
+    cmd.args(extra);
     run(cmd)
 }
 
@@ -86,16 +94,39 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
-fn main() -> anyhow::Result<()> {
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  setup         install what the demo and the tests need (root; apt-get), or say what to install
+  demo [--keep] run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root);
+                --keep leaves it running until Ctrl-C
+  test [args]   build the binaries and run every test (root needed for e2e)
+  proptest [n]  only the property tests, n cases each (default 20000)
+  bench [args]  criterion benchmarks against same-run baselines (root)";
+
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::ensure(For::Tests).map_err(anyhow::Error::from),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("proptest") => proptest(&args[1..]),
-        Some("demo") => demo(),
+        Some("demo") => demo(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <task>\n\ntasks:\n  demo          run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root)\n  test [args]   build the binaries and run every test (root needed for e2e)\n  proptest [n]  only the property tests, n cases each (default 20000)\n  bench [args]  criterion benchmarks against same-run baselines (root)");
-            std::process::exit(2);
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // An expected condition: said plainly, no backtrace.
+        Err(e) if e.downcast_ref::<setup::Problem>().is_some() => {
+            eprintln!("xtask: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
