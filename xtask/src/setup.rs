@@ -195,10 +195,11 @@ fn apt_get(args: &[&str]) -> bool {
 /// Makes the machine ready for `who`, installing what is missing when it can.
 pub fn ensure(who: For) -> Result<(), Problem> {
     if !is_root() {
-        return Err(Problem(format!(
+        return Err(Problem(
             "the demo and the end-to-end tests create network namespaces, iptables rules \
              and CNI networks: run as root (sudo -E cargo xtask ...)"
-        )));
+                .into(),
+        ));
     }
     let before = missing(who);
     if before.is_empty() {
@@ -224,7 +225,9 @@ pub fn ensure(who: For) -> Result<(), Problem> {
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
     install.extend(&pkgs);
     // Without a refresh first: quick when the package lists are recent.
-    if !apt_get(&install) && !(apt_get(&["update", "-qq"]) && apt_get(&install)) {
+    let installed =
+        apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install));
+    if !installed {
         return Err(Problem(format!(
             "apt-get could not install {}: see its output above; install them and run \
              this again",
