@@ -105,6 +105,7 @@ impl Process {
         cmd.env("INPOD_UDS", node.zds_socket())
             .env("READINESS_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env("STATS_ADDR", "127.0.0.1:0")
             // The local file (or nothing) unless a test gives a control plane.
             .env("XDS_ADDRESS", "")
             .env("POD_DRAIN_GRACE", "1s")
@@ -128,12 +129,18 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// How many log lines contain every one of `needles`.
-    pub fn count(&self, needles: &[&str]) -> usize {
+    /// The log lines that contain every one of `needles`.
+    pub fn lines(&self, needles: &[&str]) -> Vec<String> {
         self.logs()
             .lines()
             .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .count()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many log lines contain every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.lines(needles).len()
     }
 
     /// Waits until at least `n` log lines contain every one of `needles`.

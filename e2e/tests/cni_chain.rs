@@ -35,7 +35,7 @@ async fn a_pod_created_through_the_chain_is_captured_before_its_first_byte() {
         .await
         .expect("first connection");
     assert_eq!(seen_peer(&response), Some(pod.ip));
-    zt.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1)
+    zt.wait_for(&["direction=\"outbound\"", "src.workload=\"sleep\""], 1)
         .await;
     let annotated = cluster
         .api

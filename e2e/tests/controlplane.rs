@@ -82,8 +82,8 @@ async fn workloads_from_xds_talk_hbone_with_ca_certificates_and_a_removed_one_is
     zt.wait_for(
         &[
             "direction=\"outbound\"",
-            &format!("src.identity={}", identity_of(&a)),
-            &format!("dst.identity={}", identity_of(&b)),
+            &format!("src.identity=\"{}\"", identity_of(&a)),
+            &format!("dst.identity=\"{}\"", identity_of(&b)),
         ],
         1,
     )
@@ -132,7 +132,7 @@ async fn workloads_from_xds_talk_hbone_with_ca_certificates_and_a_removed_one_is
     );
     let certs = dump["certificates"].as_array().unwrap();
     assert_eq!(
-        certs.iter().filter(|c| c["state"] == "Valid").count(),
+        certs.iter().filter(|c| c["state"] == "Available").count(),
         2,
         "{dump:#}"
     );
@@ -338,7 +338,9 @@ async fn a_ca_outage_past_expiry_refuses_new_mtls_and_recovers_when_the_ca_retur
             .as_array()
             .unwrap()
             .iter()
-            .any(|c| c["state"] == "Expired"),
+            .any(|c| c["state"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Unavailable: expired"))),
         "{dump:#}"
     );
 
@@ -491,7 +493,7 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     zt.wait_for(
         &[
             "direction=\"outbound\"",
-            &format!("dst.identity={waypoint_id}"),
+            &format!("dst.identity=\"{waypoint_id}\""),
         ],
         1,
     )
@@ -506,7 +508,7 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     zt.wait_for(
         &[
             "direction=\"outbound\"",
-            &format!("dst.identity={waypoint_id}"),
+            &format!("dst.identity=\"{waypoint_id}\""),
             "error=\"HBONE: ",
         ],
         1,

@@ -5,8 +5,20 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn leftovers() -> (String, String) {
-    let netns = e2e::sh("ip", &["netns", "list"]);
+fn netns_names() -> Vec<String> {
+    e2e::sh("ip", &["netns", "list"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// What the demo left behind: network namespaces that did not exist before it ran (others,
+/// e.g. from a run killed with the machine, are not this run's doing), and the host chain.
+fn leftovers(before: &[String]) -> (Vec<String>, String) {
+    let netns = netns_names()
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect();
     let nat = e2e::sh("iptables-save", &["-t", "nat"]);
     (netns, nat)
 }
@@ -14,6 +26,7 @@ fn leftovers() -> (String, String) {
 #[test]
 fn the_demo_runs_to_the_end_and_cleans_up() {
     e2e::require_root();
+    let before = netns_names();
     let out = Command::new(e2e::bin_path("demo"))
         .env("RUST_BACKTRACE", "0")
         .output()
@@ -32,23 +45,21 @@ fn the_demo_runs_to_the_end_and_cleans_up() {
         "-A ISTIO_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
         "hello from httpbin; you are 10.248.200.2",
         "hello from httpbin; you are fd00:248:200::2",
-        "src.identity=spiffe://cluster.local/ns/ambient-demo/sa/sleep dst.addr=",
-        "dst.identity=spiffe://cluster.local/ns/ambient-demo/sa/httpbin",
+        "src.identity=\"spiffe://cluster.local/ns/ambient-demo/sa/sleep\" dst.addr=",
+        "dst.identity=\"spiffe://cluster.local/ns/ambient-demo/sa/httpbin\"",
         "ambient.istio.io/redirection=enabled",
     ] {
         assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");
     }
-    let (netns, nat) = leftovers();
-    assert!(
-        !netns.contains("-sleep") && !netns.contains("-httpbin"),
-        "netns left: {netns}"
-    );
+    let (netns, nat) = leftovers(&before);
+    assert!(netns.is_empty(), "netns left: {netns:?}");
     assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
 }
 
 #[test]
 fn an_interrupted_demo_cleans_up_too() {
     e2e::require_root();
+    let before = netns_names();
     let mut child = Command::new(e2e::bin_path("demo"))
         .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
@@ -76,10 +87,7 @@ fn an_interrupted_demo_cleans_up_too() {
     .unwrap();
     let status = child.wait().expect("wait");
     assert!(status.success(), "interrupted demo exit: {status}");
-    let (netns, nat) = leftovers();
-    assert!(
-        !netns.contains("-sleep") && !netns.contains("-httpbin"),
-        "netns left: {netns}"
-    );
+    let (netns, nat) = leftovers(&before);
+    assert!(netns.is_empty(), "netns left: {netns:?}");
     assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
 }

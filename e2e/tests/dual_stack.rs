@@ -81,9 +81,11 @@ async fn a_dual_stack_pod_is_captured_in_both_families_and_talks_hbone_over_each
             !wire.ascii.contains(payload.trim()),
             "{family}: plaintext payload"
         );
-        let dst_addr = format!("dst.addr={}", server.at(dst));
-        let src_id = format!("src.identity={}", identity_of(&a));
-        let dst_id = format!("dst.identity={}", identity_of(&b));
+        // Istio's fields: `dst.addr` is the HBONE peer (port 15008), `dst.hbone_addr`
+        // the app's address inside the tunnel.
+        let dst_addr = format!("dst.hbone_addr={}", server.at(dst));
+        let src_id = format!("src.identity=\"{}\"", identity_of(&a));
+        let dst_id = format!("dst.identity=\"{}\"", identity_of(&b));
         zt.wait_for(&["direction=\"outbound\"", &dst_addr, &src_id, &dst_id], 1)
             .await;
         zt.wait_for(&["direction=\"inbound\"", &dst_addr, &src_id], 1)
@@ -160,7 +162,7 @@ async fn policy_applies_to_ipv6_as_to_ipv4_and_outside_clients_land_on_15006() {
         &[
             "direction=\"outbound\"",
             &format!("dst.addr={}", legacy.at(v6(&plain))),
-            "error=\"\"",
+            "connection complete",
         ],
         1,
     )
@@ -186,7 +188,7 @@ async fn ipv6_only_pods_are_captured_and_talk_hbone() {
     let wire = capture.stop();
     assert!(wire.packets.contains(".15008"), "{}", wire.packets);
     assert!(!wire.ascii.contains("v6-only-secret"));
-    zt.wait_for(&["direction=\"inbound\"", "pod=httpbin"], 1)
+    zt.wait_for(&["direction=\"inbound\"", "dst.workload=\"httpbin\""], 1)
         .await;
 }
 

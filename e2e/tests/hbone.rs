@@ -60,15 +60,26 @@ async fn pod_to_pod_traffic_is_mutual_tls_on_15008_with_both_identities_logged()
     );
 
     let (sa, sb) = (identity_of(&a), identity_of(&b));
-    let (src, dst) = (format!("src.identity={sa}"), format!("dst.identity={sb}"));
-    zt.wait_for(&["direction=\"outbound\"", &src, &dst, "pod=sleep"], 1)
-        .await;
+    let (src, dst) = (
+        format!("src.identity=\"{sa}\""),
+        format!("dst.identity=\"{sb}\""),
+    );
+    zt.wait_for(
+        &[
+            "direction=\"outbound\"",
+            &src,
+            &dst,
+            "src.workload=\"sleep\"",
+        ],
+        1,
+    )
+    .await;
     zt.wait_for(
         &[
             "direction=\"inbound\"",
             &src,
             &dst,
-            "pod=httpbin",
+            "dst.workload=\"httpbin\"",
             &format!("src.addr={}:", a.ip),
         ],
         1,
@@ -210,7 +221,7 @@ async fn a_pod_whose_workload_arrives_late_is_enrolled_and_its_connections_wait_
     zt.wait_for(
         &[
             "direction=\"outbound\"",
-            &format!("src.identity={}", identity_of(&a)),
+            &format!("src.identity=\"{}\"", identity_of(&a)),
         ],
         1,
     )
@@ -252,12 +263,20 @@ async fn outside_clients_use_15006_and_mesh_pods_reach_non_mesh_servers_in_plain
         &[
             "direction=\"inbound\"",
             &format!("src.addr={}:", outside.ip),
-            "src.identity= ",
-            "pod=httpbin",
+            "dst.workload=\"httpbin\"",
         ],
         1,
     )
     .await;
+    // Plaintext from outside the mesh proves no identity, so none is logged.
+    let from_outside = zt.lines(&[
+        "direction=\"inbound\"",
+        &format!("src.addr={}:", outside.ip),
+    ]);
+    assert!(
+        from_outside.iter().all(|l| !l.contains("src.identity")),
+        "{from_outside:?}"
+    );
 
     let capture = Capture::on_pod(&legacy, "tcp", node.dir.path());
     let response = exchange(&a, legacy_server.addr, "plain-for-legacy\n", T)
@@ -273,11 +292,18 @@ async fn outside_clients_use_15006_and_mesh_pods_reach_non_mesh_servers_in_plain
         &[
             "direction=\"outbound\"",
             &format!("dst.addr={}", legacy_server.addr),
-            "dst.identity= ",
         ],
         1,
     )
     .await;
+    let to_legacy = zt.lines(&[
+        "direction=\"outbound\"",
+        &format!("dst.addr={}", legacy_server.addr),
+    ]);
+    assert!(
+        to_legacy.iter().all(|l| !l.contains("dst.identity")),
+        "{to_legacy:?}"
+    );
 }
 
 /// Opens TLS from `from`'s netns to `to`'s 15008 as `cert`, expecting the server to be
@@ -474,7 +500,7 @@ async fn many_parallel_connections_share_one_tls_connection() {
     while let Some(response) = requests.join_next().await {
         assert_eq!(seen_peer(&response.unwrap().expect("request")), Some(a.ip));
     }
-    zt.wait_for(&["direction=\"inbound\"", "pod=httpbin"], 20)
+    zt.wait_for(&["direction=\"inbound\"", "dst.workload=\"httpbin\""], 20)
         .await;
     assert_eq!(
         zt.count(&["new HBONE connection"]),

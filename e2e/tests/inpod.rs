@@ -95,14 +95,17 @@ async fn pod_to_pod_traffic_passes_through_ztunnel_on_both_sides() {
     );
     assert!(response.ends_with("hello\n"), "{response}");
     let dst = format!("dst.addr={}", server.addr);
-    zt.wait_for(&["direction=\"outbound\"", &dst, "pod=sleep"], 1)
-        .await;
+    zt.wait_for(
+        &["direction=\"outbound\"", &dst, "src.workload=\"sleep\""],
+        1,
+    )
+    .await;
     zt.wait_for(
         &[
             "direction=\"inbound\"",
             &dst,
             &format!("src.addr={}:", a.ip),
-            "pod=httpbin",
+            "dst.workload=\"httpbin\"",
         ],
         1,
     )
@@ -218,7 +221,7 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
         .await
         .expect("a -> b after restart");
     assert_eq!(seen_peer(&response), Some(a.ip));
-    zt2.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1)
+    zt2.wait_for(&["direction=\"outbound\"", "src.workload=\"sleep\""], 1)
         .await;
     let response = request(&outside, server.addr, T)
         .await
@@ -382,7 +385,7 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
             .unwrap_or_else(|e| panic!("request {i} after the old ztunnel exited: {e}"));
         assert_eq!(seen_peer(&response), Some(a.ip));
     }
-    new.wait_for(&["direction=\"outbound\"", "pod=sleep"], 5)
+    new.wait_for(&["direction=\"outbound\"", "src.workload=\"sleep\""], 5)
         .await;
     assert_eq!(a.ports_of("ztunnel").len(), 3);
 }

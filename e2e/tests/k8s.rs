@@ -41,7 +41,7 @@ async fn labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_takes_th
     }
     let response = request(&a, server.addr, T).await.expect("a -> b");
     assert_eq!(seen_peer(&response), Some(a.ip));
-    zt.wait_for(&["direction=\"outbound\"", "pod=sleep"], 1)
+    zt.wait_for(&["direction=\"outbound\"", "src.workload=\"sleep\""], 1)
         .await;
 
     // One pod opts out.

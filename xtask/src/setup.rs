@@ -225,8 +225,7 @@ pub fn ensure(who: For) -> Result<(), Problem> {
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
     install.extend(&pkgs);
     // Without a refresh first: quick when the package lists are recent.
-    let installed =
-        apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install));
+    let installed = apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install));
     if !installed {
         return Err(Problem(format!(
             "apt-get could not install {}: see its output above; install them and run \

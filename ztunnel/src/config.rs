@@ -43,9 +43,13 @@ pub struct Config {
     /// Address of the readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
-    /// Address of the admin endpoint (`/config_dump`).
+    /// Address of the admin endpoint (`/config_dump`, `/logging`, `/quitquitquit`):
+    /// localhost only, as Istio's.
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// Address of the Prometheus endpoint (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "STATS_ADDR", default_value = "[::]:15020")]
+    pub stats_addr: SocketAddr,
     /// Grace period in-flight connections get when their pod is drained (e.g. 5s, 500ms).
     #[arg(long, env = "POD_DRAIN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub pod_drain_grace: Duration,
@@ -273,6 +277,7 @@ impl Config {
             format!("node_name: {}", self.node_name),
             format!("readiness_addr: {}", self.readiness_addr),
             format!("admin_addr: {}", self.admin_addr),
+            format!("stats_addr: {}", self.stats_addr),
             format!("pod_drain_grace: {:?}", self.pod_drain_grace),
             format!("zds_timeout: {:?}", self.zds_timeout),
             format!("connect_timeout: {:?}", self.connect_timeout),

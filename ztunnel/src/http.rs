@@ -1,5 +1,5 @@
-//! ztunnel's one HTTP serving module: readiness (15021) today, and the admin and
-//! metrics endpoints when they come. Every server built here
+//! ztunnel's one HTTP serving module: readiness (15021), admin (15000) and metrics
+//! (15020) are all served by [`serve`]. Every server built here
 //!
 //! - gives a client a deadline to send its request headers (a slowloris is cut off),
 //! - serves a bounded number of connections at once (more are closed on accept, so
@@ -44,11 +44,22 @@ impl Default for Limits {
 /// How long accept failures (EMFILE, ENFILE, ENOBUFS) back off.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Binds `addr`, naming the endpoint in the error.
+/// Binds `addr`, naming the endpoint in the error. `[::]` (every address, both
+/// families) falls back to `0.0.0.0` on a kernel without IPv6.
 pub async fn bind(name: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{name} listener {addr}: {e}")))
+    let bound = match TcpListener::bind(addr).await {
+        Err(e)
+            if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EAFNOSUPPORT) | Some(nix::libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port()))).await
+        }
+        other => other,
+    };
+    bound.map_err(|e| std::io::Error::new(e.kind(), format!("{name} listener {addr}: {e}")))
 }
 
 /// A plain-text response.

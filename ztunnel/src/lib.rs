@@ -9,9 +9,11 @@ pub mod controlplane;
 pub mod http;
 pub mod identity;
 pub mod inpod;
+pub mod metrics;
 pub mod proto;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 
@@ -193,13 +195,17 @@ pub fn create_root(
     Ok(())
 }
 
-/// Runs ztunnel until `shutdown` completes, then leaves the agent's stream and drains
+/// Runs ztunnel until `shutdown` completes (or the admin endpoint's `/quitquitquit`
+/// asks), then leaves the agent's stream and drains
 /// every pod proxy (listeners close at once, connections get the drain grace period).
 pub async fn run(
     cfg: Config,
+    logs: Option<Arc<telemetry::LogLevels>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let quit = Arc::new(tokio::sync::Notify::new());
     let readiness = Readiness::new();
+    let metrics = Arc::new(metrics::Metrics::new());
     let mesh = start_mesh(&cfg, &readiness)?;
     let proxy_cfg = Arc::new(ProxyConfig {
         mark: cfg.packet_mark,
@@ -214,8 +220,10 @@ pub async fn run(
             user_timeout: cfg.user_timeout_enabled,
         }),
         mesh: mesh.as_ref().map(|m| m.config.clone()),
+        metrics: metrics.clone(),
     });
-    let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }));
+    let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }))
+        .with_metrics(metrics.inpod.clone());
     let synced = readiness.block("the agent's first snapshot");
     let mut first_snapshot = pods.synced();
     tokio::spawn(async move {
@@ -233,11 +241,17 @@ pub async fn run(
         pods: pods.clone(),
         mesh: mesh.as_ref().map(|m| m.config.clone()),
         xds: mesh.as_ref().and_then(|m| m.xds.clone()),
+        config_lines: Arc::new(cfg.startup_lines()),
+        local_config: cfg.local_xds_path.clone(),
+        logs,
+        quit: quit.clone(),
     };
     let listener = http::bind("readiness", cfg.readiness_addr).await?;
     tokio::spawn(admin::serve_readiness(listener, limits, view.clone()));
     let listener = http::bind("admin", cfg.admin_addr).await?;
     tokio::spawn(admin::serve_admin(listener, limits, view));
+    let listener = http::bind("stats", cfg.stats_addr).await?;
+    tokio::spawn(admin::serve_stats(listener, limits, metrics.clone()));
     let mut zds = WorkloadProxyManager::new(cfg.inpod_uds.clone(), pods.clone(), cfg.zds_timeout);
     if let Some(m) = &mesh {
         zds = zds.after(m.ready.clone());
@@ -245,6 +259,7 @@ pub async fn run(
     tokio::select! {
         _ = zds.run() => {}
         _ = shutdown => {}
+        _ = quit.notified() => {}
     }
     readiness.shutdown();
     pods.shutdown().await;

@@ -1,5 +1,4 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use ztunnel::config::{Command, Config};
 
 #[tokio::main]
@@ -18,13 +17,7 @@ async fn main() -> anyhow::Result<()> {
     for line in cfg.startup_lines() {
         println!("{line}");
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    if cfg.log_format == "json" {
-        logs.json().flatten_event(true).init();
-    } else {
-        logs.init();
-    }
+    let logs = ztunnel::telemetry::init(cfg.log_format == "json");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -32,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
         }
     };
-    ztunnel::run(cfg, shutdown).await?;
+    ztunnel::run(cfg, Some(logs), shutdown).await?;
     tracing::info!("exiting");
     Ok(())
 }

@@ -70,13 +70,27 @@ fn modules_depend_on_each_other_one_way() {
         ("proto", &[]),
         ("controlplane", &["identity", "proto", "tls"]),
         ("xds", &["controlplane", "identity", "proto", "state"]),
-        ("inpod", &["config"]),
+        ("metrics", &["identity", "state"]),
+        ("telemetry", &[]),
+        ("inpod", &["config", "metrics"]),
         ("http", &[]),
         ("config", &[]),
-        ("proxy", &["authz", "state", "identity", "tls", "inpod"]),
+        (
+            "proxy",
+            &["authz", "state", "identity", "tls", "inpod", "metrics"],
+        ),
         (
             "admin",
-            &["http", "identity", "inpod", "proxy", "state", "xds"],
+            &[
+                "http",
+                "identity",
+                "inpod",
+                "metrics",
+                "proxy",
+                "state",
+                "telemetry",
+                "xds",
+            ],
         ),
     ];
     let mut wrong = Vec::new();

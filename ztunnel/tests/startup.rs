@@ -17,6 +17,8 @@ fn run(args: &[&str], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String)
         .env_remove("LOCAL_XDS_PATH")
         .env("XDS_ADDRESS", "")
         .env("READINESS_ADDR", "127.0.0.1:0")
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("STATS_ADDR", "127.0.0.1:0")
         .env("INPOD_UDS", "/nonexistent/ztunnel.sock");
     for (k, v) in env {
         cmd.env(k, v);

@@ -201,8 +201,8 @@ async fn demo() -> anyhow::Result<()> {
         }
     }
     let (src, dst_id) = (identity_of(sleep), identity_of(httpbin_pod));
-    let src_field = format!("src.identity={src}");
-    let dst_field = format!("dst.identity={dst_id}");
+    let src_field = format!("src.identity=\"{src}\"");
+    let dst_field = format!("dst.identity=\"{dst_id}\"");
     zt.wait_for(&["access", &src_field, &dst_field], 4).await;
     step("ztunnel access log: the request went over mTLS (HBONE), both identities proven");
     for line in zt.logs().lines().filter(|l| l.contains(" access: ")) {

@@ -1,60 +1,53 @@
-//! What operators look at: readiness on 15021 (`/healthz/ready`, with a body saying
-//! what the node waits for and how each pod and certificate stands) and the admin
-//! endpoint (`/config_dump` on `ADMIN_ADDR`, by default `localhost:15000`): the mesh
-//! state ztunnel holds, its certificates, its pods and its xDS connection, as JSON.
-//! Both are served by [`crate::http`].
+//! What operators look at, with Istio's ports and paths:
+//!
+//! - readiness on 15021 (`/healthz/ready`), with a body saying what the node waits for
+//!   and how each pod and certificate stands;
+//! - the admin endpoint on `ADMIN_ADDR` (`localhost:15000`): `/config_dump` (the mesh
+//!   state, certificates and pods, in the shape of Istio's, see [`config_dump`]),
+//!   `/logging` (levels shown, changed live, reset), `/quitquitquit` (drain and exit),
+//!   and `/` (the index);
+//! - Prometheus metrics on `STATS_ADDR` (15020): `/metrics` and `/stats/prometheus`.
+//!
+//! All are served by [`crate::http`].
 
+pub mod config_dump;
 pub mod readiness;
 
+use std::collections::HashMap;
 use std::fmt::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::http::{self, Limits};
-use crate::identity::manager::{humantime, CertState};
 use crate::inpod::statemanager::StateManager;
 use crate::proxy::MeshConfig;
-use crate::state::policy::{Action, Scope};
-use crate::state::workload::GatewayDestination;
+use crate::telemetry::LogLevels;
 use crate::xds::XdsStatus;
+use config_dump::cert_detail;
 use readiness::Readiness;
 
-/// Everything the views read.
+/// Everything the views read, and what the admin endpoint may act on.
 #[derive(Clone)]
 pub struct NodeView {
     pub readiness: Arc<Readiness>,
     pub pods: StateManager,
     pub mesh: Option<Arc<MeshConfig>>,
     pub xds: Option<Arc<XdsStatus>>,
-}
-
-fn cert_line(state: &CertState) -> String {
-    match state {
-        CertState::Pending => "being fetched".into(),
-        CertState::Valid {
-            not_after,
-            generation,
-            renewal_error,
-        } => {
-            let mut s = format!(
-                "valid until {} (generation {generation})",
-                humantime(*not_after)
-            );
-            if let Some(e) = renewal_error {
-                let _ = write!(s, "; renewal failing: {e}");
-            }
-            s
-        }
-        CertState::Expired { error, .. } => format!("EXPIRED: {error}"),
-        CertState::Failing { error, attempts } => {
-            format!("FAILING ({attempts} attempts): {error}")
-        }
-    }
+    /// The configuration as printed at startup (`key: value`).
+    pub config_lines: Arc<Vec<String>>,
+    /// `LOCAL_XDS_PATH`, shown as `staticConfig`.
+    pub local_config: Option<PathBuf>,
+    /// Live log levels (absent when logging was set up by someone else).
+    pub logs: Option<Arc<LogLevels>>,
+    /// `/quitquitquit` asks for a graceful shutdown through this.
+    pub quit: Arc<tokio::sync::Notify>,
 }
 
 impl NodeView {
@@ -108,7 +101,7 @@ impl NodeView {
                 );
             }
             for (id, st) in certs {
-                let _ = writeln!(body, "  {id}: {}", cert_line(&st));
+                let _ = writeln!(body, "  {id}: {}", cert_detail(&st));
             }
         }
         if let Some(xds) = &self.xds {
@@ -137,91 +130,56 @@ impl NodeView {
 
     /// `/config_dump`.
     pub async fn config_dump(&self) -> Value {
-        let mut dump = json!({});
+        let mut dump = json!({
+            "workloads": [], "services": [], "policies": [], "certificates": [],
+        });
         if let Some(mesh) = &self.mesh {
             let state = mesh.store.get();
-            let gateway = |g: Option<&crate::state::workload::GatewayAddress>| {
-                g.map(|g| {
-                    let dest = match &g.destination {
-                        GatewayDestination::Address(a) => a.to_string(),
-                        GatewayDestination::Hostname(h) => h.to_string(),
-                    };
-                    json!({"destination": dest, "hboneMtlsPort": g.hbone_mtls_port})
-                })
-            };
             let mut workloads: Vec<Value> = state
                 .workloads()
-                .map(|w| {
-                    json!({
-                        "uid": &*w.uid.0, "name": w.name, "namespace": w.namespace,
-                        "identity": w.identity().to_string(),
-                        "workloadIps": w.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-                        "protocol": format!("{:?}", w.protocol).to_uppercase(),
-                        "node": w.node, "network": w.network, "status": format!("{:?}", w.status),
-                        "waypoint": gateway(w.waypoint.as_deref()),
-                        "authorizationPolicies": w.authorization_policies.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
-                        "services": w.services.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-                    })
-                })
+                .map(|w| config_dump::workload(w))
                 .collect();
             workloads.sort_by_key(|w| w["uid"].as_str().unwrap_or_default().to_string());
-            let mut services: Vec<Value> = state
-                .services()
-                .map(|e| {
-                    let s = &e.service;
-                    json!({
-                        "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
-                        "vips": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
-                        "ports": s.ports.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                        "endpoints": e.endpoints.keys().map(|u| u.0.to_string()).collect::<Vec<_>>(),
-                        "waypoint": gateway(s.waypoint.as_ref()),
-                    })
-                })
-                .collect();
+            let mut services: Vec<Value> =
+                state.services().map(|e| config_dump::service(e)).collect();
             services.sort_by_key(|s| s["hostname"].as_str().unwrap_or_default().to_string());
             let mut policies: Vec<Value> = state
                 .policies()
                 .all()
-                .map(|p| {
-                    json!({
-                        "name": p.name, "namespace": p.namespace,
-                        "scope": match p.scope { Scope::Global => "Global", Scope::Namespace => "Namespace", Scope::WorkloadSelector => "WorkloadSelector" },
-                        "action": match p.action { Action::Allow => "Allow", Action::Deny => "Deny" },
-                        "dryRun": p.dry_run, "rules": p.rules.len(),
-                    })
-                })
+                .map(|p| config_dump::policy(p))
                 .collect();
             policies.sort_by_key(|p| format!("{}/{}", p["namespace"], p["name"]));
-            let certificates: Vec<Value> = mesh
+            let mut certificates: Vec<(String, Value)> = mesh
                 .certs
                 .states()
                 .into_iter()
                 .map(|(id, st)| {
-                    let (state, detail) = match &st {
-                        CertState::Pending => ("Pending", Value::Null),
-                        CertState::Valid { .. } => ("Valid", json!(cert_line(&st))),
-                        CertState::Expired { .. } => ("Expired", json!(cert_line(&st))),
-                        CertState::Failing { .. } => ("Failing", json!(cert_line(&st))),
-                    };
-                    json!({"identity": id.to_string(), "state": state, "detail": detail})
+                    let held = mesh.certs.held(&id);
+                    (id.to_string(), config_dump::certificate(&id, &st, held))
                 })
                 .collect();
+            certificates.sort_by(|a, b| a.0.cmp(&b.0));
             dump["workloads"] = json!(workloads);
             dump["services"] = json!(services);
             dump["policies"] = json!(policies);
-            dump["certificates"] = json!(certificates);
+            dump["certificates"] =
+                json!(certificates.into_iter().map(|(_, c)| c).collect::<Vec<_>>());
             dump["certificateSource"] = json!(mesh.certs.describe_source());
         }
-        dump["pods"] = json!(self
-            .pods
-            .pods()
-            .await
-            .into_iter()
-            .map(|p| json!({
-                "uid": p.uid.to_string(), "name": p.info.name, "namespace": p.info.namespace,
-                "serviceAccount": p.info.service_account, "running": p.running, "error": p.error,
-            }))
-            .collect::<Vec<_>>());
+        let pods = self.pods.pods().await;
+        let state = self.mesh.as_ref().map(|m| m.store.get());
+        dump["workloadState"] = config_dump::workload_state(&pods, |p| {
+            state
+                .as_ref()
+                .and_then(|s| {
+                    s.pod_workload(&p.info.namespace, &p.info.name, &p.info.service_account)
+                })
+                .map(|w| w.trust_domain.clone())
+                .unwrap_or_default()
+        });
+        dump["staticConfig"] = config_dump::static_config(self.local_config.as_deref());
+        dump["version"] = config_dump::version();
+        dump["config"] = config_dump::config(&self.config_lines);
         if let Some(xds) = &self.xds {
             let x = xds.snapshot();
             dump["xds"] = json!({
@@ -256,26 +214,128 @@ async fn readiness<B>(req: &Request<B>, view: &NodeView) -> Response<Full<Bytes>
     http::text(status, body)
 }
 
+const ADMIN_INDEX: &[(&str, &str)] = &[
+    ("config_dump", "dump the current ztunnel configuration and state (JSON)"),
+    ("logging", "GET: the log levels; POST ?level=<level>|<target>:<level>,...: change them; POST ?reset: back to the startup levels"),
+    ("quitquitquit", "POST: drain every pod proxy and exit"),
+    ("healthz/ready", "readiness, with what is pending"),
+    ("debug/pprof/profile", "CPU profile: not in this build"),
+    ("debug/pprof/heap", "heap profile: not in this build (system allocator)"),
+];
+
+const LOGGING_HELP: &str = "usage: GET /logging                              (the current levels)
+       POST /logging?level=<level>                (the default level)
+       POST /logging?level=<target>:<level>,...   (one target's level, e.g. ztunnel::inpod:debug)
+       POST /logging?reset                        (back to the levels ztunnel started with)
+levels: off, error, warn, info, debug, trace
+";
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut resp = http::text(StatusCode::OK, body);
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn logging(req: &Request<Incoming>, view: &NodeView) -> Response<Full<Bytes>> {
+    let Some(logs) = &view.logs else {
+        return http::text(
+            StatusCode::NOT_IMPLEMENTED,
+            "log levels are not adjustable here\n",
+        );
+    };
+    let listing =
+        |levels: String| http::text(StatusCode::OK, format!("current log level is {levels}\n"));
+    match *req.method() {
+        Method::GET | Method::HEAD => listing(logs.current()),
+        Method::POST => {
+            let q = query(req);
+            let reset = q.contains_key("reset");
+            let level = q.get("level").cloned().unwrap_or_default();
+            if !reset && level.is_empty() {
+                return listing(logs.current());
+            }
+            match logs.set(reset, &level) {
+                Ok(levels) => listing(levels),
+                Err(e) => http::text(StatusCode::BAD_REQUEST, format!("{e}\n\n{LOGGING_HELP}")),
+            }
+        }
+        _ => http::text(StatusCode::METHOD_NOT_ALLOWED, LOGGING_HELP),
+    }
+}
+
 /// Serves the admin endpoint until the task is dropped.
 pub async fn serve_admin(listener: TcpListener, limits: Limits, view: NodeView) {
     http::serve(listener, "admin endpoint", limits, move |req| {
         let view = view.clone();
         async move {
             match req.uri().path() {
-                "/config_dump" => {
-                    let body =
-                        serde_json::to_vec_pretty(&view.config_dump().await).unwrap_or_default();
-                    let mut resp = http::text(StatusCode::OK, body);
+                "/config_dump" => json_response(&view.config_dump().await),
+                "/logging" => logging(&req, &view),
+                "/quitquitquit" => {
+                    if req.method() != Method::POST {
+                        return http::text(StatusCode::METHOD_NOT_ALLOWED, "POST to shut down\n");
+                    }
+                    // The body, if any, is not needed; read a little so the client
+                    // is not cut off mid-request.
+                    let _ = Limited::new(req.into_body(), 1024).collect().await;
+                    tracing::info!("shutdown requested on the admin endpoint");
+                    view.quit.notify_one();
+                    http::text(StatusCode::OK, "shutting down: draining every pod proxy\n")
+                }
+                "/healthz/ready" => readiness(&req, &view).await,
+                "/debug/pprof/profile" | "/debug/pprof/heap" => http::text(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "profiles are not available in this build (system allocator, no profiler)\n",
+                ),
+                "/" => {
+                    let mut body = String::from("ztunnel admin\n\n");
+                    for (path, what) in ADMIN_INDEX {
+                        let _ = writeln!(body, "/{path:<22} {what}");
+                    }
+                    http::text(StatusCode::OK, body)
+                }
+                _ => http::text(StatusCode::NOT_FOUND, "not found: see / for the index\n"),
+            }
+        }
+    })
+    .await
+}
+
+/// Serves the Prometheus metrics (`/metrics`, and `/stats/prometheus` as Istio's
+/// proxies do) until the task is dropped.
+pub async fn serve_stats(
+    listener: TcpListener,
+    limits: Limits,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
+    http::serve(listener, "stats endpoint", limits, move |req| {
+        let metrics = metrics.clone();
+        async move {
+            match req.uri().path() {
+                "/metrics" | "/stats/prometheus" => {
+                    let mut resp = http::text(StatusCode::OK, metrics.encode());
                     resp.headers_mut().insert(
                         hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("application/json"),
+                        hyper::header::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
                     );
                     resp
                 }
-                "/healthz/ready" => readiness(&req, &view).await,
                 _ => http::text(
                     StatusCode::NOT_FOUND,
-                    "not found: try /config_dump or /healthz/ready\n",
+                    "not found: try /metrics or /stats/prometheus\n",
                 ),
             }
         }

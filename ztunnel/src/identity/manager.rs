@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use tracing::{info, warn};
@@ -23,6 +24,8 @@ use super::Identity;
 struct Current {
     key: Arc<CertifiedKey>,
     roots: Arc<RootCertStore>,
+    /// The roots as issued (for the admin view).
+    root_ders: Arc<Vec<CertificateDer<'static>>>,
     not_after: SystemTime,
     renew_at: SystemTime,
 }
@@ -49,6 +52,17 @@ impl IdentityCert {
 
     pub fn not_after(&self) -> SystemTime {
         self.read().not_after
+    }
+
+    /// The chain presented (leaf first) and the roots, as DER (for the admin view).
+    pub fn chain_and_roots(
+        &self,
+    ) -> (
+        Vec<CertificateDer<'static>>,
+        Arc<Vec<CertificateDer<'static>>>,
+    ) {
+        let c = self.read();
+        (c.key.cert.clone(), c.root_ders.clone())
     }
 
     /// 1 for the first certificate, +1 at each renewal.
@@ -194,20 +208,23 @@ impl CertManager {
         let renew_at = wc.renew_at();
         let not_after = wc.not_after;
         let mut roots = RootCertStore::empty();
-        for root in wc.roots {
-            roots.add(root).map_err(CertError::Roots)?;
+        for root in &wc.roots {
+            roots.add(root.clone()).map_err(CertError::Roots)?;
         }
+        let root_ders = Arc::new(wc.roots);
         let key =
             CertifiedKey::from_der(wc.chain, wc.key, &self.provider).map_err(CertError::Key)?;
         Ok(Current {
             key: Arc::new(key),
             roots: Arc::new(roots),
+            root_ders,
             not_after,
             renew_at,
         })
     }
 
-    fn held(&self, identity: &Identity) -> Option<Arc<IdentityCert>> {
+    /// The certificate held for `identity`, if any (without fetching one).
+    pub fn held(&self, identity: &Identity) -> Option<Arc<IdentityCert>> {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         certs.get(identity).and_then(Weak::upgrade)
     }

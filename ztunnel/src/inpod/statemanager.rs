@@ -18,6 +18,8 @@ use protocol::{Netns, NetnsId, Request, WorkloadUid};
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
+use crate::metrics::InpodMetrics;
+
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A running proxy, as the state manager sees it.
@@ -82,6 +84,7 @@ pub struct StateManager {
     factory: Arc<dyn ProxyFactory>,
     ready: Arc<watch::Sender<bool>>,
     retry_backoff: (Duration, Duration),
+    metrics: InpodMetrics,
 }
 
 impl StateManager {
@@ -91,7 +94,14 @@ impl StateManager {
             factory,
             ready: Arc::new(watch::channel(false).0),
             retry_backoff: (Duration::from_millis(200), Duration::from_secs(5)),
+            metrics: InpodMetrics::default(),
         }
+    }
+
+    /// Counts proxies in these metrics (exported ones; by default, private ones).
+    pub fn with_metrics(mut self, metrics: InpodMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Shorter retry delays, for tests.
@@ -107,10 +117,25 @@ impl StateManager {
         self.ready.subscribe()
     }
 
+    /// Publishes what changed: readiness and the proxy gauges.
     fn update_ready(&self, st: &State) {
         let ready = st.synced;
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        let running = st
+            .pods
+            .values()
+            .filter(|p| matches!(p.status, Status::Running(_)))
+            .count();
+        self.metrics.active.set(running as i64);
+        self.metrics.pending.set((st.pods.len() - running) as i64);
+    }
+
+    fn drain(&self, pod: PodState) {
+        if let Status::Running(proxy) = pod.status {
+            self.metrics.stopped.inc();
+            tokio::spawn(proxy.drain());
+        }
     }
 
     /// A new ZDS connection: the agent will send a fresh snapshot.
@@ -133,7 +158,10 @@ impl StateManager {
         let drains: Vec<_> = pods
             .into_iter()
             .filter_map(|p| match p.status {
-                Status::Running(proxy) => Some(tokio::spawn(proxy.drain())),
+                Status::Running(proxy) => {
+                    self.metrics.stopped.inc();
+                    Some(tokio::spawn(proxy.drain()))
+                }
                 Status::Retrying { .. } => None,
             })
             .collect();
@@ -201,7 +229,7 @@ impl StateManager {
             }
             info!("pod {uid:?} netns changed, replacing proxy");
             if let Some(old) = st.pods.remove(&uid) {
-                drain(old);
+                self.drain(old);
             }
         }
         info!("pod {uid:?} received netns, starting proxy");
@@ -210,6 +238,7 @@ impl StateManager {
         let result = self.factory.start(uid.clone(), info.clone(), netns).await;
         let outcome = match result {
             Ok(proxy) => {
+                self.metrics.started.inc();
                 st.pods.insert(
                     uid,
                     PodState {
@@ -279,6 +308,7 @@ impl StateManager {
             match self.factory.start(uid.clone(), info, netns).await {
                 Ok(proxy) => {
                     info!(?uid, "proxy started on retry");
+                    self.metrics.started.inc();
                     pod.status = Status::Running(proxy);
                     self.update_ready(&st);
                     return;
@@ -316,7 +346,7 @@ impl StateManager {
         match st.pods.remove(uid) {
             Some(pod) => {
                 info!("pod delete request, draining proxy");
-                drain(pod);
+                self.drain(pod);
             }
             None => debug!(?uid, "delete for a pod without a proxy"),
         }
@@ -338,18 +368,12 @@ impl StateManager {
         for uid in stale {
             if let Some(pod) = st.pods.remove(&uid) {
                 info!(?uid, "pod not in snapshot, draining proxy");
-                drain(pod);
+                self.drain(pod);
             }
         }
         st.synced = true;
         self.update_ready(&st);
         Ok(())
-    }
-}
-
-fn drain(pod: PodState) {
-    if let Status::Running(proxy) = pod.status {
-        tokio::spawn(proxy.drain());
     }
 }
 

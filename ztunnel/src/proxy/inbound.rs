@@ -123,8 +123,10 @@ async fn tunnel(
         .and_then(headers::forwarded_for)
         .filter(|f| f.ip() == peer.ip() && f.port() != 0)
         .unwrap_or(peer);
-    let mut flow = Flow::new(&ctx, "inbound", client, target.unwrap_or(peer));
+    let mut flow = Flow::new(&ctx, "inbound", client, local);
     flow.src_identity = peer_id.clone();
+    flow.hbone_addr = target;
+    flow.mtls = true;
     let (Some(target), true) = (target, req.method() == Method::CONNECT) else {
         flow.log(0, 0, Some("bad request: not a CONNECT to ip:port"));
         return status(StatusCode::BAD_REQUEST);
@@ -141,6 +143,8 @@ async fn tunnel(
     };
     let state = mesh.store.get();
     flow.dst_identity = Some(w.identity());
+    flow.src_workload = state.workload_at(&w.network, peer.ip()).cloned();
+    flow.dst_workload = Some(w.clone());
     // The target is this pod's app; or, when this pod is a waypoint, a service or
     // workload whose waypoint it is (the waypoint gets the connection on its own
     // address, at the target's port), as Istio's ztunnel accepts it.
@@ -164,14 +168,14 @@ async fn tunnel(
         dst_port: target.port(),
     };
     if let Decision::Deny { policy } = attrs.decide(&state, &w) {
-        flow.log(0, 0, Some(&format!("denied by policy {policy}")));
+        flow.deny(&format!("denied by policy {policy}"));
         return status(StatusCode::UNAUTHORIZED);
     }
     drop(state);
     let upstream = match ctx.connect(target, Some(peer.ip())).await {
         Ok(u) => u,
         Err(e) => {
-            flow.log(0, 0, Some(&format!("connect {target}: {e}")));
+            flow.connect_failed(&format!("connect {target}: {e}"));
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };

@@ -47,8 +47,10 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             };
             let state = mesh.store.get();
             flow.dst_identity = Some(w.identity());
+            flow.src_workload = state.workload_at(&w.network, peer.ip()).cloned();
+            flow.dst_workload = Some(w.clone());
             if let Decision::Deny { policy } = attrs.decide(&state, &w) {
-                flow.log(0, 0, Some(&format!("denied by policy {policy}")));
+                flow.deny(&format!("denied by policy {policy}"));
                 return;
             }
             Some(pod.live.register(attrs))
@@ -57,7 +59,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     };
     let upstream = match ctx.connect(dst, Some(peer.ip())).await {
         Ok(u) => u,
-        Err(e) => return flow.log(0, 0, Some(&format!("connect {dst}: {e}"))),
+        Err(e) => return flow.connect_failed(&format!("connect {dst}: {e}")),
     };
     let _ = upstream.set_nodelay(true);
     flow.relay(stream, upstream, registration.as_ref()).await

@@ -176,6 +176,7 @@ pub struct ProxyConfig {
     /// On every socket made for a pod (inherited by accepted connections).
     pub keepalive: Option<Keepalive>,
     pub mesh: Option<Arc<MeshConfig>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a connection handler knows about its pod.

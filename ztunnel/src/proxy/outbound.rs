@@ -49,25 +49,32 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         };
         let state = mesh.store.get();
         let route = state.resolve(&src, dst);
+        let service = state
+            .service_at(&src.network, dst.ip())
+            .map(|s| s.service.clone());
         drop(state);
+        let flow = |target: SocketAddr| {
+            let mut f = Flow::new(&ctx, "outbound", peer, target);
+            f.src_workload = Some(src.clone());
+            f.dst_service = service.clone();
+            f
+        };
         // (HBONE peer address, CONNECT target, identity the peer must prove, workload)
+        // (HBONE peer address, CONNECT target, workload that must answer)
         let hbone = match route {
             Destination::Workload(w, target) if w.protocol == Protocol::Hbone => Some((
                 SocketAddr::new(target.ip(), super::INBOUND_HBONE_PORT),
                 target,
-                w.identity(),
+                w,
             )),
             Destination::Waypoint {
                 waypoint,
                 addr,
                 target,
-            } => Some((addr, target, waypoint.identity())),
+            } => Some((addr, target, waypoint)),
             Destination::NoWaypoint { target, reason } => {
-                Flow::new(&ctx, "outbound", peer, target).log(
-                    0,
-                    0,
-                    Some(&format!("refused: the destination's waypoint: {reason}")),
-                );
+                flow(target)
+                    .connect_failed(&format!("refused: the destination's waypoint: {reason}"));
                 return;
             }
             Destination::NoEndpoint {
@@ -75,23 +82,29 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 port,
                 reason,
             } => {
-                Flow::new(&ctx, "outbound", peer, dst).log(
-                    0,
-                    0,
-                    Some(&format!(
-                        "no healthy upstream: service {service} port {port}: {reason}"
-                    )),
-                );
+                flow(dst).connect_failed(&format!(
+                    "no healthy upstream: service {service} port {port}: {reason}"
+                ));
                 return;
             }
-            Destination::Workload(_, target) | Destination::Passthrough(target) => {
-                return passthrough(&ctx, stream, peer, target).await;
+            Destination::Workload(w, target) => {
+                let mut f = flow(target);
+                f.dst_workload = Some(w);
+                return passthrough(&ctx, stream, f).await;
+            }
+            Destination::Passthrough(target) => {
+                return passthrough(&ctx, stream, flow(target)).await;
             }
         };
-        if let Some((via, target, dst_identity)) = hbone {
-            let mut flow = Flow::new(&ctx, "outbound", peer, target);
+        if let Some((via, target, upstream)) = hbone {
+            let dst_identity = upstream.identity();
+            let mut flow = flow(target);
             flow.src_identity = Some(cert.identity.clone());
             flow.dst_identity = Some(dst_identity.clone());
+            flow.dst_workload = Some(upstream);
+            flow.hbone_addr = Some(target);
+            flow.dst = via;
+            flow.mtls = true;
             match pod
                 .pool
                 .connect(&ctx, mesh, cert, dst_identity, via, target, peer)
@@ -101,21 +114,21 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                     flow.relay(stream, tunnel, None).await;
                     drop(stream_slot);
                 }
-                Err(e) => flow.log(0, 0, Some(&format!("HBONE: {e}"))),
+                Err(e) => flow.connect_failed(&format!("HBONE: {e}")),
             }
             return;
         }
     }
-    passthrough(&ctx, stream, peer, dst).await
+    passthrough(&ctx, stream, Flow::new(&ctx, "outbound", peer, dst)).await
 }
 
-async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-    let flow = Flow::new(ctx, "outbound", peer, dst);
+async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, flow: Flow) {
+    let dst = flow.dst;
     match ctx.connect(dst, None).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
             flow.relay(stream, upstream, None).await
         }
-        Err(e) => flow.log(0, 0, Some(&format!("connect {dst}: {e}"))),
+        Err(e) => flow.connect_failed(&format!("connect {dst}: {e}")),
     }
 }
