@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod mesh_files;
 pub mod node;
 pub mod process;
+pub mod prom;
 pub mod waypoint;
 
 pub use mesh::Mesh;
@@ -102,13 +103,25 @@ pub fn chained(path: &std::path::Path) -> bool {
 
 /// `GET path` over HTTP/1.1 to `addr` (one connection): the status and the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// `POST path` (no body) to `addr`; the status and body.
+pub async fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "POST", path).await
+}
+
+async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: ztunnel\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: ztunnel\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .expect("send request");

@@ -175,11 +175,33 @@ impl Process {
 
     /// ztunnel's `/config_dump` (admin endpoint).
     pub async fn config_dump(&self) -> serde_json::Value {
-        let addr = self.listening_addr("admin endpoint listening").await;
-        let (status, body) = crate::http_get(addr, "/config_dump").await;
+        let (status, body) = self.admin_get("/config_dump").await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("config_dump is not JSON: {e}\n{body}"))
+    }
+
+    /// The admin endpoint's address (ztunnel's localhost:15000), from the startup log.
+    pub async fn admin_addr(&self) -> std::net::SocketAddr {
+        self.listening_addr("admin endpoint listening").await
+    }
+
+    /// `POST path` on the admin endpoint: the status and body.
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        crate::http_post(self.admin_addr().await, path).await
+    }
+
+    /// `GET path` on the admin endpoint: the status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        crate::http_get(self.admin_addr().await, path).await
+    }
+
+    /// The Prometheus text of the stats endpoint (`/stats/prometheus`, :15020).
+    pub async fn metrics(&self) -> String {
+        let addr = self.listening_addr("stats endpoint listening").await;
+        let (status, body) = crate::http_get(addr, "/stats/prometheus").await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// Polls readiness until it is `status`.
@@ -220,6 +242,11 @@ impl Process {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The exit code once it has exited (`None`: still running, or killed by a signal).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
     }
 
     /// CPU time (user + system) the process has used so far, in seconds.

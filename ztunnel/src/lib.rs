@@ -207,6 +207,7 @@ pub async fn run(
     let readiness = Readiness::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let mesh = start_mesh(&cfg, &readiness)?;
+    let connections = Arc::new(proxy::connections::ConnectionTable::default());
     let proxy_cfg = Arc::new(ProxyConfig {
         mark: cfg.packet_mark,
         reuse_port: cfg.inpod_port_reuse,
@@ -221,6 +222,7 @@ pub async fn run(
         }),
         mesh: mesh.as_ref().map(|m| m.config.clone()),
         metrics: metrics.clone(),
+        connections: connections.clone(),
     });
     let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }))
         .with_metrics(metrics.inpod.clone());
@@ -245,6 +247,7 @@ pub async fn run(
         local_config: cfg.local_xds_path.clone(),
         logs,
         quit: quit.clone(),
+        connections,
     };
     let listener = http::bind("readiness", cfg.readiness_addr).await?;
     tokio::spawn(admin::serve_readiness(listener, limits, view.clone()));

@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::identity::manager::{humantime, CertState, IdentityCert};
 use crate::identity::Identity;
 use crate::inpod::statemanager::PodSummary;
+use crate::proxy::connections::Connection;
 use crate::state::policy::{Action, Match, Policy, Scope, StringMatch};
 use crate::state::service::{IpFamily, LoadBalancerMode};
 use crate::state::workload::{
@@ -348,12 +349,30 @@ pub fn certificate(id: &Identity, state: &CertState, held: Option<Arc<IdentityCe
 
 /// Per pod, by uid: Istio's `Up` (listeners serving) or `Pending` (being retried),
 /// and who the pod is.
-pub fn workload_state(pods: &[PodSummary], trust_domain: impl Fn(&PodSummary) -> String) -> Value {
+pub fn workload_state(
+    pods: &[PodSummary],
+    connections: &[Connection],
+    trust_domain: impl Fn(&PodSummary) -> String,
+) -> Value {
     Value::Object(
         pods.iter()
             .map(|p| {
+                let listed = |inbound: bool| -> Vec<Value> {
+                    connections
+                        .iter()
+                        .filter(|c| c.uid == p.uid && c.inbound == inbound)
+                        .map(|c| {
+                            json!({
+                                "src": c.src.to_string(),
+                                "originalDst": c.original_dst.to_string(),
+                                "actualDst": c.actual_dst.to_string(),
+                            })
+                        })
+                        .collect()
+                };
                 let mut v = json!({
                     "state": if p.running { "Up" } else { "Pending" },
+                    "connections": {"inbound": listed(true), "outbound": listed(false)},
                     "info": {
                         "name": p.info.name,
                         "namespace": p.info.namespace,

@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::http::{self, Limits};
 use crate::inpod::statemanager::StateManager;
+use crate::proxy::connections::ConnectionTable;
 use crate::proxy::MeshConfig;
 use crate::telemetry::LogLevels;
 use crate::xds::XdsStatus;
@@ -48,6 +49,8 @@ pub struct NodeView {
     pub logs: Option<Arc<LogLevels>>,
     /// `/quitquitquit` asks for a graceful shutdown through this.
     pub quit: Arc<tokio::sync::Notify>,
+    /// The node's live connections, listed per pod in `workloadState`.
+    pub connections: Arc<ConnectionTable>,
 }
 
 impl NodeView {
@@ -168,7 +171,8 @@ impl NodeView {
         }
         let pods = self.pods.pods().await;
         let state = self.mesh.as_ref().map(|m| m.store.get());
-        dump["workloadState"] = config_dump::workload_state(&pods, |p| {
+        let connections = self.connections.list();
+        dump["workloadState"] = config_dump::workload_state(&pods, &connections, |p| {
             state
                 .as_ref()
                 .and_then(|s| {

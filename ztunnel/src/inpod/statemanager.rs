@@ -199,6 +199,14 @@ impl StateManager {
 
     /// Applies one request; the result is the ack.
     pub async fn handle(&self, request: Request) -> Result<(), String> {
+        match &request {
+            Request::Add { uid, info, .. } => {
+                debug!(?uid, pod = %format_args!("{}/{}", info.namespace, info.name), "request: add");
+            }
+            Request::Keep { uid } => debug!(?uid, "request: keep"),
+            Request::Del { uid } => debug!(?uid, "request: del"),
+            Request::SnapshotSent => debug!("request: snapshot sent"),
+        }
         match request {
             Request::Add { uid, info, netns } => self.add(uid, info, netns).await,
             Request::Keep { uid } => self.keep(uid).await,

@@ -7,6 +7,7 @@
 //! | 15006 | [`inbound_passthrough`] | plaintext from non-mesh clients (TPROXY)      |
 //! | 15008 | [`inbound`]             | HBONE from mesh peers (TPROXY)                |
 
+pub mod connections;
 pub mod factory;
 pub mod headers;
 pub mod inbound;
@@ -177,6 +178,8 @@ pub struct ProxyConfig {
     pub keepalive: Option<Keepalive>,
     pub mesh: Option<Arc<MeshConfig>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The node's live connections (admin `workloadState`).
+    pub connections: Arc<connections::ConnectionTable>,
 }
 
 /// What a connection handler knows about its pod.

@@ -13,6 +13,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::connections::{Connection, Tracked};
 use super::live::Registration;
 use super::PodContext;
 use crate::identity::Identity;
@@ -43,7 +44,15 @@ pub struct Flow {
     /// Carried over mutual TLS (HBONE).
     pub mtls: bool,
     /// Set once the connection is counted as opened.
-    counters: OnceLock<(TrafficLabels, ByteCounters)>,
+    counters: OnceLock<Opened>,
+}
+
+/// A connection counted as opened: its labels, its byte counters, and its entry in the
+/// node's table of live connections (removed when the flow is dropped).
+struct Opened {
+    labels: TrafficLabels,
+    bytes: ByteCounters,
+    _listed: Tracked,
 }
 
 /// Counts the bytes read through it.
@@ -131,12 +140,25 @@ impl Flow {
         l
     }
 
-    /// Counts the connection as opened (once) and returns its byte counters.
-    fn open(&self) -> &(TrafficLabels, ByteCounters) {
+    /// Counts the connection as opened and lists it (once); its labels and counters.
+    fn open(&self) -> &Opened {
         self.counters.get_or_init(|| {
             let labels = self.labels();
-            let counters = self.ctx.cfg.metrics.traffic.open(&labels);
-            (labels, counters)
+            let bytes = self.ctx.cfg.metrics.traffic.open(&labels);
+            let inbound = self.reporter == Reporter::destination;
+            let original_dst = self.hbone_addr.unwrap_or(self.dst);
+            let listed = self.ctx.cfg.connections.track(Connection {
+                uid: self.ctx.uid.clone(),
+                inbound,
+                src: self.src,
+                original_dst,
+                actual_dst: if inbound { original_dst } else { self.dst },
+            });
+            Opened {
+                labels,
+                bytes,
+                _listed: listed,
+            }
         })
     }
 
@@ -149,7 +171,7 @@ impl Flow {
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        let (_, counters) = self.open();
+        let counters = &self.open().bytes;
         let mut downstream = Counted {
             inner: downstream,
             count: counters.received.clone(),
@@ -200,12 +222,11 @@ impl Flow {
     /// Counts the end in the metrics and writes the access log line (target `access`):
     /// `bytes_sent` is what the client sent, `bytes_recv` what it received.
     fn finish(&self, sent: u64, received: u64, error: Option<&str>, flags: ResponseFlags) {
-        let (labels, _) = self.open();
         self.ctx
             .cfg
             .metrics
             .traffic
-            .close(labels, flags, error.is_some());
+            .close(&self.open().labels, flags, error.is_some());
         let id = |i: &Option<Identity>| i.as_ref().filter(|_| self.mtls).map(ToString::to_string);
         // The pod's own side is named even when its workload is not known.
         let pod = Some(self.ctx.info.name.as_str());
