@@ -33,7 +33,16 @@ pub struct KubePod {
     pub pod: TestPod,
     pub uid: String,
     pub namespace: String,
-    _process: PodProcess,
+    process: Option<PodProcess>,
+}
+
+impl KubePod {
+    /// The sandbox disappears without a CNI DEL (its process killed, its netns
+    /// removed), as when a runtime's teardown never reached the plugin.
+    pub fn vanish(&mut self) {
+        drop(self.process.take());
+        self.pod.vanish();
+    }
 }
 
 impl std::ops::Deref for KubePod {
@@ -164,7 +173,7 @@ impl Cluster {
             pod,
             uid,
             namespace: namespace.into(),
-            _process: process,
+            process: Some(process),
         }
     }
 

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 enum Kind {
     Namespace,
     Pod,
+    Event,
 }
 
 impl Kind {
@@ -42,6 +43,7 @@ impl Kind {
         match self {
             Kind::Namespace => "NamespaceList",
             Kind::Pod => "PodList",
+            Kind::Event => "EventList",
         }
     }
 }
@@ -333,6 +335,16 @@ impl ApiServer {
             .map(typed)
     }
 
+    /// The events recorded in `ns` (core/v1 `Event` objects, as posted).
+    pub fn events(&self, ns: &str) -> Vec<Value> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|((k, n, _), _)| *k == Kind::Event as u8 && n == ns)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// The next `n` requests fail with 500.
     pub fn fail_next(&self, n: usize) {
         self.lock().fail_next = n;
@@ -403,10 +415,17 @@ fn watch_line(e: &Event) -> Bytes {
 }
 
 fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode, String)> {
-    let name = v["metadata"]["name"]
+    let mut name = v["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if let Some(prefix) = v["metadata"]["generateName"]
+        .as_str()
+        .filter(|_| name.is_empty())
+    {
+        name = format!("{prefix}{:05x}", s.rv + 1);
+        v["metadata"]["name"] = json!(name);
+    }
     if name.is_empty() {
         return Err((
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -415,7 +434,7 @@ fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode,
     }
     let ns = match kind {
         Kind::Namespace => String::new(),
-        Kind::Pod => v["metadata"]["namespace"]
+        Kind::Pod | Kind::Event => v["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
             .to_string(),
@@ -425,7 +444,7 @@ fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode,
     }
     s.rv += 1;
     let meta = &mut v["metadata"];
-    if kind == Kind::Pod {
+    if kind != Kind::Namespace {
         meta["namespace"] = json!(ns);
     }
     if meta["uid"].is_null() {
@@ -441,6 +460,7 @@ fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode,
     v["kind"] = json!(match kind {
         Kind::Namespace => "Namespace",
         Kind::Pod => "Pod",
+        Kind::Event => "Event",
     });
     s.objects.insert(key(kind, &ns, &name), v.clone());
     record(s, kind, "ADDED", v.clone());
@@ -630,6 +650,7 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
         ["namespaces", ns, "pods", n] | ["namespaces", ns, "pods", n, "status"] => {
             (Kind::Pod, Some(*ns), Some(*n))
         }
+        ["namespaces", ns, "events"] => (Kind::Event, Some(*ns), None),
         _ => return status(StatusCode::NOT_FOUND, "NotFound", "no such resource"),
     };
     let method = req.method().clone();

@@ -144,6 +144,7 @@ impl TestNode {
             },
             proc_root: PathBuf::from("/proc"),
             families: vec![Family::V4, Family::V6],
+            drift_check_interval: Some(Duration::from_secs(60)),
         }
     }
 

@@ -44,6 +44,7 @@ impl Process {
             .env("CNI_CONF_DIR", node.dir.path().join("net.d"))
             .env("CNI_BIN_DIR", node.dir.path().join("cni-bin"))
             .env("AGENT_READINESS_ADDR", "127.0.0.1:0")
+            .env("MONITORING_ADDR", "127.0.0.1:0")
             .env("UNINSTALL_CNI_ON_EXIT", "true")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

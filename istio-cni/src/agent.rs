@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// The address families redirected (`AMBIENT_IPV6` adds IPv6 to IPv4). A pod with an
     /// address of another family is refused.
     pub families: Vec<Family>,
+    /// How often every enrolled pod's rules are re-verified and repaired (jittered);
+    /// `None`: only on reconciles.
+    pub drift_check_interval: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -45,7 +48,7 @@ impl AgentConfig {
 /// A running agent. Dropping it stops serving and removes its socket.
 pub struct Agent {
     enrollment: Enrollment,
-    tasks: [JoinHandle<()>; 2],
+    tasks: Vec<JoinHandle<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,13 +93,14 @@ impl Agent {
             .zds()
             .clone()
             .serve(listener, Arc::new(enrollment.clone()));
-        Ok(Agent {
-            tasks: [
-                tokio::spawn(serve),
-                tokio::spawn(enrollment.clone().run_repairs()),
-            ],
-            enrollment,
-        })
+        let mut tasks = vec![
+            tokio::spawn(serve),
+            tokio::spawn(enrollment.clone().run_repairs()),
+        ];
+        if let Some(interval) = cfg.drift_check_interval {
+            tasks.push(tokio::spawn(enrollment.clone().run_drift_checks(interval)));
+        }
+        Ok(Agent { tasks, enrollment })
     }
 
     pub fn enrollment(&self) -> &Enrollment {

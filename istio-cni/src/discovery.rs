@@ -88,6 +88,31 @@ pub fn find_pod_netns(
     Ok(found)
 }
 
+/// The network namespaces some process under `proc_root` is in (one `stat` per
+/// process; processes that vanish mid-scan are skipped).
+pub fn netns_in_use(proc_root: &Path) -> io::Result<HashSet<NetnsId>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = HashSet::new();
+    for entry in std::fs::read_dir(proc_root)? {
+        let Ok(entry) = entry else { continue };
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        if let Ok(meta) = std::fs::metadata(entry.path().join("ns/net")) {
+            out.insert(NetnsId {
+                dev: meta.dev(),
+                inode: meta.ino(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +143,12 @@ mod tests {
         ] {
             assert_eq!(pod_uid_in_cgroup(s), None, "{s:?}");
         }
+    }
+
+    #[test]
+    fn the_netns_of_this_process_is_in_use() {
+        let here = Netns::current().unwrap().id();
+        let used = netns_in_use(Path::new("/proc")).unwrap();
+        assert!(used.contains(&here));
     }
 }

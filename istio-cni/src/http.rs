@@ -1,5 +1,5 @@
-//! The agent's one HTTP serving module: `/readyz` (on the host network, `:8000`)
-//! today, and whatever the agent serves over HTTP later. A server built here gives a
+//! The agent's one HTTP serving module: `/readyz` (on the host network, `:8000`) and
+//! `/metrics` (the monitoring port, `:15014`). A server built here gives a
 //! client a deadline for its request headers, serves a bounded number of connections
 //! (more are closed on accept), bounds each connection's lifetime, and backs off when
 //! accept fails (EMFILE) instead of spinning.
@@ -37,13 +37,35 @@ impl Default for Limits {
 /// Accept failures (EMFILE, ENFILE, ENOBUFS) back off this long.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Paths and what they answer: each a function of nothing, asked per request.
-pub type Routes = Arc<dyn Fn(&str) -> Option<(StatusCode, &'static str)> + Send + Sync>;
+/// An answer: status, content type and body.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
 
-/// Serves `routes` on `addr` until dropped (404 for any other path).
-pub async fn serve(addr: SocketAddr, limits: Limits, routes: Routes) -> std::io::Result<()> {
+impl Reply {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+}
+
+/// Paths and what they answer, asked per request (`None`: 404).
+pub type Routes = Arc<dyn Fn(&str) -> Option<Reply> + Send + Sync>;
+
+/// Binds `addr` and serves `routes` until dropped; logs `<name> listening addr=…`.
+pub async fn serve(
+    name: &'static str,
+    addr: SocketAddr,
+    limits: Limits,
+    routes: Routes,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(addr = %listener.local_addr()?, "readiness endpoint /readyz listening");
+    info!(addr = %listener.local_addr()?, "{name} listening");
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -62,10 +84,14 @@ pub async fn serve(addr: SocketAddr, limits: Limits, routes: Routes) -> std::io:
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (code, body) =
-                        routes(req.uri().path()).unwrap_or((StatusCode::NOT_FOUND, "not found\n"));
-                    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    *resp.status_mut() = code;
+                    let reply = routes(req.uri().path())
+                        .unwrap_or_else(|| Reply::text(StatusCode::NOT_FOUND, "not found\n"));
+                    let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
+                    *resp.status_mut() = reply.status;
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(reply.content_type),
+                    );
                     async move { Ok::<_, Infallible>(resp) }
                 });
             let conn = hyper::server::conn::http1::Builder::new()

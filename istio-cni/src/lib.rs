@@ -17,6 +17,7 @@ pub mod exec;
 pub mod fswatch;
 pub mod http;
 pub mod k8s;
+pub mod metrics;
 pub mod rules;
 pub mod zds_server;
 

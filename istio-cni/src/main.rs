@@ -9,9 +9,11 @@ use clap::Parser;
 use hyper::StatusCode;
 use istio_cni::cni::install::{InstallConfig, Installer};
 use istio_cni::cni::kubeconfig::{self, Credentials};
+use istio_cni::http::Reply;
 use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
 use istio_cni::k8s::selection::Selection;
 use istio_cni::k8s::status::KubeStatus;
+use istio_cni::metrics::Gauges;
 use istio_cni::rules::hostprobe::HostProbes;
 use istio_cni::rules::{Backend, Family, Iptables, Redirection, RuleConfig};
 use istio_cni::zds_server::ZdsServer;
@@ -77,6 +79,15 @@ struct Args {
     /// Address of `/readyz`.
     #[arg(long, env = "AGENT_READINESS_ADDR", default_value = "0.0.0.0:8000")]
     readiness_addr: std::net::SocketAddr,
+    /// Address of the Prometheus metrics (`/metrics`; Istio's CNI agent serves them on
+    /// its monitoring port, 15014).
+    #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
+    monitoring_addr: std::net::SocketAddr,
+    /// Seconds between re-verifications of every enrolled pod's rules (jittered by a
+    /// tenth); drift is repaired. 0 turns the periodic check off (rules are still
+    /// checked on every reconcile).
+    #[arg(long, env = "DRIFT_CHECK_INTERVAL", default_value_t = 60)]
+    drift_check_interval: u64,
     /// The ipsets of enrolled pod IPs that host probe rules SNAT to: this prefix plus
     /// `-v4` and `-v6`.
     #[arg(long, env = "HOST_PROBE_SET", default_value = istio_cni::rules::hostprobe::PROBE_SET_PREFIX)]
@@ -146,6 +157,8 @@ async fn agent_main() -> anyhow::Result<()> {
         } else {
             vec![Family::V4]
         },
+        drift_check_interval: (args.drift_check_interval > 0)
+            .then(|| Duration::from_secs(args.drift_check_interval)),
     };
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
@@ -161,8 +174,12 @@ async fn agent_main() -> anyhow::Result<()> {
         "plugin_event_socket: {}",
         args.plugin_event_socket.display()
     );
+    println!("readiness_addr: {}", args.readiness_addr);
+    println!("monitoring_addr: {}", args.monitoring_addr);
+    println!("drift_check_interval: {}s", args.drift_check_interval);
     let Some(node) = args.node_name.clone() else {
-        let _agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
+        let agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
+        serve_metrics(&args, agent.enrollment().clone(), None);
         return shutdown_signal().await;
     };
     let client = match &args.kubeconfig {
@@ -220,21 +237,24 @@ async fn agent_main() -> anyhow::Result<()> {
     );
     let plugin_events = istio_cni::cni::server::bind(&args.plugin_event_socket)
         .with_context(|| format!("binding {}", args.plugin_event_socket.display()))?;
-    tokio::spawn(istio_cni::cni::server::serve(plugin_events, enrollment));
+    tokio::spawn(istio_cni::cni::server::serve(
+        plugin_events,
+        enrollment.clone(),
+    ));
 
     // install-cni: the plugin goes into the node's chain only once the agent serves it.
     let installer = args
         .install_cni
-        .then(|| install_cni(&args))
+        .then(|| install_cni(&args, enrollment.metrics().clone()))
         .transpose()?
         .map(Arc::new);
     let repairs = installer.clone().map(|i| tokio::spawn(i.keep_installed()));
     let readiness = installer.clone();
     let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
         "/readyz" if readiness.as_ref().is_none_or(|i| i.is_installed()) => {
-            Some((StatusCode::OK, "ready\n"))
+            Some(Reply::text(StatusCode::OK, "ready\n"))
         }
-        "/readyz" => Some((
+        "/readyz" => Some(Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: CNI plugin not installed\n",
         )),
@@ -242,10 +262,13 @@ async fn agent_main() -> anyhow::Result<()> {
     });
     let (addr, limits) = (args.readiness_addr, args.http_limits());
     tokio::spawn(async move {
-        if let Err(e) = istio_cni::http::serve(addr, limits, routes).await {
+        if let Err(e) =
+            istio_cni::http::serve("readiness endpoint /readyz", addr, limits, routes).await
+        {
             tracing::warn!("readiness endpoint: {e}");
         }
     });
+    serve_metrics(&args, enrollment.clone(), installer.clone());
     let result = tokio::select! {
         _ = run => Ok(()),
         r = shutdown_signal() => r,
@@ -263,9 +286,40 @@ async fn agent_main() -> anyhow::Result<()> {
     result
 }
 
+/// Serves `/metrics` on the monitoring address: the enrollment's counters, and the
+/// state gauges read from their owners at each scrape.
+fn serve_metrics(args: &Args, enrollment: Enrollment, installer: Option<Arc<Installer>>) {
+    let pods = enrollment.clone();
+    let zds = enrollment.zds().clone();
+    let gauges = Gauges {
+        pods: Box::new(move || pods.pod_counts()),
+        ztunnels: Box::new(move || zds.connections()),
+        install_ready: installer
+            .map(|i| Box::new(move || i.is_installed()) as Box<dyn Fn() -> bool + Send + Sync>),
+    };
+    let metrics = enrollment.metrics().clone();
+    let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
+        "/metrics" | "/stats/prometheus" => Some(Reply {
+            status: StatusCode::OK,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: metrics.encode(&gauges),
+        }),
+        _ => None,
+    });
+    let (addr, limits) = (args.monitoring_addr, args.http_limits());
+    tokio::spawn(async move {
+        if let Err(e) = istio_cni::http::serve("monitoring endpoint", addr, limits, routes).await {
+            tracing::warn!("monitoring endpoint: {e}");
+        }
+    });
+}
+
 /// Writes the plugin's kubeconfig (and keeps it current), and installs the plugin
 /// into the chain.
-fn install_cni(args: &Args) -> anyhow::Result<Installer> {
+fn install_cni(
+    args: &Args,
+    metrics: istio_cni::metrics::SharedMetrics,
+) -> anyhow::Result<Installer> {
     let kubeconfig = args.cni_conf_dir.join("istio-cni-kubeconfig");
     let credentials = match &args.kubeconfig {
         Some(path) => Credentials::File(path.clone()),
@@ -277,16 +331,19 @@ fn install_cni(args: &Args) -> anyhow::Result<Installer> {
     // The plugin cannot decide anything without it: fail now, not on every pod.
     kubeconfig::write(&credentials, &kubeconfig).context("the CNI plugin's kubeconfig")?;
     tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
-    let installer = Installer::new(InstallConfig {
-        bin_dir: args.cni_bin_dir.clone(),
-        conf_dir: args.cni_conf_dir.clone(),
-        source_binary: std::env::current_exe().context("locating the agent binary")?,
-        plugin_conf: serde_json::json!({
-            "kubeconfig": kubeconfig,
-            "agent_socket": args.plugin_event_socket,
-            "exclude_namespaces": args.excluded_namespaces,
-        }),
-    });
+    let installer = Installer::with_metrics(
+        InstallConfig {
+            bin_dir: args.cni_bin_dir.clone(),
+            conf_dir: args.cni_conf_dir.clone(),
+            source_binary: std::env::current_exe().context("locating the agent binary")?,
+            plugin_conf: serde_json::json!({
+                "kubeconfig": kubeconfig,
+                "agent_socket": args.plugin_event_socket,
+                "exclude_namespaces": args.excluded_namespaces,
+            }),
+        },
+        metrics,
+    );
     if let Err(e) = installer.install() {
         // No primary config yet (the primary CNI installs it later), or one we cannot
         // parse: the watch installs us as soon as it changes.

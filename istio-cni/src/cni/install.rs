@@ -73,6 +73,7 @@ pub struct Installer {
     cfg: InstallConfig,
     original: Mutex<Option<Original>>,
     repairs: Mutex<Vec<Instant>>,
+    metrics: Option<crate::metrics::SharedMetrics>,
 }
 
 /// More repairs than this within [`LOOP_WINDOW`] means someone keeps undoing us.
@@ -184,6 +185,15 @@ pub fn chain(path: &Path, bytes: &[u8], ours: &Value) -> Result<Option<Vec<u8>>,
 }
 
 impl Installer {
+    /// Like [`Installer::new`], counting every write (and failure) of the plugin in
+    /// `istio_cni_installs_total`.
+    pub fn with_metrics(cfg: InstallConfig, metrics: crate::metrics::SharedMetrics) -> Installer {
+        Installer {
+            metrics: Some(metrics),
+            ..Installer::new(cfg)
+        }
+    }
+
     pub fn new(mut cfg: InstallConfig) -> Installer {
         if let Some(obj) = cfg.plugin_conf.as_object_mut() {
             obj.insert("type".into(), json!(PLUGIN_NAME));
@@ -194,6 +204,7 @@ impl Installer {
             cfg,
             original: Mutex::new(None),
             repairs: Mutex::new(Vec::new()),
+            metrics: None,
         }
     }
 
@@ -212,8 +223,18 @@ impl Installer {
     /// Installs the binary and the chain entry (idempotent). Returns whether anything
     /// was written.
     pub fn install(&self) -> Result<bool, InstallError> {
-        let binary = self.install_binary()?;
-        Ok(self.install_config()? || binary)
+        let result = self
+            .install_binary()
+            .and_then(|binary| Ok(self.install_config()? || binary));
+        if let Some(m) = &self.metrics {
+            match &result {
+                Ok(true) => m.install(true),
+                // Waiting for the primary CNI is not a failed install.
+                Ok(false) | Err(InstallError::NoPrimaryConfig(_)) => {}
+                Err(_) => m.install(false),
+            }
+        }
+        result
     }
 
     fn install_binary(&self) -> Result<bool, InstallError> {

@@ -30,7 +30,10 @@ use tracing::{debug, info, warn};
 pub use pod::{Annotation, PodInfo, PodKey, PodState, Sandbox};
 pub use status::{StatusError, StatusWriter};
 
-use crate::discovery::find_pod_netns;
+use crate::discovery::{find_pod_netns, netns_in_use};
+use crate::metrics::{
+    Outcome, PodCounts, ReconcileLabels, ReconcileType, SharedMetrics, Trigger, TriggerLabels,
+};
 use crate::rules::hostprobe::HostProbes;
 use crate::rules::{Applied, Family, Redirection, RulesError, Verification};
 use crate::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError, ZdsServer};
@@ -159,6 +162,7 @@ struct Inner {
     gates: gate::Gates<WorkloadUid>,
     /// Wakes the repair loop early.
     wake: Notify,
+    metrics: SharedMetrics,
 }
 
 /// The enrollment owner. Cheap to clone; clones share one state.
@@ -194,6 +198,7 @@ impl Enrollment {
                 pods: Mutex::default(),
                 gates: gate::Gates::default(),
                 wake: Notify::new(),
+                metrics: SharedMetrics::default(),
             }),
         }
     }
@@ -204,6 +209,52 @@ impl Enrollment {
 
     pub fn redirection(&self) -> &Redirection {
         &self.inner.redirection
+    }
+
+    /// The enrollment's event metrics (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &SharedMetrics {
+        &self.inner.metrics
+    }
+
+    /// Pods by state, for the `istio_cni_pods` gauge.
+    pub fn pod_counts(&self) -> PodCounts {
+        let mut c = PodCounts::default();
+        for e in self.pods().values() {
+            if e.unrepairable.is_some() {
+                c.unrepairable += 1;
+                continue;
+            }
+            match e.state.annotation() {
+                Some(Annotation::Enabled) => c.enabled += 1,
+                Some(Annotation::Pending) => c.pending += 1,
+                None => {}
+            }
+        }
+        c
+    }
+
+    /// Why the agent gave up on the pod's redirection, if it did.
+    pub fn unrepairable(&self, uid: &WorkloadUid) -> Option<String> {
+        self.pods().get(uid)?.unrepairable.clone()
+    }
+
+    fn reconciled<T>(&self, kind: ReconcileType, r: &Result<T, EnrollError>) {
+        self.inner
+            .metrics
+            .reconciles
+            .get_or_create(&ReconcileLabels {
+                r#type: kind,
+                result: Outcome::of(r),
+            })
+            .inc();
+    }
+
+    fn enrolled_after(&self, trigger: Trigger, started: Instant) {
+        self.inner
+            .metrics
+            .enroll_seconds
+            .get_or_create(&TriggerLabels { trigger })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn pods(&self) -> MutexGuard<'_, HashMap<WorkloadUid, Entry>> {
@@ -388,6 +439,9 @@ impl Enrollment {
                 e.pod = info.clone();
                 e.ips = ips;
                 e.backoff.reset();
+                // The rules were just brought in line: whatever was given up on is new.
+                e.repair_failures = 0;
+                e.unrepairable = None;
                 e
             }
             None => Entry::new(info.clone(), ips, PodState::NoSandbox),
@@ -460,6 +514,16 @@ impl Enrollment {
     /// when no ztunnel is connected. On error the rules stay in place, so the pod fails
     /// closed; the caller retries or the pod leaves.
     pub async fn enroll(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
+        let started = Instant::now();
+        let result = self.enroll_sandbox(pod).await;
+        self.reconciled(ReconcileType::add, &result);
+        if result.is_ok() {
+            self.enrolled_after(Trigger::cni_add, started);
+        }
+        result
+    }
+
+    async fn enroll_sandbox(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
         let netns = Self::open(pod)?;
         let ips = pod.ips.clone();
         let _gate = self.inner.gates.enter(&pod.uid).await;
@@ -467,6 +531,7 @@ impl Enrollment {
         let sandbox = Sandbox {
             netns,
             container_id: pod.container_id.clone(),
+            path: Some(pod.netns_path.clone()),
         };
         self.capture(prev, pod.info(), ips, sandbox).await
     }
@@ -476,6 +541,17 @@ impl Enrollment {
     /// CNI ADD; otherwise its netns is found in /proc (never a torn-down one). A pod
     /// whose IPs changed is looked up again: a different sandbox replaces the old one.
     pub async fn ensure(&self, want: Wanted) -> Result<(), EnrollError> {
+        let started = Instant::now();
+        let result = self.ensure_captured(want).await;
+        self.reconciled(ReconcileType::add, &result);
+        if let Ok(true) = result {
+            self.enrolled_after(Trigger::watch, started);
+        }
+        result.map(drop)
+    }
+
+    /// [`Enrollment::ensure`]; `true` when it captured a sandbox.
+    async fn ensure_captured(&self, want: Wanted) -> Result<bool, EnrollError> {
         let uid = want.info.uid.clone();
         let ips = want.ips;
         let _gate = self.inner.gates.enter(&uid).await;
@@ -494,9 +570,11 @@ impl Enrollment {
         if let Some(mut p) = prev.clone().filter(|p| {
             matches!(p.state, PodState::Captured { .. }) && (ips.is_empty() || same_ips(p))
         }) {
+            // Every reconcile re-checks the rules (no writes when they are intact).
+            self.check_rules(&mut p, None).await;
             self.publish(&mut p).await;
             self.commit(p);
-            return Ok(());
+            return Ok(false);
         }
         if ips.is_empty() {
             // No sandbox with an address yet: its CNI ADD enrolls it.
@@ -504,7 +582,7 @@ impl Enrollment {
                 self.publish(&mut p).await;
                 self.commit(p);
             }
-            return Ok(());
+            return Ok(false);
         }
         let exclude: HashSet<NetnsId> = prev
             .iter()
@@ -516,7 +594,9 @@ impl Enrollment {
         match (found, current) {
             (Some(netns), Some(cur)) if netns.id() == cur.id() => {
                 // Same sandbox, the API caught up with its addresses.
-                let Some(mut p) = prev else { return Ok(()) };
+                let Some(mut p) = prev else {
+                    return Ok(false);
+                };
                 let drop = p
                     .ips
                     .iter()
@@ -528,14 +608,17 @@ impl Enrollment {
                 let probes = self.probe_ips(&uid, ips, drop).await;
                 self.publish(&mut p).await;
                 self.commit(p);
-                probes
+                probes.map(|()| false)
             }
             (Some(netns), _) => {
                 let sandbox = Sandbox {
                     netns: Arc::new(netns),
                     container_id: None,
+                    path: None,
                 };
-                self.capture(prev, want.info, ips, sandbox).await.map(drop)
+                self.capture(prev, want.info, ips, sandbox)
+                    .await
+                    .map(|_| true)
             }
             (None, cur) => {
                 let waiting = matches!(prev.as_ref().map(|p| &p.state), Some(PodState::NoSandbox));
@@ -547,7 +630,7 @@ impl Enrollment {
                     self.commit(p);
                 }
                 if waiting || from_cni {
-                    Ok(())
+                    Ok(false)
                 } else {
                     Err(EnrollError::NotFound(want.info.key.to_string()))
                 }
@@ -561,6 +644,12 @@ impl Enrollment {
     /// until the next sandbox is enrolled. The rules stay in the dying netns: if
     /// anything still ran there, it would fail closed.
     pub async fn cni_del(&self, del: SandboxDel) -> Result<(), EnrollError> {
+        let result = self.del_sandbox(del).await;
+        self.reconciled(ReconcileType::delete, &result);
+        result
+    }
+
+    async fn del_sandbox(&self, del: SandboxDel) -> Result<(), EnrollError> {
         let netns = del
             .netns_path
             .as_ref()
@@ -605,6 +694,12 @@ impl Enrollment {
     /// rules removed from its netns (with its redirected conntrack entries), ztunnel
     /// told to drain it, its IPs out of the probe set, its annotation removed.
     pub async fn remove(&self, uid: &WorkloadUid) -> Result<(), EnrollError> {
+        let result = self.remove_pod(uid).await;
+        self.reconciled(ReconcileType::delete, &result);
+        result
+    }
+
+    async fn remove_pod(&self, uid: &WorkloadUid) -> Result<(), EnrollError> {
         let _gate = self.inner.gates.enter(uid).await;
         let Some(mut entry) = self.entry(uid) else {
             return Ok(());
@@ -683,6 +778,10 @@ impl Enrollment {
                             sandbox: Sandbox {
                                 netns,
                                 container_id: None,
+                                path: match &a.locate {
+                                    Locate::Path(p) => Some(p.clone()),
+                                    Locate::Discover => None,
+                                },
                             },
                             // What it was; this ztunnel's snapshot answer confirms it.
                             acked: annotation == Some(Annotation::Enabled),
@@ -829,6 +928,161 @@ impl Enrollment {
         }
         self.publish(&mut entry).await;
         self.commit(entry);
+    }
+}
+
+/// Drift checks whose repair fails in a row before the agent gives up on a pod.
+pub const REPAIR_ATTEMPTS: u32 = 3;
+
+/// `interval` give or take a tenth, so that agents (and pods) do not check in lockstep.
+fn jittered(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // A fraction in [-0.1, 0.1).
+    let fraction = (f64::from(nanos % 2000) / 10_000.0) - 0.1;
+    interval.mul_f64(1.0 + fraction)
+}
+
+impl Enrollment {
+    /// Re-verifies every captured pod's redirection every `interval` (jittered) until
+    /// dropped: see [`Enrollment::check_rules`]. One scan of `/proc` per round tells
+    /// which sandboxes still exist.
+    pub async fn run_drift_checks(self, interval: Duration) {
+        loop {
+            tokio::time::sleep(jittered(interval)).await;
+            self.check_all_rules().await;
+        }
+    }
+
+    /// One round of drift checks over every captured pod.
+    pub async fn check_all_rules(&self) {
+        let proc_root = self.inner.proc_root.clone();
+        let alive = match tokio::task::spawn_blocking(move || netns_in_use(&proc_root)).await {
+            Ok(Ok(alive)) => alive,
+            Ok(Err(e)) => {
+                warn!("drift check: scanning for live sandboxes: {e}; skipping this round");
+                return;
+            }
+            Err(e) => {
+                warn!("drift check: {e}; skipping this round");
+                return;
+            }
+        };
+        let uids: Vec<WorkloadUid> = self
+            .pods()
+            .values()
+            .filter(|e| matches!(e.state, PodState::Captured { .. }) && e.unrepairable.is_none())
+            .map(|e| e.pod.uid.clone())
+            .collect();
+        for uid in uids {
+            let _gate = self.inner.gates.enter(&uid).await;
+            let Some(mut entry) = self.entry(&uid) else {
+                continue;
+            };
+            self.check_rules(&mut entry, Some(&alive)).await;
+            self.commit(entry);
+        }
+    }
+
+    /// Checks a captured pod's redirection against the expected one (one parse of
+    /// `iptables-save` and of the route per family; nothing written when intact) and
+    /// repairs drift atomically, logging the difference. With `alive` (the netns in use
+    /// by some process), a sandbox that no longer exists is reported instead. After
+    /// [`REPAIR_ATTEMPTS`] failed repairs in a row, or for a vanished sandbox, the agent
+    /// gives up: it says so once (log, metric, an event on the pod) and stops retrying
+    /// until the pod gets a new sandbox or leaves. The caller holds the pod's gate.
+    async fn check_rules(&self, entry: &mut Entry, alive: Option<&HashSet<NetnsId>>) {
+        if entry.unrepairable.is_some() {
+            return;
+        }
+        let Some(sandbox) = entry.state.sandbox().cloned() else {
+            return;
+        };
+        let uid = entry.pod.uid.clone();
+        if let Some(alive) = alive {
+            let by_path = sandbox
+                .path
+                .as_ref()
+                .is_some_and(|p| Netns::open(p).is_ok_and(|ns| ns.id() == sandbox.id()));
+            if !by_path && !alive.contains(&sandbox.id()) {
+                let reason = format!(
+                    "its sandbox (netns {}) is gone: no process is in it{} and no CNI DEL came",
+                    sandbox.id(),
+                    if sandbox.path.is_some() {
+                        " and its path names another netns or none"
+                    } else {
+                        ""
+                    }
+                );
+                self.give_up(entry, reason).await;
+                return;
+            }
+        }
+        let verified = self
+            .blocking(&uid, sandbox.netns.clone(), |r, ns| r.verify(ns))
+            .await;
+        let differences = match verified {
+            Ok(v) if v.is_clean() => {
+                entry.repair_failures = 0;
+                return;
+            }
+            Ok(v) => v.differences(),
+            Err(e) => {
+                self.repair_failed(entry, format!("checking its redirection: {e}"))
+                    .await;
+                return;
+            }
+        };
+        self.inner.metrics.drift_found.inc();
+        warn!(%uid, pod = %entry.pod.key, netns = %sandbox.id(), diff = %differences.join("; "),
+              "redirection drifted (changed by something else); repairing");
+        match self
+            .blocking(&uid, sandbox.netns.clone(), |r, ns| r.apply(ns))
+            .await
+        {
+            Ok(_) => {
+                self.inner.metrics.drift_repaired.inc();
+                entry.repair_failures = 0;
+                info!(%uid, pod = %entry.pod.key, repaired = differences.len(), "redirection repaired");
+            }
+            Err(e) => {
+                self.repair_failed(
+                    entry,
+                    format!(
+                        "repairing its redirection ({}): {e}",
+                        differences.join("; ")
+                    ),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn repair_failed(&self, entry: &mut Entry, reason: String) {
+        entry.repair_failures += 1;
+        warn!(uid = %entry.pod.uid, pod = %entry.pod.key, attempt = entry.repair_failures,
+              "{reason}; {} attempts left", REPAIR_ATTEMPTS.saturating_sub(entry.repair_failures));
+        if entry.repair_failures >= REPAIR_ATTEMPTS {
+            self.give_up(entry, reason).await;
+        }
+    }
+
+    async fn give_up(&self, entry: &mut Entry, reason: String) {
+        self.inner.metrics.drift_unrepairable.inc();
+        tracing::error!(uid = %entry.pod.uid, pod = %entry.pod.key,
+              "giving up on the pod's redirection: {reason}; it is reported as unrepairable until it gets a new sandbox or leaves the mesh");
+        if let Some(writer) = &self.inner.status {
+            let message = format!("istio-cni cannot keep this pod's traffic redirection: {reason}");
+            if let Err(e) = writer
+                .warn(&entry.pod, "AmbientRedirectionUnrepairable", &message)
+                .await
+            {
+                warn!("{e}");
+            }
+        }
+        entry.unrepairable = Some(reason);
     }
 }
 

@@ -51,6 +51,9 @@ impl PodInfo {
 pub struct Sandbox {
     pub netns: Arc<Netns>,
     pub container_id: Option<String>,
+    /// The path it was enrolled from (`CNI_NETNS`, `/var/run/netns/<name>`), when known:
+    /// while it still names this netns, the sandbox exists.
+    pub path: Option<std::path::PathBuf>,
 }
 
 impl Sandbox {
@@ -187,6 +190,11 @@ pub struct Entry {
     /// (never written or seen, or a value we do not recognise).
     pub written: Option<Option<Annotation>>,
     pub backoff: Backoff,
+    /// Drift checks in a row whose repair failed.
+    pub repair_failures: u32,
+    /// Why the agent gave up repairing this sandbox's redirection (reported once; a new
+    /// sandbox or the pod's removal clears it).
+    pub unrepairable: Option<String>,
 }
 
 impl Entry {
@@ -198,6 +206,8 @@ impl Entry {
             retired: Vec::new(),
             written: None,
             backoff: Backoff::default(),
+            repair_failures: 0,
+            unrepairable: None,
         }
     }
 
@@ -242,6 +252,7 @@ mod tests {
         Sandbox {
             netns: Arc::new(Netns::current().unwrap()),
             container_id: container.map(str::to_string),
+            path: None,
         }
     }
 

@@ -22,4 +22,16 @@ pub trait StatusWriter: Send + Sync + 'static {
         pod: &'a PodInfo,
         value: Option<Annotation>,
     ) -> BoxFuture<'a, Result<(), StatusError>>;
+
+    /// Records a warning about the pod where operators look (a Kubernetes event:
+    /// `kubectl describe pod`). Best effort; the default records nothing.
+    fn warn<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        reason: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        let _ = (pod, reason, message);
+        Box::pin(async { Ok(()) })
+    }
 }

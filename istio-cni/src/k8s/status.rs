@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use super::selection::REDIRECTION_ANNOTATION;
@@ -58,6 +59,60 @@ impl StatusWriter for KubeStatus {
                 Err(_) => Err(fail(format!("no answer within {WRITE_TIMEOUT:?}"))),
             }
         })
+    }
+
+    fn warn<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        reason: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        Box::pin(async move {
+            let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.key.namespace);
+            let event = warning_event(pod, reason, message);
+            let params = PostParams::default();
+            let call = api.create(&params, &event);
+            match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(StatusError {
+                    pod: pod.key.to_string(),
+                    reason: format!("recording an event: {e}"),
+                }),
+                Err(_) => Err(StatusError {
+                    pod: pod.key.to_string(),
+                    reason: format!("recording an event: no answer within {WRITE_TIMEOUT:?}"),
+                }),
+            }
+        })
+    }
+}
+
+/// A `Warning` event on the pod (by uid), from `istio-cni`.
+pub fn warning_event(pod: &PodInfo, reason: &str, message: &str) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.", pod.key.name)),
+            namespace: Some(pod.key.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.key.name.clone()),
+            namespace: Some(pod.key.namespace.clone()),
+            uid: Some(pod.uid.as_str().to_string()),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        reporting_component: Some("istio-cni".into()),
+        source: Some(EventSource {
+            component: Some("istio-cni".into()),
+            host: None,
+        }),
+        ..Default::default()
     }
 }
 

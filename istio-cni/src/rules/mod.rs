@@ -45,6 +45,9 @@ pub struct FamilyVerification {
     pub family: Family,
     pub iptables: Drift,
     pub route: RouteState,
+    /// The policy rule and route expected (`ip rule` / `ip route` arguments).
+    pub expected_rule: String,
+    pub expected_route: String,
 }
 
 /// The result of checking a netns against the expected redirection.
@@ -58,6 +61,34 @@ impl Verification {
         self.families
             .iter()
             .all(|f| f.iptables.is_clean() && f.route.rule && f.route.route)
+    }
+
+    /// The differences, one per line (`IPv4 missing: nat: -A …`, `IPv6 policy route
+    /// missing: …`); empty when clean.
+    pub fn differences(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in &self.families {
+            let family = f.family;
+            out.extend(
+                f.iptables
+                    .missing
+                    .iter()
+                    .map(|r| format!("{family} missing: {r}")),
+            );
+            out.extend(
+                f.iptables
+                    .extra
+                    .iter()
+                    .map(|r| format!("{family} extra: {r}")),
+            );
+            if !f.route.rule {
+                out.push(format!("{family} missing: ip rule {}", f.expected_rule));
+            }
+            if !f.route.route {
+                out.push(format!("{family} missing: ip route {}", f.expected_route));
+            }
+        }
+        out
     }
 }
 
@@ -119,6 +150,8 @@ impl Redirection {
                 family,
                 iptables: save::drift(&f.ruleset, &saved),
                 route: f.route.state(netns).map_err(RulesError::Route)?,
+                expected_rule: f.route.rule(),
+                expected_route: f.route.route(),
             });
         }
         Ok(out)

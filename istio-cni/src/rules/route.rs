@@ -35,14 +35,16 @@ impl PolicyRoute {
         }
     }
 
-    fn rule(&self) -> String {
+    /// The policy rule, as `ip rule add` arguments.
+    pub fn rule(&self) -> String {
         format!(
             "fwmark {} pref {} lookup {}",
             self.mark, self.priority, self.table
         )
     }
 
-    fn route(&self) -> String {
+    /// The policy route, as `ip route add` arguments.
+    pub fn route(&self) -> String {
         format!(
             "local {} dev lo table {}",
             self.family.everything(),
