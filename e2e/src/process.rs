@@ -99,10 +99,31 @@ impl Process {
         })
     }
 
+    /// Starts ztunnel (no mesh) inside the network namespace `netns` (`ip netns exec`,
+    /// which execs it: the pid is ztunnel's), as a ztunnel pod runs in its own netns;
+    /// its admin API listens on that netns's localhost:15000, as Istio's.
+    pub fn start_in_netns(node: &TestNode, n: u32, netns: &str) -> Ztunnel {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(crate::bin_path("ztunnel"));
+        Self::spawn_cmd(node, n, cmd, |cmd| {
+            cmd.env("PASSTHROUGH_ONLY", "true")
+                .env("ADMIN_ADDR", "127.0.0.1:15000");
+        })
+    }
+
     fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
+        Self::spawn_cmd(node, n, Command::new(bin), adjust)
+    }
+
+    fn spawn_cmd(
+        node: &TestNode,
+        n: u32,
+        mut cmd: Command,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Ztunnel {
         let log = node.dir.path().join(format!("ztunnel-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(bin);
         cmd.env("INPOD_UDS", node.zds_socket())
             .env("READINESS_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod diagnose;
 pub mod discovery;
 pub mod enrollment;
 pub mod exec;

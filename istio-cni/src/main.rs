@@ -9,6 +9,7 @@ use clap::Parser;
 use hyper::StatusCode;
 use istio_cni::cni::install::{InstallConfig, Installer};
 use istio_cni::cni::kubeconfig::{self, Credentials};
+use istio_cni::diagnose::report::AgentReport;
 use istio_cni::http::Reply;
 use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
 use istio_cni::k8s::selection::Selection;
@@ -26,6 +27,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     /// The ZDS socket ztunnel connects to.
     #[arg(
         long,
@@ -104,6 +107,30 @@ struct Args {
     http_max_connections: u32,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Subcommand {
+    /// Checks enrolled pods on this node (rules, route, ztunnel's listeners and admin
+    /// view, annotation) and says what is wrong and what to do. Exit code 1 when
+    /// something is wrong, 2 when the checks could not run.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DiagnoseArgs {
+    /// The pod (`namespace/name`, `name` or uid); every enrolled pod without it.
+    pod: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The agent's monitoring address.
+    #[arg(long, env = "DIAGNOSE_AGENT_ADDR", default_value = "127.0.0.1:15014")]
+    agent: std::net::SocketAddr,
+    /// ztunnel's admin address; by default the agent's ZDS peer's netns is entered to
+    /// reach its localhost:15000.
+    #[arg(long)]
+    ztunnel_admin: Option<std::net::SocketAddr>,
+}
+
 impl Args {
     fn http_limits(&self) -> istio_cni::http::Limits {
         istio_cni::http::Limits {
@@ -120,7 +147,11 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return istio_cni::cni::plugin::main();
     }
-    match agent_main() {
+    let mut args = Args::parse();
+    if let Some(Subcommand::Diagnose(d)) = args.command.take() {
+        return diagnose(&args, d);
+    }
+    match agent_main(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -129,14 +160,65 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `istio-cni diagnose`: prints the verdicts; the exit code says whether all is well.
+fn diagnose(args: &Args, d: DiagnoseArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let run = || -> anyhow::Result<Vec<istio_cni::diagnose::PodDiagnosis>> {
+        let backend = match args.iptables_backend.as_str() {
+            "auto" => Backend::detect().context("detecting the host's iptables backend")?,
+            other => other.parse().map_err(anyhow::Error::msg)?,
+        };
+        let opts = istio_cni::diagnose::Options {
+            agent: d.agent,
+            pod: d.pod.clone(),
+            ztunnel_admin: d.ztunnel_admin,
+            iptables: Iptables {
+                backend,
+                lock_wait: Duration::from_secs(args.iptables_lock_wait),
+            },
+            proc_root: args.proc_root.clone(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(istio_cni::diagnose::run(&opts))?)
+    };
+    let pods = match run() {
+        Ok(pods) => pods,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let healthy = pods.iter().all(|p| p.healthy);
+    if d.json {
+        let out = serde_json::json!({"healthy": healthy, "pods": pods});
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        if pods.is_empty() {
+            println!("no pod is enrolled on this node");
+        }
+        for p in &pods {
+            println!(
+                "{}",
+                istio_cni::diagnose::verdict::render(&p.findings, &p.problems)
+            );
+        }
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 #[tokio::main]
-async fn agent_main() -> anyhow::Result<()> {
+async fn agent_main(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
     let backend = match args.iptables_backend.as_str() {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
         other => other.parse().map_err(anyhow::Error::msg)?,
@@ -304,6 +386,25 @@ fn serve_metrics(args: &Args, enrollment: Enrollment, installer: Option<Arc<Inst
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             body: metrics.encode(&gauges),
         }),
+        // What `istio-cni diagnose` needs to find pods and ztunnel.
+        "/debug/enrollment" => {
+            let report = AgentReport {
+                pid: std::process::id(),
+                ztunnel_pids: enrollment.zds().ztunnel_pids(),
+                families: enrollment
+                    .redirection()
+                    .families()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                pods: enrollment.report(),
+            };
+            Some(Reply {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                body: serde_json::to_string(&report).unwrap_or_default(),
+            })
+        }
         _ => None,
     });
     let (addr, limits) = (args.monitoring_addr, args.http_limits());

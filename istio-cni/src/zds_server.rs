@@ -81,6 +81,8 @@ struct Job {
 struct ConnHandle {
     id: u64,
     jobs: mpsc::UnboundedSender<Job>,
+    /// The ztunnel process on the other end (SO_PEERCRED).
+    pid: i32,
 }
 
 #[derive(Default)]
@@ -169,6 +171,11 @@ impl ZdsServer {
         *self.inner.connected.borrow()
     }
 
+    /// The process ids of the connected ztunnels, oldest connection first.
+    pub fn ztunnel_pids(&self) -> Vec<i32> {
+        self.state().conns.iter().map(|c| c.pid).collect()
+    }
+
     /// Ticks when the number of connected ztunnels changes.
     pub fn subscribe_connections(&self) -> watch::Receiver<usize> {
         self.inner.connected.subscribe()
@@ -230,7 +237,11 @@ impl ZdsServer {
             let mut st = self.state();
             st.next_id += 1;
             let id = st.next_id;
-            st.conns.push(ConnHandle { id, jobs: tx });
+            st.conns.push(ConnHandle {
+                id,
+                jobs: tx,
+                pid: peer.pid(),
+            });
             id
         };
         let snapshot = source.snapshot();

@@ -233,6 +233,39 @@ impl Enrollment {
         c
     }
 
+    /// Every pod, as `istio-cni diagnose` is told about it.
+    pub fn report(&self) -> Vec<crate::diagnose::report::PodReport> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let mut out: Vec<_> = self
+            .pods()
+            .values()
+            .map(|e| {
+                let sandbox = e.state.sandbox();
+                crate::diagnose::report::PodReport {
+                    uid: e.pod.uid.to_string(),
+                    namespace: e.pod.key.namespace.clone(),
+                    name: e.pod.key.name.clone(),
+                    service_account: e.pod.service_account.clone(),
+                    ips: e.ips.clone(),
+                    state: match e.state {
+                        PodState::Captured { .. } => "captured",
+                        PodState::Unlocated => "unlocated",
+                        PodState::NoSandbox => "no-sandbox",
+                        PodState::Left => "left",
+                    }
+                    .into(),
+                    acked: matches!(e.state, PodState::Captured { acked: true, .. }),
+                    annotation: e.state.annotation().map(|a| a.as_str().to_string()),
+                    netns: sandbox.map(|s| s.id().to_string()),
+                    netns_fd: sandbox.map(|s| s.netns.as_fd().as_raw_fd()),
+                    unrepairable: e.unrepairable.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
     /// Why the agent gave up on the pod's redirection, if it did.
     pub fn unrepairable(&self, uid: &WorkloadUid) -> Option<String> {
         self.pods().get(uid)?.unrepairable.clone()
