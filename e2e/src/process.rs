@@ -147,6 +147,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Where its output goes.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

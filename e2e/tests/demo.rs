@@ -48,6 +48,8 @@ fn the_demo_runs_to_the_end_and_cleans_up() {
         "src.identity=\"spiffe://cluster.local/ns/ambient-demo/sa/sleep\" dst.addr=",
         "dst.identity=\"spiffe://cluster.local/ns/ambient-demo/sa/httpbin\"",
         "ambient.istio.io/redirection=enabled",
+        "istio_tcp_connections_opened_total{reporter=\"source\"",
+        "verdict     HEALTHY",
     ] {
         assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");
     }
@@ -80,6 +82,73 @@ fn an_interrupted_demo_cleans_up_too() {
         assert!(n > 0, "demo ended early:\n{seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "interrupted demo exit: {status}");
+    let (netns, nat) = leftovers(&before);
+    assert!(netns.is_empty(), "netns left: {netns:?}");
+    assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
+}
+
+#[test]
+fn with_keep_the_node_stays_up_to_be_poked_at_until_ctrl_c() {
+    e2e::require_root();
+    let before = netns_names();
+    let mut child = Command::new(e2e::bin_path("demo"))
+        .arg("--keep")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run the demo");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while !seen.contains("Ctrl-C removes everything.") {
+        assert!(
+            Instant::now() < deadline,
+            "demo never kept the node:\n{seen}"
+        );
+        let n = std::io::Read::read(&mut stdout, &mut buf).expect("read");
+        assert!(n > 0, "demo ended early:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // What it tells the user to try works: ztunnel's admin API and a pod's netns.
+    let admin: std::net::SocketAddr = seen
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("curl -s http://")?
+                .strip_suffix("/config_dump")
+        })
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no config_dump hint:\n{seen}"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) = rt.block_on(e2e::http_get(admin, "/config_dump"));
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        dump["workloadState"].as_object().unwrap().len(),
+        2,
+        "{dump:#}"
+    );
+    let netns = seen
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("ip netns exec ")?
+                .strip_suffix(" bash")
+        })
+        .unwrap_or_else(|| panic!("no netns hint:\n{seen}"))
+        .to_string();
+    assert!(netns_names().contains(&netns), "{netns} is not there");
+    // The demo is still running, then Ctrl-C cleans up.
+    assert!(child.try_wait().unwrap().is_none(), "the demo exited");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,

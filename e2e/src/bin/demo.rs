@@ -6,7 +6,9 @@
 //! local CA; a namespace `ambient-demo` labelled ambient, and a `sleep` client pod and
 //! an `httpbin` server pod started through the CNI chain as a container runtime would.
 //! It then shows what the specification's "Observing" section shows, and a request
-//! from sleep to httpbin over mTLS. Ctrl-C or the end removes everything it created.
+//! from sleep to httpbin over mTLS, ztunnel's metrics and `istio-cni diagnose`. With
+//! `--keep` the node stays up, with a list of things to poke at, until Ctrl-C. Ctrl-C
+//! or the end removes everything it created.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -84,7 +86,7 @@ async fn httpbin(pod: &e2e::TestPod, port: u16) -> anyhow::Result<tokio::task::J
     }))
 }
 
-async fn demo() -> anyhow::Result<()> {
+async fn demo(keep: bool) -> anyhow::Result<()> {
     step("Kubernetes API (the in-repo test server) and namespace ambient-demo, labelled istio.io/dataplane-mode=ambient");
     let cluster = Cluster::dual_stack(SUBNET_INDEX, false).await;
     cluster.namespace(NAMESPACE, &[AMBIENT]);
@@ -105,14 +107,14 @@ async fn demo() -> anyhow::Result<()> {
     let ips = |n: u8| [cluster.node.ip(n), cluster.node.ip6(n.into())];
     let yaml = |[s4, s6]: [IpAddr; 2], [h4, h6]: [IpAddr; 2]| {
         format!(
-            "workloads:\n- {{uid: Kubernetes//Pod/{NAMESPACE}/sleep, name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, node: {node}, workloadIps: [\"{s4}\", \"{s6}\"], protocol: HBONE, services: {{}}}}\n- {{uid: Kubernetes//Pod/{NAMESPACE}/httpbin, name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, node: {node}, workloadIps: [\"{h4}\", \"{h6}\"], protocol: HBONE, services: {{}}}}\n",
+            "workloads:\n- {{uid: Kubernetes//Pod/{NAMESPACE}/sleep, name: sleep, namespace: {NAMESPACE}, serviceAccount: sleep, workloadName: sleep, canonicalName: sleep, node: {node}, workloadIps: [\"{s4}\", \"{s6}\"], protocol: HBONE, services: {{}}}}\n- {{uid: Kubernetes//Pod/{NAMESPACE}/httpbin, name: httpbin, namespace: {NAMESPACE}, serviceAccount: httpbin, workloadName: httpbin, canonicalName: httpbin, node: {node}, workloadIps: [\"{h4}\", \"{h6}\"], protocol: HBONE, services: {{}}}}\n",
             node = cluster.node.node_name()
         )
     };
     cluster.node.write_mesh_config(&yaml(ips(2), ips(3)));
 
     step("Node agent (istio-cni): installs its CNI plugin last in the chain, watches the API");
-    let _agent = cluster.start_agent(1);
+    let agent = cluster.start_agent(1);
     until("the agent chained its plugin", || {
         std::fs::read_to_string(&primary).is_ok_and(|c| c.contains("istio-cni"))
     })
@@ -208,6 +210,68 @@ async fn demo() -> anyhow::Result<()> {
     for line in zt.logs().lines().filter(|l| l.contains(" access: ")) {
         println!("{line}");
     }
+
+    let stats = zt.listening_addr("stats endpoint listening").await;
+    step(&format!(
+        "$ curl -s http://{stats}/stats/prometheus | grep istio_tcp_connections_opened_total"
+    ));
+    let (_, metrics) = e2e::http_get(stats, "/stats/prometheus").await;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+    {
+        println!("{line}");
+    }
+
+    let monitoring = agent.listening_addr("monitoring endpoint listening").await;
+    let istio_cni = e2e::bin_path("istio-cni");
+    // ztunnel runs in the node's netns here, its admin on a free port: diagnose is
+    // told where (in a cluster it enters ztunnel's pod netns to reach localhost:15000).
+    let admin = zt.admin_addr().await;
+    step(&format!(
+        "$ istio-cni diagnose --agent {monitoring} --ztunnel-admin {admin}   (the quick checks, automated)"
+    ));
+    let out = std::process::Command::new(&istio_cni)
+        .args(["diagnose", "--agent", &monitoring.to_string()])
+        .args(["--ztunnel-admin", &admin.to_string()])
+        .env_remove("CNI_COMMAND")
+        .output()
+        .context("running istio-cni diagnose")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("istio-cni diagnose found a problem");
+    }
+
+    if keep {
+        let httpbin_ip = httpbin_pod.ip;
+        step("The node keeps running (--keep). Things to try, as root in another shell:");
+        println!(
+            "  # a shell inside a pod's network namespace
+  ip netns exec {sleep_ns} bash
+  # sleep -> httpbin through ztunnel (HBONE, mTLS); compare the access log below
+  ip netns exec {sleep_ns} curl -s http://{httpbin_ip}:8000/
+  # what the pod sees: ztunnel's listeners and the redirection rules
+  ip netns exec {sleep_ns} ss -ntlp
+  ip netns exec {sleep_ns} iptables-save
+  # ztunnel's admin API: config_dump, log levels, metrics
+  curl -s http://{admin}/config_dump
+  curl -s -X POST 'http://{admin}/logging?level=ztunnel::inpod=debug'
+  curl -s http://{stats}/metrics
+  # the agent: metrics and the automated quick checks
+  curl -s http://{monitoring}/metrics
+  {istio_cni} diagnose --agent {monitoring} --ztunnel-admin {admin}
+  # logs
+  tail -f {zt_log} {agent_log}
+
+Ctrl-C removes everything.",
+            sleep_ns = sleep.netns_name,
+            istio_cni = istio_cni.display(),
+            zt_log = zt.log_path().display(),
+            agent_log = agent.log_path().display(),
+        );
+        std::future::pending::<()>().await;
+    }
     step("Done; removing everything the demo created");
     Ok(())
 }
@@ -218,8 +282,13 @@ async fn main() -> ExitCode {
         eprintln!("{problem}");
         return ExitCode::from(2);
     }
+    let keep = std::env::args().skip(1).any(|a| a == "--keep");
+    if let Some(other) = std::env::args().skip(1).find(|a| a != "--keep") {
+        eprintln!("unknown argument {other:?}; usage: demo [--keep]");
+        return ExitCode::from(2);
+    }
     let code = tokio::select! {
-        r = demo() => match r {
+        r = demo(keep) => match r {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo failed: {e:#}");
