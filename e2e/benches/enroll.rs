@@ -1,7 +1,8 @@
 //! How fast the agent installs a pod's redirection: our one-`iptables-restore` apply
 //! against the baseline of the `iptables` crate (one iptables process per rule, with a
 //! `-C` check before each append to stay idempotent), on fresh network namespaces in
-//! the same run. Also the full apply (rules + policy route) and the removal. Root only.
+//! the same run. Also the full apply (rules + policy route), the periodic drift check of
+//! an intact pod, and the removal. Root only.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,14 @@ fn bench(c: &mut Criterion) {
         redirection.apply(&ns).expect("apply");
         b.iter(|| redirection.apply(&ns).expect("apply"))
     });
+    group.bench_function(
+        "ours: drift check of an intact pod (verify, both families)",
+        |b| {
+            let ns = fresh_netns();
+            redirection.apply(&ns).expect("apply");
+            b.iter(|| assert!(redirection.verify(&ns).expect("verify").is_clean()))
+        },
+    );
     group.bench_function("ours: remove + conntrack flush", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;

@@ -385,6 +385,38 @@ impl TestPod {
         ports
     }
 
+    /// Deletes the outbound redirect (`-A ISTIO_OUTPUT … --to-ports 15001`) by hand, as
+    /// someone with a shell in the pod could; returns the rule as `iptables-save`
+    /// shows it, without the `-A `.
+    pub fn delete_outbound_redirect(&self) -> String {
+        let rule = self
+            .iptables_save()
+            .lines()
+            .find(|l| l.starts_with("-A ISTIO_OUTPUT") && l.ends_with("--to-ports 15001"))
+            .expect("the outbound redirect")
+            .trim_start_matches("-A ")
+            .to_string();
+        let mut delete = vec!["iptables", "-t", "nat", "-D"];
+        delete.extend(rule.split_whitespace());
+        self.exec(&delete);
+        rule
+    }
+
+    /// Deletes the IPv4 policy route (`local 0.0.0.0/0 dev lo table 100`) by hand.
+    pub fn delete_policy_route(&self) {
+        self.exec(&[
+            "ip",
+            "route",
+            "del",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ]);
+    }
+
     /// `iptables-save` inside the pod, comment lines dropped and counters zeroed.
     pub fn iptables_save(&self) -> String {
         normalize_save(&self.exec(&["iptables-save"]))

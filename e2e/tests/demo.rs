@@ -23,6 +23,37 @@ fn leftovers(before: &[String]) -> (Vec<String>, String) {
     (netns, nat)
 }
 
+/// Reads the demo's output until it shows `marker`; all of it so far.
+fn read_until(stdout: &mut impl std::io::Read, marker: &str) -> String {
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(marker) {
+        assert!(
+            Instant::now() < deadline,
+            "the demo never showed {marker:?}:\n{seen}"
+        );
+        let n = stdout.read(&mut buf).expect("read");
+        assert!(n > 0, "demo ended early:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    seen
+}
+
+/// Ctrl-C (SIGINT): the demo exits 0 and leaves nothing behind.
+fn interrupt_and_check_it_cleaned_up(mut child: std::process::Child, before: &[String]) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "interrupted demo exit: {status}");
+    let (netns, nat) = leftovers(before);
+    assert!(netns.is_empty(), "netns left: {netns:?}");
+    assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
+}
+
 #[test]
 fn the_demo_runs_to_the_end_and_cleans_up() {
     e2e::require_root();
@@ -70,28 +101,8 @@ fn an_interrupted_demo_cleans_up_too() {
         .expect("run the demo");
     // Interrupt once the pods exist.
     let mut stdout = child.stdout.take().expect("stdout");
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 4096];
-    while !seen.contains("httpbin: 10.") {
-        assert!(
-            Instant::now() < deadline,
-            "demo never got to the pods:\n{seen}"
-        );
-        let n = std::io::Read::read(&mut stdout, &mut buf).expect("read");
-        assert!(n > 0, "demo ended early:\n{seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().expect("wait");
-    assert!(status.success(), "interrupted demo exit: {status}");
-    let (netns, nat) = leftovers(&before);
-    assert!(netns.is_empty(), "netns left: {netns:?}");
-    assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
+    read_until(&mut stdout, "httpbin: 10.");
+    interrupt_and_check_it_cleaned_up(child, &before);
 }
 
 #[test]
@@ -106,18 +117,7 @@ fn with_keep_the_node_stays_up_to_be_poked_at_until_ctrl_c() {
         .spawn()
         .expect("run the demo");
     let mut stdout = child.stdout.take().expect("stdout");
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 4096];
-    while !seen.contains("Ctrl-C removes everything.") {
-        assert!(
-            Instant::now() < deadline,
-            "demo never kept the node:\n{seen}"
-        );
-        let n = std::io::Read::read(&mut stdout, &mut buf).expect("read");
-        assert!(n > 0, "demo ended early:\n{seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let seen = read_until(&mut stdout, "Ctrl-C removes everything.");
     // What it tells the user to try works: ztunnel's admin API and a pod's netns.
     let admin: std::net::SocketAddr = seen
         .lines()
@@ -149,14 +149,5 @@ fn with_keep_the_node_stays_up_to_be_poked_at_until_ctrl_c() {
     assert!(netns_names().contains(&netns), "{netns} is not there");
     // The demo is still running, then Ctrl-C cleans up.
     assert!(child.try_wait().unwrap().is_none(), "the demo exited");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().expect("wait");
-    assert!(status.success(), "interrupted demo exit: {status}");
-    let (netns, nat) = leftovers(&before);
-    assert!(netns.is_empty(), "netns left: {netns:?}");
-    assert!(!nat.contains("ISTIO_POSTRT"), "host probe chain left");
+    interrupt_and_check_it_cleaned_up(child, &before);
 }

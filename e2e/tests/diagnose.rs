@@ -115,16 +115,7 @@ async fn diagnose_says_healthy_and_names_each_fault() {
     assert_eq!(v["pods"][0]["ztunnel"]["status"], "known");
 
     // A rule deleted by hand in a: named exactly, exit 1; b is still healthy.
-    let rule = a
-        .iptables_save()
-        .lines()
-        .find(|l| l.starts_with("-A ISTIO_OUTPUT") && l.ends_with("--to-ports 15001"))
-        .expect("the outbound redirect")
-        .trim_start_matches("-A ")
-        .to_string();
-    let mut delete = vec!["iptables", "-t", "nat", "-D"];
-    delete.extend(rule.split_whitespace());
-    a.exec(&delete);
+    let rule = a.delete_outbound_redirect();
     let (code, v) = diagnose_json(&agent, &["sleep"]).await;
     assert_eq!(code, Some(1));
     assert_eq!(
@@ -135,17 +126,7 @@ async fn diagnose_says_healthy_and_names_each_fault() {
     assert_eq!(run.code, Some(0), "{}", run.out);
 
     // b's policy route removed.
-    b.exec(&[
-        "ip",
-        "route",
-        "del",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
+    b.delete_policy_route();
     let (code, v) = diagnose_json(&agent, &["demo/httpbin"]).await;
     assert_eq!(code, Some(1));
     assert_eq!(

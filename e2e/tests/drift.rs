@@ -81,27 +81,8 @@ async fn rules_and_routes_changed_by_hand_are_restored_within_an_interval_logged
     assert_eq!(value(&text, "istio_cni_rule_drift_found_total", &[]), 0.0);
 
     // Someone deletes the outbound redirect and the policy route inside the pod.
-    let rule = a
-        .iptables_save()
-        .lines()
-        .find(|l| l.starts_with("-A ISTIO_OUTPUT") && l.ends_with("--to-ports 15001"))
-        .expect("the outbound redirect")
-        .trim_start_matches("-A ")
-        .to_string();
-    let mut delete = vec!["iptables", "-t", "nat", "-D"];
-    delete.extend(rule.split_whitespace());
-    a.exec(&delete);
-    a.exec(&[
-        "ip",
-        "route",
-        "del",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
+    let rule = a.delete_outbound_redirect();
+    a.delete_policy_route();
     assert_ne!(a.iptables_save(), normalize_save(SPEC_SAVE));
 
     let text = scrape_until(&agent, "the drift repaired", |t| {

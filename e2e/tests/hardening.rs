@@ -291,24 +291,29 @@ async fn slowloris_clients_are_cut_off_and_cannot_exhaust_file_descriptors() {
     let readyz = agent
         .listening_addr("readiness endpoint /readyz listening")
         .await;
+    // Every other endpoint of both binaries, served by the same HTTP module.
+    let admin = zt.admin_addr().await;
+    let stats = zt.listening_addr("stats endpoint listening").await;
+    let monitoring = agent.listening_addr("monitoring endpoint listening").await;
     let hbone = SocketAddr::new(httpbin.ip, 15008);
     let (zt_fds, agent_fds) = (zt.open_fds(), agent.open_fds());
 
-    let attack = Slowloris::start(&[hbone, readiness, readyz], 150).await;
+    let attack = Slowloris::start(&[hbone, readiness, readyz, admin, stats, monitoring], 150).await;
     let (mut zt_peak, mut agent_peak) = (0, 0);
     for _ in 0..12 {
         zt_peak = zt_peak.max(zt.open_fds());
         agent_peak = agent_peak.max(agent.open_fds());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // At most the handshake cap on 15008 and the connection cap on 15021 (plus a
-    // margin for what ztunnel opens meanwhile); for the agent, its connection cap.
+    // At most the handshake cap on 15008 and the connection cap on each of readiness,
+    // admin and stats (plus a margin for what ztunnel opens meanwhile); for the agent,
+    // its connection cap on readiness and on monitoring.
     assert!(
-        zt_peak <= zt_fds + 32 + 16 + 16,
+        zt_peak <= zt_fds + 32 + 3 * 16 + 16,
         "ztunnel went from {zt_fds} to {zt_peak} open fds"
     );
     assert!(
-        agent_peak <= agent_fds + 16 + 8,
+        agent_peak <= agent_fds + 2 * 16 + 8,
         "the agent went from {agent_fds} to {agent_peak} open fds"
     );
     // The timeouts (2 s) cut off every slow client.
@@ -323,6 +328,9 @@ async fn slowloris_clients_are_cut_off_and_cannot_exhaust_file_descriptors() {
     }
     drop(attack);
     assert_eq!(zt.readiness().await, 200, "readiness still answers");
+    assert_eq!(e2e::http_get(admin, "/config_dump").await.0, 200);
+    assert_eq!(e2e::http_get(stats, "/metrics").await.0, 200);
+    assert_eq!(e2e::http_get(monitoring, "/metrics").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,12 +165,6 @@ fn string_matches(ms: &[StringMatch]) -> Value {
 
 /// A match, with only the fields it sets (as Istio omits empty ones).
 fn policy_match(m: &Match) -> Value {
-    let mut v = Map::new();
-    let mut put = |k: &str, val: Value, empty: bool| {
-        if !empty {
-            v.insert(k.into(), val);
-        }
-    };
     let nets = |n: &[ipnet::IpNet]| json!(n.iter().map(ToString::to_string).collect::<Vec<_>>());
     let sas = |s: &[crate::state::policy::ServiceAccountMatch]| {
         json!(s
@@ -178,63 +172,27 @@ fn policy_match(m: &Match) -> Value {
             .map(|a| json!({"namespace": a.namespace, "serviceAccount": a.service_account}))
             .collect::<Vec<_>>())
     };
-    put(
-        "namespaces",
-        string_matches(&m.namespaces),
-        m.namespaces.is_empty(),
-    );
-    put(
-        "notNamespaces",
-        string_matches(&m.not_namespaces),
-        m.not_namespaces.is_empty(),
-    );
-    put(
-        "serviceAccounts",
-        sas(&m.service_accounts),
-        m.service_accounts.is_empty(),
-    );
-    put(
-        "notServiceAccounts",
-        sas(&m.not_service_accounts),
-        m.not_service_accounts.is_empty(),
-    );
-    put(
-        "principals",
-        string_matches(&m.principals),
-        m.principals.is_empty(),
-    );
-    put(
-        "notPrincipals",
-        string_matches(&m.not_principals),
-        m.not_principals.is_empty(),
-    );
-    put("sourceIps", nets(&m.source_ips), m.source_ips.is_empty());
-    put(
-        "notSourceIps",
-        nets(&m.not_source_ips),
-        m.not_source_ips.is_empty(),
-    );
-    put(
-        "destinationIps",
-        nets(&m.destination_ips),
-        m.destination_ips.is_empty(),
-    );
-    put(
-        "notDestinationIps",
-        nets(&m.not_destination_ips),
-        m.not_destination_ips.is_empty(),
-    );
-    put(
-        "destinationPorts",
-        json!(m.destination_ports),
-        m.destination_ports.is_empty(),
-    );
-    put(
-        "notDestinationPorts",
-        json!(m.not_destination_ports),
-        m.not_destination_ports.is_empty(),
-    );
-    Value::Object(v)
+    let fields = [
+        ("namespaces", string_matches(&m.namespaces)),
+        ("notNamespaces", string_matches(&m.not_namespaces)),
+        ("serviceAccounts", sas(&m.service_accounts)),
+        ("notServiceAccounts", sas(&m.not_service_accounts)),
+        ("principals", string_matches(&m.principals)),
+        ("notPrincipals", string_matches(&m.not_principals)),
+        ("sourceIps", nets(&m.source_ips)),
+        ("notSourceIps", nets(&m.not_source_ips)),
+        ("destinationIps", nets(&m.destination_ips)),
+        ("notDestinationIps", nets(&m.not_destination_ips)),
+        ("destinationPorts", json!(m.destination_ports)),
+        ("notDestinationPorts", json!(m.not_destination_ports)),
+    ];
+    Value::Object(
+        fields
+            .into_iter()
+            .filter(|(_, v)| v.as_array().is_none_or(|a| !a.is_empty()))
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<Map<String, Value>>(),
+    )
 }
 
 pub fn policy(p: &Policy) -> Value {
