@@ -9,6 +9,7 @@
 pub mod app;
 pub mod capture;
 pub mod cgroups;
+pub mod chaos;
 pub mod cluster;
 pub mod cni;
 pub mod controlplane;

@@ -480,6 +480,27 @@ async fn certificate_renewal_keeps_connections_and_new_ones_use_the_new_certific
         "no HBONE connection with the renewed certificate:\n{}",
         zt.logs()
     );
+
+    // Once its last stream ends, a connection with the old certificate is closed (not
+    // kept until the pool's idle timeout: with short-lived certificates they would
+    // pile up, one per renewal).
+    drop(held);
+    let hbone_conns = || {
+        a.exec(&["ss", "-tnH", "state", "established"])
+            .lines()
+            .filter(|l| l.contains(&format!("{}:15008", b.ip)))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + T;
+    while hbone_conns() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} HBONE connections from a to b:\n{}",
+            hbone_conns(),
+            a.exec(&["ss", "-tn"])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

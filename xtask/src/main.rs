@@ -7,6 +7,8 @@
 //!   (nextest when installed, else cargo test). The e2e tests need root.
 //! - `proptest [cases]`: only the property tests, with many more cases than the suite
 //!   runs (default 20000 each; the suite runs 256).
+//! - `chaos [--short] [--only <text>]`: the fault matrix (root); `--short` is what the
+//!   test suite runs.
 //! - `bench`: builds release binaries, then the criterion benchmarks (root): rule
 //!   installation against the per-rule `iptables` crate, and pod-to-pod traffic through
 //!   ztunnel against the direct path, each baseline measured in the same run.
@@ -83,6 +85,17 @@ fn demo(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
+fn chaos(extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure(For::Tests)?;
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--bins"]);
+    run(build)?;
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "chaos", "--"]);
+    cmd.args(extra);
+    run(cmd)
+}
+
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     // The data-path benchmark runs the release ztunnel binary.
     let mut build = cargo();
@@ -102,6 +115,9 @@ tasks:
                 --keep leaves it running until Ctrl-C
   test [args]   build the binaries and run every test (root needed for e2e)
   proptest [n]  only the property tests, n cases each (default 20000)
+  chaos [--short] [--only <text>]
+                the fault matrix: bypass, crashes and leaks under every fault (root);
+                the table goes to the terminal and target/chaos/
   bench [args]  criterion benchmarks against same-run baselines (root)";
 
 fn main() -> ExitCode {
@@ -112,6 +128,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("proptest") => proptest(&args[1..]),
         Some("demo") => demo(&args[1..]),
+        Some("chaos") => chaos(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use super::{MeshConfig, PodContext};
@@ -77,6 +78,10 @@ struct Conn {
     /// renewal no new stream is put on it, so new connections show the new certificate
     /// while established streams carry on.
     cert_generation: u64,
+    /// Retired: a newer certificate is in use; no new stream goes on it.
+    retired: AtomicBool,
+    /// Tells the driver to close the connection (retired, last stream done).
+    done: Arc<Notify>,
 }
 
 impl Conn {
@@ -89,6 +94,14 @@ impl Conn {
                 .unwrap_or_else(|p| p.into_inner())
                 .elapsed()
                 >= timeout
+    }
+
+    /// No new stream goes on it; it closes once its streams are done.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        if self.streams.load(Ordering::Acquire) == 0 {
+            self.done.notify_one();
+        }
     }
 
     fn usable(&self, max: usize, cert_generation: u64) -> bool {
@@ -105,7 +118,11 @@ pub struct StreamGuard(Arc<Conn>);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        let left = self.0.streams.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && self.0.retired.load(Ordering::Acquire) {
+            // Its last stream is done: the driver closes it now.
+            self.0.done.notify_one();
+        }
     }
 }
 
@@ -209,7 +226,19 @@ impl Pool {
         let list = conns.get_mut(key)?;
         let now = Instant::now();
         // Drop what is broken or has idled out; nothing broken is handed out again.
-        list.retain(|c| !c.sender.is_closed() && !c.idle_for(cfg.idle_timeout));
+        // A connection opened with an older certificate gets no new stream: it is
+        // retired, and closed as soon as its last stream ends (not after the idle
+        // timeout: with short-lived certificates they would pile up).
+        list.retain(|c| {
+            if c.sender.is_closed() || c.idle_for(cfg.idle_timeout) {
+                return false;
+            }
+            if c.cert_generation != cert_generation {
+                c.retire();
+                return false;
+            }
+            true
+        });
         let c = list
             .iter()
             .find(|c| c.usable(cfg.max_streams_per_connection, cert_generation))?
@@ -264,10 +293,13 @@ impl Pool {
             streams: Arc::new(AtomicUsize::new(1)),
             last_used: Mutex::new(Instant::now()),
             cert_generation,
+            retired: AtomicBool::new(false),
+            done: Arc::new(Notify::new()),
         });
         // The connection's driver. It also closes the connection once it has carried no
         // stream for the idle timeout; the pool then sees it closed and drops it.
         let (watched, idle_timeout) = (Arc::downgrade(&conn), cfg.idle_timeout);
+        let done = conn.done.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             loop {
@@ -276,6 +308,10 @@ impl Pool {
                         if let Err(e) = ended {
                             debug!(%addr, "HBONE connection ended: {e}");
                         }
+                        return;
+                    }
+                    _ = done.notified() => {
+                        debug!(%addr, "closing an HBONE connection opened with an older certificate");
                         return;
                     }
                     _ = tokio::time::sleep(idle_timeout / 4) => {
