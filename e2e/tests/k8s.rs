@@ -262,3 +262,21 @@ async fn api_errors_and_cut_watches_still_converge_without_double_enrollment() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_starting_while_the_api_server_fails_retries_instead_of_exiting() {
+    let cluster = Cluster::new(57, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let a = cluster.add_pod("demo", "sleep", &[]);
+    // The first requests of the new agent (its initial list among them) fail.
+    cluster.api.fail_next(4);
+    let mut agent = cluster.start_agent(1);
+    let _zt = cluster.start_ztunnel(1);
+    cluster.wait_annotation(&a, Some("enabled"), &agent).await;
+    assert!(agent.is_running(), "{}", agent.logs());
+    assert!(
+        agent.count(&["listing this node's pods", "retrying in"]) >= 1,
+        "{}",
+        agent.logs()
+    );
+}

@@ -299,9 +299,19 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     );
     // The pods this node enrolled before the agent (re)started go into the snapshot
     // before ztunnel can connect: a ztunnel that got an empty one would drop them.
-    let adopt = annotated_pods(&client, &node)
-        .await
-        .context("listing this node's pods")?;
+    // An API server that fails now (a restart, overload) is retried, not fatal: exiting
+    // would only crash-loop the agent while new pods wait for it.
+    let mut backoff = Duration::from_millis(100);
+    let adopt = loop {
+        match annotated_pods(&client, &node).await {
+            Ok(pods) => break pods,
+            Err(e) => {
+                tracing::warn!("listing this node's pods: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     let _agent = Agent::serve(&cfg, enrollment.clone(), adopt)
         .await
         .context("starting the agent")?;

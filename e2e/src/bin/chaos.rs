@@ -62,7 +62,29 @@ fn main() -> ExitCode {
         opts.rounds,
         opts.window
     );
-    let rows = rt.block_on(chaos::run(&opts, &mut |line| println!("{line}")));
+    // Ctrl-C or SIGTERM drops the run, and with it every pod, process and rule it made.
+    let rows = rt.block_on(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let mut progress = |line: &str| println!("{line}");
+        tokio::select! {
+            rows = chaos::run(&opts, &mut progress) => Some(rows),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = terminated => None,
+        }
+    });
+    let Some(rows) = rows else {
+        eprintln!("interrupted; everything the run made is removed");
+        return ExitCode::from(2);
+    };
     let table = chaos::report::markdown(&rows);
     println!("\n{table}");
     println!("(run took {:.0} s)", started.elapsed().as_secs_f64());

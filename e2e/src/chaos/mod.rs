@@ -284,6 +284,9 @@ impl World {
                     self.cluster
                         .label_pod(pod, "chaos-round", Some(&round.to_string()));
                 }
+                // The agent goes through the failures, then the API heals.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                self.cluster.api.fail_next(0);
             }
             Fault::ControlPlaneStreamCut => self.cp.restart().await,
             Fault::ControlPlaneDownPastCertLife => {
@@ -358,8 +361,26 @@ impl World {
         self.cp.remove(ADDRESS_TYPE, &["chaos/garbage"]);
     }
 
-    /// New "panicked at" lines in any log, and managed processes that are not running.
-    fn crashes(&mut self) -> u64 {
+    /// New "panicked at" lines in any log, and managed processes that are not running
+    /// (with the end of their log, to say why).
+    fn crashes(&mut self) -> (u64, Vec<String>) {
+        let mut why = Vec::new();
+        for (name, p) in [("ztunnel", &mut self.zt), ("agent", &mut self.agent)] {
+            if !p.is_running() {
+                let logs = p.logs();
+                let tail: Vec<&str> = logs.lines().rev().take(5).collect();
+                why.push(format!(
+                    "{name} (pid {}) exited with {:?}: {}",
+                    p.pid(),
+                    p.exit_code(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ));
+            }
+        }
+        (self.count_crashes(), why)
+    }
+
+    fn count_crashes(&mut self) -> u64 {
         let mut panics = 0;
         if let Ok(dir) = std::fs::read_dir(self.cluster.node.dir.path()) {
             for e in dir.flatten() {
@@ -517,7 +538,7 @@ pub async fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Vec<Row> {
             i += 1;
             prober.pause().await;
             let fds_before = world.fds();
-            let _ = world.crashes();
+            let _ = world.count_crashes();
             prober.resume();
             let capture =
                 Capture::on_host_veth(&world.client, "tcp", world.cluster.node.dir.path());
@@ -529,7 +550,10 @@ pub async fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Vec<Row> {
             let window = prober.stats.take();
             let wire = capture.stop();
             prober.pause().await;
-            let crashed = world.crashes();
+            let (crashed, why) = world.crashes();
+            for w in &why {
+                progress(&format!("  {w}"));
+            }
             let same: Vec<(u32, usize)> = fds_before
                 .into_iter()
                 .filter(|(pid, _)| world.fds().iter().any(|(p, _)| p == pid))

@@ -9,7 +9,7 @@
 //! wire.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,12 +162,14 @@ impl Drop for InFlight {
     }
 }
 
-static NEXT_PORT: AtomicU16 = AtomicU16::new(PORTS.start);
+static NEXT_PORT: AtomicU64 = AtomicU64::new(0);
 
+/// The next probe source port, cycling through [`PORTS`].
 fn next_port() -> u16 {
-    let span = PORTS.end - PORTS.start;
+    let span = u64::from(PORTS.end - PORTS.start);
     let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-    PORTS.start + (n - PORTS.start) % span
+    // The remainder is below the span, itself a u16.
+    PORTS.start + (n % span) as u16
 }
 
 /// Connects from inside `pod` to `dst` from a probe source port.
@@ -408,6 +410,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(recovery(&clean, t0), None);
+    }
+
+    #[test]
+    fn source_ports_cycle_inside_their_range() {
+        for _ in 0..(3 * (PORTS.end - PORTS.start) as usize) {
+            assert!(PORTS.contains(&next_port()));
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ mod tests {
             uri_sans(&wc.chain[0]),
             ["spiffe://cluster.local/ns/default/sa/sleep"]
         );
-        let half = wc.renew_at().duration_since(wc.issued).unwrap();
+        let half = wc.renew_at(wc.issued).duration_since(wc.issued).unwrap();
         assert_eq!(half, Duration::from_secs(300), "renewal at half-life");
     }
 

@@ -205,7 +205,7 @@ impl CertManager {
                 wc.identity,
             ));
         }
-        let renew_at = wc.renew_at();
+        let renew_at = wc.renew_at(SystemTime::now());
         let not_after = wc.not_after;
         let mut roots = RootCertStore::empty();
         for root in &wc.roots {

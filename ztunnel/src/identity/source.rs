@@ -38,14 +38,21 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
+/// Never renew sooner than this after receiving a certificate (unless it expires
+/// first): a CA that hands out very short-lived certificates must not make ztunnel
+/// renew in a loop.
+pub const MIN_RENEW_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl WorkloadCert {
-    /// When the certificate should be replaced: half-way through its life.
-    pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.issued)
-            .unwrap_or_default();
-        self.issued + life / 2
+    /// When the certificate, received at `received`, should be replaced: half-way
+    /// through the life it has left from then. Not from its `notBefore`: CAs backdate
+    /// it for clock skew (istiod by minutes), and with a short lifetime half-life
+    /// counted from there can already be past on arrival (certificate times have a
+    /// one-second resolution too), which would renew in a loop. At least
+    /// [`MIN_RENEW_AFTER`] after receipt, unless the certificate expires before that.
+    pub fn renew_at(&self, received: SystemTime) -> SystemTime {
+        let left = self.not_after.duration_since(received).unwrap_or_default();
+        received + (left / 2).max(MIN_RENEW_AFTER.min(left))
     }
 }
 
@@ -60,4 +67,46 @@ pub trait CertSource: Send + Sync + 'static {
         identity: &'a Identity,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<WorkloadCert, BoxError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cert(not_before: SystemTime, not_after: SystemTime) -> WorkloadCert {
+        WorkloadCert {
+            identity: Identity::new("cluster.local", "ns", "sa"),
+            chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(Vec::new().into()),
+            roots: Vec::new(),
+            issued: not_before,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn renewal_is_at_half_the_life_left_on_arrival_never_in_a_loop() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let s = Duration::from_secs;
+        // Backdated by 5 s, 6 s left: half-life from notBefore would be now + 0.5 s
+        // (and already past with whole-second times); from arrival it is now + 3 s.
+        assert_eq!(cert(now - s(5), now + s(6)).renew_at(now), now + s(3));
+        // A day-long certificate backdated by istiod's minutes.
+        assert_eq!(
+            cert(now - s(120), now + s(86_400)).renew_at(now),
+            now + s(43_200)
+        );
+        // Very short-lived: not sooner than a second after arrival...
+        assert_eq!(
+            cert(now, now + Duration::from_millis(1500)).renew_at(now),
+            now + s(1)
+        );
+        // ...unless it expires before that; an expired one at once.
+        assert_eq!(
+            cert(now, now + Duration::from_millis(400)).renew_at(now),
+            now + Duration::from_millis(400)
+        );
+        assert_eq!(cert(now - s(10), now - s(1)).renew_at(now), now);
+    }
 }
