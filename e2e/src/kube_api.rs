@@ -75,6 +75,8 @@ struct Store {
     fail_next: usize,
     /// Bearer tokens accepted; `None`: no authentication.
     tokens: Option<Vec<String>>,
+    /// Down (restarting): every new connection is closed at once.
+    down: bool,
 }
 
 fn key(kind: Kind, ns: &str, name: &str) -> (u8, String, String) {
@@ -221,6 +223,10 @@ impl ApiServer {
         let acceptor = tls.map(|(_, cfg)| tokio_rustls::TlsAcceptor::from(Arc::new(cfg)));
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                if shared.lock().unwrap_or_else(|p| p.into_inner()).down {
+                    drop(stream);
+                    continue;
+                }
                 let store = shared.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -353,6 +359,16 @@ impl ApiServer {
     /// Ends every open watch stream (as a restarting API server would).
     pub fn drop_watches(&self) {
         self.lock().watchers.clear();
+    }
+
+    /// Goes down (every watch cut, every new connection closed at once) or comes back,
+    /// as an API server restart looks to its clients.
+    pub fn set_down(&self, down: bool) {
+        let mut s = self.lock();
+        s.down = down;
+        if down {
+            s.watchers.clear();
+        }
     }
 
     /// Forgets the event history: watches from an older version get 410 Expired.

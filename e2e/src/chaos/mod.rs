@@ -45,6 +45,7 @@ pub enum Fault {
     AgentUpgrade,
     ApiWatchCut,
     ApiErrors,
+    ApiDown,
     ControlPlaneStreamCut,
     ControlPlaneDownPastCertLife,
     ConflistOverwritten,
@@ -55,7 +56,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 15] = [
         Fault::ZtunnelKill,
         Fault::AgentKill,
         Fault::BothKill,
@@ -63,6 +64,7 @@ impl Fault {
         Fault::AgentUpgrade,
         Fault::ApiWatchCut,
         Fault::ApiErrors,
+        Fault::ApiDown,
         Fault::ControlPlaneStreamCut,
         Fault::ControlPlaneDownPastCertLife,
         Fault::ConflistOverwritten,
@@ -81,6 +83,7 @@ impl Fault {
             Fault::AgentUpgrade => "agent upgrade (SIGTERM, new agent, same ztunnel)",
             Fault::ApiWatchCut => "Kubernetes API watches cut",
             Fault::ApiErrors => "Kubernetes API failing 30 requests while pods change",
+            Fault::ApiDown => "Kubernetes API server down for 3 s (restart) while pods change",
             Fault::ControlPlaneStreamCut => "control plane stream cut (istiod restart)",
             Fault::ControlPlaneDownPastCertLife => {
                 "control plane down longer than a certificate's remaining life"
@@ -288,6 +291,15 @@ impl World {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 self.cluster.api.fail_next(0);
             }
+            Fault::ApiDown => {
+                self.cluster.api.set_down(true);
+                for pod in [&self.client, &self.server] {
+                    self.cluster
+                        .label_pod(pod, "chaos-down", Some(&round.to_string()));
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                self.cluster.api.set_down(false);
+            }
             Fault::ControlPlaneStreamCut => self.cp.restart().await,
             Fault::ControlPlaneDownPastCertLife => {
                 self.cp.stop().await;
@@ -405,7 +417,8 @@ impl World {
     /// What is left behind that should not be: netns beyond the three pods', probe
     /// set entries beyond the mesh pods' addresses, pod rules other than the
     /// specification's, `grown` fds.
-    fn leaks(&self, fds_before: &[(u32, usize)]) -> Vec<String> {
+    async fn leaks(&self, fds_before: &[(u32, usize)]) -> Vec<String> {
+        let fds_now = self.fds().await;
         let mut out = Vec::new();
         let prefix = format!("zt{}-", self.cluster.node.id);
         let pods: BTreeSet<String> = [&self.client, &self.server, &self.outside]
@@ -457,7 +470,7 @@ impl World {
             out.push("rules in the pod outside the mesh".into());
         }
         for (pid, before) in fds_before {
-            let now = fds_of(*pid);
+            let now = fds_now.iter().find(|(p, _)| p == pid).map(|(_, n)| *n);
             if let Some(now) = now.filter(|n| n > before) {
                 let who = if *pid == self.zt.pid() {
                     "ztunnel"
@@ -470,12 +483,22 @@ impl World {
         out
     }
 
-    /// The agent's and ztunnel's pids and open fds.
-    fn fds(&self) -> Vec<(u32, usize)> {
-        [self.agent.pid(), self.zt.pid()]
-            .into_iter()
-            .filter_map(|pid| Some((pid, fds_of(pid)?)))
-            .collect()
+    /// The agent's and ztunnel's pids and open fds: the fewest of a few samples, since
+    /// both open some for a moment now and then (the drift check's `iptables-save`
+    /// pipes, a netns it looks into).
+    async fn fds(&self) -> Vec<(u32, usize)> {
+        let mut least: Vec<(u32, usize)> = Vec::new();
+        for _ in 0..5 {
+            for pid in [self.agent.pid(), self.zt.pid()] {
+                let Some(n) = fds_of(pid) else { continue };
+                match least.iter_mut().find(|(p, _)| *p == pid) {
+                    Some((_, m)) => *m = (*m).min(n),
+                    None => least.push((pid, n)),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        least
     }
 
     /// Waits until every fault of the run has been undone: pods enabled, mesh traffic
@@ -537,7 +560,7 @@ pub async fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Vec<Row> {
         for &fault in &opts.faults {
             i += 1;
             prober.pause().await;
-            let fds_before = world.fds();
+            let fds_before = world.fds().await;
             let _ = world.count_crashes();
             prober.resume();
             let capture =
@@ -554,11 +577,7 @@ pub async fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Vec<Row> {
             for w in &why {
                 progress(&format!("  {w}"));
             }
-            let same: Vec<(u32, usize)> = fds_before
-                .into_iter()
-                .filter(|(pid, _)| world.fds().iter().any(|(p, _)| p == pid))
-                .collect();
-            let mut leaked = world.leaks(&same);
+            let mut leaked = world.leaks(&fds_before).await;
             if !recovered {
                 leaked.push(format!("traffic not back within {SETTLE:?}"));
             }
