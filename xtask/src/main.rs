@@ -74,24 +74,15 @@ fn proptest(extra: &[String]) -> anyhow::Result<()> {
     run(cmd)
 }
 
-fn demo(extra: &[String]) -> anyhow::Result<()> {
-    setup::ensure(For::Demo)?;
+/// Sets the machine up for `purpose`, builds every binary (the e2e harness runs them),
+/// then runs the e2e binary `bin` with `extra`.
+fn run_e2e_bin(purpose: For, bin: &str, extra: &[String]) -> anyhow::Result<()> {
+    setup::ensure(purpose)?;
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build)?;
     let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "demo", "--"]);
-    cmd.args(extra);
-    run(cmd)
-}
-
-fn chaos(extra: &[String]) -> anyhow::Result<()> {
-    setup::ensure(For::Tests)?;
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--bins"]);
-    run(build)?;
-    let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", "chaos", "--"]);
+    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", bin, "--"]);
     cmd.args(extra);
     run(cmd)
 }
@@ -127,8 +118,8 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("proptest") => proptest(&args[1..]),
-        Some("demo") => demo(&args[1..]),
-        Some("chaos") => chaos(&args[1..]),
+        Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
+        Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
