@@ -443,3 +443,34 @@ async fn the_agent_refuses_a_ztunnel_run_by_an_unexpected_user() {
         .await;
     assert_eq!(agent.enrollment().zds().connections(), 0);
 }
+
+/// ztunnel's threads (`/proc/<pid>/status`).
+fn threads(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_pods_cost_ztunnel_no_thread_each() {
+    let node = TestNode::new(21);
+    let first = node.add_pod("first");
+    let Mesh { agent, ztunnel: zt } = Mesh::start(&node, &[&first]).await;
+    let before = threads(zt.pid());
+    let pods: Vec<_> = (0..8).map(|i| node.add_pod(&format!("p{i}"))).collect();
+    for p in &pods {
+        let status = agent.enrollment().enroll(&p.pod()).await.expect("enroll");
+        assert_eq!(status, istio_cni::EnrollStatus::Enabled);
+        assert_eq!(p.ports_of("ztunnel"), ZTUNNEL_PORTS);
+    }
+    let after = threads(zt.pid());
+    // Sockets are made by entering the pod's netns on the calling thread; a runtime
+    // may still start a blocking-pool thread or two meanwhile.
+    assert!(
+        after <= before + 2,
+        "8 more pods took ztunnel from {before} to {after} threads"
+    );
+}

@@ -1,68 +1,83 @@
-//! A pod's netns as ztunnel uses it: a dedicated thread that lives inside the netns and
-//! creates sockets there on request.
+//! A pod's netns as ztunnel uses it: sockets are created inside it by briefly moving
+//! the *calling* thread into it.
 //!
-//! A socket belongs forever to the netns its creating thread was in. Rather than move
-//! tokio workers in and out of namespaces, each pod gets one small thread that enters
-//! the pod's netns once and only ever makes sockets; the sockets are then used from
-//! the normal runtime like any other.
+//! A socket belongs forever to the netns its creating thread was in. [`InpodNetns::run`]
+//! enters the pod's netns, runs a closure of plain syscalls (socket, setsockopt, bind,
+//! listen, getifaddrs: nothing that can yield, so no other task runs on this thread
+//! meanwhile) and returns to ztunnel's own netns before anything else happens on the
+//! thread. The sockets are then used from the runtime like any other.
+//!
+//! This used to be a dedicated thread per pod, fed over a channel: a thread (and its
+//! stack) per enrolled pod, and a cross-thread hop for every upstream connection. Two
+//! `setns` calls cost less than that hop and nothing per idle pod.
+//!
+//! Fail closed: if the thread cannot get back to ztunnel's netns, the process aborts
+//! rather than let a runtime worker create later sockets in the wrong pod.
 
 use std::io;
-use std::sync::mpsc;
+use std::sync::OnceLock;
 
 use protocol::{Netns, NetnsId};
 
-type Job = Box<dyn FnOnce() + Send>;
+/// ztunnel's own netns, where every thread lives outside [`InpodNetns::run`].
+static HOME: OnceLock<Netns> = OnceLock::new();
+
+fn home() -> io::Result<&'static Netns> {
+    if let Some(h) = HOME.get() {
+        return Ok(h);
+    }
+    // Outside `run` every thread is in ztunnel's netns, so this one is too.
+    let current = Netns::current()?;
+    Ok(HOME.get_or_init(|| current))
+}
+
+/// Puts the thread back into ztunnel's netns when dropped (also when the closure
+/// panics), or aborts.
+struct BackHome(&'static Netns);
+
+impl Drop for BackHome {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.enter() {
+            // A worker left inside a pod's netns would create other pods' sockets
+            // there: stopping is the only safe outcome.
+            eprintln!("ztunnel: cannot return to its own network namespace ({e}); aborting");
+            std::process::abort();
+        }
+    }
+}
 
 /// A socket factory inside one pod's network namespace.
 #[derive(Debug)]
 pub struct InpodNetns {
-    id: NetnsId,
-    jobs: mpsc::Sender<Job>,
+    netns: Netns,
 }
 
 impl InpodNetns {
-    /// Starts the pod's socket thread; fails if it cannot enter the netns.
+    /// Holds the pod's netns; fails if this thread cannot enter it (and come back).
     pub fn new(netns: Netns) -> io::Result<Self> {
-        let id = netns.id();
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (entered_tx, entered_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name(format!("netns-{}", id.inode))
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let entered = netns.enter();
-                let ok = entered.is_ok();
-                let _ = entered_tx.send(entered);
-                drop(netns);
-                if ok {
-                    // Ends when the last sender (the InpodNetns) is dropped.
-                    while let Ok(job) = rx.recv() {
-                        job();
-                    }
-                }
-            })?;
-        entered_rx
-            .recv()
-            .map_err(|_| io::Error::other("netns thread exited before entering the netns"))??;
-        Ok(InpodNetns { id, jobs })
+        let pod = InpodNetns { netns };
+        pod.enter_and(|| Ok(()))?;
+        Ok(pod)
     }
 
     pub fn id(&self) -> NetnsId {
-        self.id
+        self.netns.id()
     }
 
-    /// Runs `f` on the pod's socket thread (inside its netns) and returns its result.
+    /// Runs `f` inside the pod's netns, on this thread, and returns its result. `f`
+    /// must not block for long or yield: it runs with the thread out of ztunnel's
+    /// netns.
     pub async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| io::Error::other("pod netns thread is gone"))?;
-        rx.await
-            .map_err(|_| io::Error::other("pod netns thread dropped the request"))?
+        self.enter_and(f)
+    }
+
+    fn enter_and<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let home = home()?;
+        self.netns.enter()?;
+        let _back = BackHome(home);
+        f()
     }
 }
