@@ -266,11 +266,6 @@ impl Enrollment {
         out
     }
 
-    /// Why the agent gave up on the pod's redirection, if it did.
-    pub fn unrepairable(&self, uid: &WorkloadUid) -> Option<String> {
-        self.pods().get(uid)?.unrepairable.clone()
-    }
-
     fn reconciled<T>(&self, kind: ReconcileType, r: &Result<T, EnrollError>) {
         self.inner
             .metrics

@@ -67,10 +67,7 @@ impl InpodNetns {
     /// Runs `f` inside the pod's netns, on this thread, and returns its result. `f`
     /// must not block for long or yield: it runs with the thread out of ztunnel's
     /// netns.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> io::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
+    pub async fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         self.enter_and(f)
     }
 

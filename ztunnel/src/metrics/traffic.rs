@@ -246,11 +246,19 @@ impl TrafficMetrics {
 
     /// Counts a connection closed, refused (`flags`) or failed (`failed`).
     pub fn close(&self, labels: &TrafficLabels, flags: ResponseFlags, failed: bool) {
-        let mut labels = labels.clone();
-        labels.response_flags = flags;
-        self.closed.get_or_create(&labels).inc();
+        // Most connections close as they opened: no copy of the labels for them.
+        let flagged;
+        let labels = if labels.response_flags == flags {
+            labels
+        } else {
+            let mut l = labels.clone();
+            l.response_flags = flags;
+            flagged = l;
+            &flagged
+        };
+        self.closed.get_or_create(labels).inc();
         if failed {
-            self.failed.get_or_create(&labels).inc();
+            self.failed.get_or_create(labels).inc();
         }
     }
 }

@@ -104,10 +104,9 @@ impl Conn {
         }
     }
 
-    fn usable(&self, max: usize, cert_generation: u64) -> bool {
-        !self.sender.is_closed()
-            && self.streams.load(Ordering::Acquire) < max
-            && self.cert_generation == cert_generation
+    /// Another stream fits (the pool has already dropped what is closed or retired).
+    fn has_room(&self, max: usize) -> bool {
+        self.streams.load(Ordering::Acquire) < max
     }
 }
 
@@ -241,7 +240,7 @@ impl Pool {
         });
         let c = list
             .iter()
-            .find(|c| c.usable(cfg.max_streams_per_connection, cert_generation))?
+            .find(|c| c.has_room(cfg.max_streams_per_connection))?
             .clone();
         c.streams.fetch_add(1, Ordering::AcqRel);
         *c.last_used.lock().unwrap_or_else(|p| p.into_inner()) = now;
