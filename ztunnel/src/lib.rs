@@ -9,6 +9,7 @@ pub mod controlplane;
 pub mod http;
 pub mod identity;
 pub mod inpod;
+pub mod memory;
 pub mod metrics;
 pub mod proto;
 pub mod proxy;

@@ -75,9 +75,12 @@ fn modules_depend_on_each_other_one_way() {
         ("inpod", &["config", "metrics"]),
         ("http", &[]),
         ("config", &[]),
+        ("memory", &[]),
         (
             "proxy",
-            &["authz", "state", "identity", "tls", "inpod", "metrics"],
+            &[
+                "authz", "state", "identity", "tls", "inpod", "metrics", "memory",
+            ],
         ),
         (
             "admin",
