@@ -101,12 +101,9 @@ impl Waypoint {
         let server =
             ztunnel::tls::server_config(cert.clone(), cert.roots()).expect("server config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-        let netns = Arc::new(
-            ztunnel::inpod::netns::InpodNetns::new(
-                protocol::Netns::open(&pod.netns_path).expect("waypoint netns"),
-            )
-            .expect("netns thread"),
-        );
+        let netns = Arc::new(ztunnel::inpod::netns::InpodNetns::new(
+            protocol::Netns::open(&pod.netns_path).expect("waypoint netns"),
+        ));
         let listener = netns
             .run(|| {
                 let l = std::net::TcpListener::bind("0.0.0.0:15008")?;

@@ -53,11 +53,10 @@ pub struct InpodNetns {
 }
 
 impl InpodNetns {
-    /// Holds the pod's netns; fails if this thread cannot enter it (and come back).
-    pub fn new(netns: Netns) -> io::Result<Self> {
-        let pod = InpodNetns { netns };
-        pod.enter_and(|| Ok(()))?;
-        Ok(pod)
+    /// Holds the pod's netns. Whether it can be entered shows at the first
+    /// [`InpodNetns::run`] (the listeners, right after): no separate trip in and out.
+    pub fn new(netns: Netns) -> Self {
+        InpodNetns { netns }
     }
 
     pub fn id(&self) -> NetnsId {

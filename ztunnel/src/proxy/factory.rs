@@ -1,6 +1,5 @@
 //! The real [`ProxyFactory`]: for each pod the agent hands over, the mesh side (its
-//! workload, identity and certificate), a socket thread in its netns and the three
-//! listeners. The in-pod state manager decides when; this decides how.
+//! workload, identity and certificate), its netns and the three listeners. The in-pod state manager decides when; this decides how.
 
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ impl RunningProxy for PodProxy {
     }
 }
 
-/// The real factory: a socket thread in the pod's netns and the three listeners.
+/// The real factory: the pod's netns and the three listeners.
 pub struct InpodProxyFactory {
     pub cfg: Arc<ProxyConfig>,
 }
@@ -40,7 +39,7 @@ impl ProxyFactory for InpodProxyFactory {
                     None
                 }
             };
-            let netns = InpodNetns::new(netns).map_err(|e| format!("entering pod netns: {e}"))?;
+            let netns = InpodNetns::new(netns);
             if !cfg.ipv6 {
                 // Dual-stack listeners are off: a routable IPv6 address would carry
                 // traffic nothing captures.

@@ -59,7 +59,6 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             f.dst_service = service.clone();
             f
         };
-        // (HBONE peer address, CONNECT target, identity the peer must prove, workload)
         // (HBONE peer address, CONNECT target, workload that must answer)
         let hbone = match route {
             Destination::Workload(w, target) if w.protocol == Protocol::Hbone => Some((

@@ -301,6 +301,11 @@ impl Pool {
         let done = conn.done.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
+            // One timer for the connection's life: a sleep made inside the loop would
+            // be re-armed every time the connection wakes, that is for every frame.
+            let mut idle_check = tokio::time::interval(idle_timeout / 4);
+            idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            idle_check.reset();
             loop {
                 tokio::select! {
                     ended = &mut connection => {
@@ -313,7 +318,7 @@ impl Pool {
                         debug!(%addr, "closing an HBONE connection opened with an older certificate");
                         return;
                     }
-                    _ = tokio::time::sleep(idle_timeout / 4) => {
+                    _ = idle_check.tick() => {
                         let idle = watched.upgrade().is_none_or(|c| c.idle_for(idle_timeout));
                         if idle {
                             info!(%addr, "closing idle HBONE connection");
