@@ -8,10 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use nix::sched::{setns, CloneFlags};
 use nix::sys::statfs::fstatfs;
@@ -91,12 +88,12 @@ impl Netns {
                 "fd is a namespace, but not a network namespace",
             ));
         }
-        let meta = File::from(fd.try_clone()?).metadata()?;
+        let meta = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
         Ok(Netns {
             fd,
             id: NetnsId {
-                dev: meta.dev(),
-                inode: meta.ino(),
+                dev: meta.st_dev,
+                inode: meta.st_ino,
             },
         })
     }
@@ -144,19 +141,6 @@ impl Netns {
                 })
                 .collect())
         })?
-    }
-
-    /// A `Command` whose child process starts inside this netns.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
-        let fd = self.fd.try_clone()?;
-        let mut cmd = Command::new(program);
-        // SAFETY: the closure runs in the forked child before exec. It only calls
-        // setns(2), a plain syscall that is async-signal-safe, on an fd the closure
-        // owns (a dup that stays open in the child until exec closes it, CLOEXEC).
-        unsafe {
-            cmd.pre_exec(move || setns(&fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
-        }
-        Ok(cmd)
     }
 }
 

@@ -248,7 +248,7 @@ async fn inspect(
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
             let listeners = tokio::task::spawn_blocking(move || {
-                let mut cmd = crate::exec::in_netns(&ns, "ss").map_err(|e| e.to_string())?;
+                let mut cmd = crate::exec::in_netns(&ns, "ss");
                 cmd.arg("-ntlpH");
                 crate::exec::run(cmd, None)
                     .map(|out| verdict::parse_ss(&out))

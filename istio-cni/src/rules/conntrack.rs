@@ -27,7 +27,7 @@ pub fn flush_redirected(netns: &Netns, cfg: &RuleConfig, family: Family) -> Resu
             port.as_str(),
         ],
     ] {
-        let mut cmd = exec::in_netns(netns, "conntrack")?;
+        let mut cmd = exec::in_netns(netns, "conntrack");
         cmd.args(&args);
         match exec::run(cmd, None) {
             Ok(_) => {}

@@ -50,7 +50,7 @@ impl HostProbes {
     }
 
     fn ipset(&self, node: &Netns, args: &[&str]) -> Result<String, RulesError> {
-        let mut cmd = exec::in_netns(node, "ipset").map_err(RulesError::Ipset)?;
+        let mut cmd = exec::in_netns(node, "ipset");
         cmd.args(args);
         exec::run(cmd, None).map_err(RulesError::Ipset)
     }

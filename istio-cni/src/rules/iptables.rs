@@ -106,12 +106,12 @@ pub struct Iptables {
 
 impl Iptables {
     pub fn save(&self, netns: &Netns, family: Family) -> Result<Vec<SavedTable>, IptablesError> {
-        let cmd = exec::in_netns(netns, self.backend.save_bin(family))?;
+        let cmd = exec::in_netns(netns, self.backend.save_bin(family));
         Ok(parse_save(&exec::run(cmd, None)?)?)
     }
 
     pub fn restore(&self, netns: &Netns, family: Family, input: &str) -> Result<(), IptablesError> {
-        let mut cmd = exec::in_netns(netns, self.backend.restore_bin(family))?;
+        let mut cmd = exec::in_netns(netns, self.backend.restore_bin(family));
         cmd.arg("--noflush")
             .arg("--wait")
             .arg(self.lock_wait.as_secs().max(1).to_string());

@@ -141,20 +141,42 @@ impl Redirection {
         self.families.iter().map(|f| f.ruleset.family).collect()
     }
 
+    /// Runs `f` for every family at once, one thread each: a family's work is a few
+    /// tool processes run one after the other (save, route state, restore, route),
+    /// and the families touch separate tables and routes, so IPv4 and IPv6 need not
+    /// wait for each other. Results in family order; the first error wins.
+    fn per_family<T: Send>(
+        &self,
+        f: impl Fn(&FamilyRules) -> Result<T, RulesError> + Sync,
+    ) -> Result<Vec<T>, RulesError> {
+        match self.families.as_slice() {
+            [one] => Ok(vec![f(one)?]),
+            all => std::thread::scope(|s| {
+                let running: Vec<_> = all.iter().map(|fam| s.spawn(|| f(fam))).collect();
+                running
+                    .into_iter()
+                    .map(|t| {
+                        t.join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    })
+                    .collect()
+            }),
+        }
+    }
+
     pub fn verify(&self, netns: &Netns) -> Result<Verification, RulesError> {
-        let mut out = Verification::default();
-        for f in &self.families {
+        let families = self.per_family(|f| {
             let family = f.ruleset.family;
             let saved = self.iptables.save(netns, family)?;
-            out.families.push(FamilyVerification {
+            Ok(FamilyVerification {
                 family,
                 iptables: save::drift(&f.ruleset, &saved),
                 route: f.route.state(netns).map_err(RulesError::Route)?,
                 expected_rule: f.route.rule(),
                 expected_route: f.route.route(),
-            });
-        }
-        Ok(out)
+            })
+        })?;
+        Ok(Verification { families })
     }
 
     /// Refuses a netns holding an address (beyond loopback and link-local) of a family
@@ -182,21 +204,24 @@ impl Redirection {
     /// written.
     pub fn apply(&self, netns: &Netns) -> Result<Applied, RulesError> {
         self.check_families(netns)?;
-        let mut applied = Applied::Unchanged;
-        for f in &self.families {
+        let applied = self.per_family(|f| {
             let saved = self.iptables.save(netns, f.ruleset.family)?;
             let drift = save::drift(&f.ruleset, &saved);
             let route = f.route.state(netns).map_err(RulesError::Route)?;
             if drift.is_clean() && route.rule && route.route {
-                continue;
+                return Ok(Applied::Unchanged);
             }
             if !drift.is_clean() {
                 write_tables(&self.iptables, &f.ruleset, netns, &saved)?;
             }
             f.route.apply(netns, route).map_err(RulesError::Route)?;
-            applied = Applied::Changed;
-        }
-        Ok(applied)
+            Ok(Applied::Changed)
+        })?;
+        Ok(if applied.contains(&Applied::Changed) {
+            Applied::Changed
+        } else {
+            Applied::Unchanged
+        })
     }
 
     /// Removes our chains, jumps, rules and routes of every family, then flushes

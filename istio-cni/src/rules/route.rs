@@ -53,7 +53,7 @@ impl PolicyRoute {
     }
 
     fn batch(&self, netns: &Netns, script: &str) -> Result<String, ExecError> {
-        let mut cmd = exec::in_netns(netns, "ip")?;
+        let mut cmd = exec::in_netns(netns, "ip");
         cmd.args([self.family.ip_flag(), "-batch", "-"]);
         exec::run(cmd, Some(script))
     }
