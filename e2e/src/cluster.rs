@@ -196,6 +196,19 @@ impl Cluster {
         self.api.create_pod(object);
     }
 
+    /// A pod as kubelet has it just before our plugin runs: its object created
+    /// (Pending, no IP yet: the watch leaves it alone) and its sandbox's network up
+    /// through the primary CNI; no process in it.
+    pub fn sandbox_before_plugin(&self, namespace: &str, name: &str) -> KubePod {
+        let uid = self.create_pod_object(namespace, name);
+        KubePod {
+            pod: self.node.add_pod(name),
+            uid,
+            namespace: namespace.into(),
+            process: None,
+        }
+    }
+
     /// Runs our plugin alone on a pod whose network is already up (as the last plugin
     /// of the chain, given the primary's result): the runtime's ADD for the sandbox.
     pub fn plugin_add(&self, pod: &KubePod) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 //! cleaned up when the test fails too. These tests need root.
 
 pub mod app;
+pub mod bench;
 pub mod capture;
 pub mod cgroups;
 pub mod chaos;
@@ -26,6 +27,15 @@ pub use node::{TestNode, TestPod};
 pub use process::{AgentProcess, Ztunnel};
 
 use std::path::PathBuf;
+
+/// The runtime of the harness's own binaries (demo, chaos, bench): two workers, as
+/// the machine has two CPUs.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
 
 /// Fails the test with a clear message unless running as root.
 pub fn require_root() {

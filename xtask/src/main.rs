@@ -9,9 +9,10 @@
 //!   runs (default 20000 each; the suite runs 256).
 //! - `chaos [--short] [--only <text>]`: the fault matrix (root); `--short` is what the
 //!   test suite runs.
-//! - `bench`: builds release binaries, then the criterion benchmarks (root): rule
-//!   installation against the per-rule `iptables` crate, and pod-to-pod traffic through
-//!   ztunnel against the direct path, each baseline measured in the same run.
+//! - `bench [--short]`: builds release binaries, then the system benchmark (root): the
+//!   data path through ztunnel against the direct path, interleaved in one run, the
+//!   footprint per pod and enrollment times (`e2e::bench`); then, unless `--short`,
+//!   the criterion benchmarks of every crate. `bench micro [args]`: only criterion.
 
 mod setup;
 
@@ -21,7 +22,24 @@ use anyhow::{bail, Context};
 use setup::For;
 
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // `cargo xtask` runs us with xtask's own package variables set; build scripts that
+    // watch those (ring's does) would see them change and rebuild on every call.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd
 }
 
 fn run(mut cmd: Command) -> anyhow::Result<()> {
@@ -88,14 +106,39 @@ fn run_e2e_bin(purpose: For, bin: &str, extra: &[String]) -> anyhow::Result<()> 
 }
 
 fn bench(extra: &[String]) -> anyhow::Result<()> {
-    // The data-path benchmark runs the release ztunnel binary.
+    setup::ensure(For::Tests)?;
+    let micro = |args: &[String]| {
+        let mut cmd = cargo();
+        cmd.args(["bench", "--workspace", "--bench", "*"]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        run(cmd)
+    };
+    if extra.first().map(String::as_str) == Some("micro") {
+        return micro(&extra[1..]);
+    }
+    // The system benchmark runs the release binaries it sits beside.
     let mut build = cargo();
     build.args(["build", "--release", "--workspace", "--bins"]);
     run(build)?;
     let mut cmd = cargo();
-    cmd.args(["bench", "-p", "e2e"]);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "e2e",
+        "--bin",
+        "bench",
+        "--",
+    ]);
     cmd.args(extra);
-    run(cmd)
+    run(cmd)?;
+    if extra.iter().any(|a| a == "--short") {
+        return Ok(());
+    }
+    micro(&[])
 }
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -109,7 +152,12 @@ tasks:
   chaos [--short] [--only <text>]
                 the fault matrix: bypass, crashes and leaks under every fault (root);
                 the table goes to the terminal and target/chaos/
-  bench [args]  criterion benchmarks against same-run baselines (root)";
+  bench [--short] [--out <dir>]
+                the system benchmark: ztunnel against the direct path in the same run,
+                footprint per pod, enrollment times (root; table, JSON and chart in
+                target/bench/), then the criterion benchmarks
+  bench micro [criterion args]
+                only the criterion benchmarks";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -58,6 +58,12 @@ const TOOLS: &[Tool] = &[
         why: "the tests' proof that no plaintext crosses the wire",
         tests_only: true,
     },
+    Tool {
+        program: "iperf3",
+        package: "iperf3",
+        why: "the benchmark's throughput runs (its short form is in the suite)",
+        tests_only: true,
+    },
 ];
 
 /// The CNI plugins the test node is wired with.
