@@ -283,14 +283,13 @@ async fn ask_api(cfg: &Config, namespace: &str, name: &str) -> Result<Option<Pod
             .await
             .map_err(|e| unreachable(&e))?,
     };
-    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
-        .get(name)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let ns = Api::<Namespace>::all(client)
-        .get_opt(namespace)
-        .await
-        .map_err(|e| unreachable(&e))?;
+    // Both at once: the runtime waits on this ADD, and a round trip to the API
+    // server is most of what the plugin itself costs.
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let namespaces = Api::<Namespace>::all(client);
+    let (pod, ns) = tokio::join!(pods.get(name), namespaces.get_opt(namespace));
+    let pod = pod.map_err(|e| unreachable(&e))?;
+    let ns = ns.map_err(|e| unreachable(&e))?;
     let selection = Selection {
         excluded_namespaces: cfg.exclude_namespaces.clone(),
         ..Selection::default()
