@@ -113,6 +113,24 @@ enum Subcommand {
     /// view, annotation) and says what is wrong and what to do. Exit code 1 when
     /// something is wrong, 2 when the checks could not run.
     Diagnose(DiagnoseArgs),
+    /// Prints the build version and the protocol versions this build speaks (ZDS
+    /// towards ztunnel, plugin events from the CNI plugin), then exits.
+    Version,
+}
+
+/// What `istio-cni version` prints, in the shape of Istio's `version.BuildInfo{…}`.
+fn build_info() -> String {
+    format!(
+        "version.BuildInfo{{Version:\"{}\", BuildProfile:\"{}\", ZdsVersion:\"{}\", PluginEventVersion:\"{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        protocol::message::protocol_version_name(),
+        istio_cni::cni::event::EVENT_VERSION
+    )
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,8 +166,13 @@ fn main() -> std::process::ExitCode {
         return istio_cni::cni::plugin::main();
     }
     let mut args = Args::parse();
-    if let Some(Subcommand::Diagnose(d)) = args.command.take() {
-        return diagnose(&args, d);
+    match args.command.take() {
+        Some(Subcommand::Diagnose(d)) => return diagnose(&args, d),
+        Some(Subcommand::Version) => {
+            println!("{}", build_info());
+            return std::process::ExitCode::SUCCESS;
+        }
+        None => {}
     }
     match agent_main(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -242,6 +265,7 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
         drift_check_interval: (args.drift_check_interval > 0)
             .then(|| Duration::from_secs(args.drift_check_interval)),
     };
+    println!("version: {}", build_info());
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
     println!("zds_timeout: {:?}", cfg.zds_timeout);

@@ -11,6 +11,11 @@ use crate::{Datagram, Error, Netns};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: zds::Version = zds::Version::V1;
 
+/// [`PROTOCOL_VERSION`] as `version` subcommands and startup lines print it.
+pub fn protocol_version_name() -> &'static str {
+    PROTOCOL_VERSION.as_str_name()
+}
+
 /// A pod's uid as Kubernetes assigns it. Its `Debug` form, `WorkloadUid("…")`, is the
 /// one operators grep for in ztunnel's logs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

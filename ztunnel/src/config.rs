@@ -195,6 +195,9 @@ pub struct Config {
 /// Subcommands; with none, ztunnel runs the proxy.
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum Command {
+    /// Prints the build version and the protocol versions this build speaks (as
+    /// Istio's ztunnel's `version`), then exits.
+    Version,
     /// Creates a new mesh root (ECDSA P-256) for a quickstart: writes ca.crt and
     /// ca.key (mode 0600) into the directory.
     CreateRoot {
@@ -205,6 +208,21 @@ pub enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+}
+
+/// What `ztunnel version` prints, in the shape of Istio's `version.BuildInfo{…}`
+/// (operators' scripts read `Version:"…"` from it), with the ZDS protocol version.
+pub fn build_info() -> String {
+    format!(
+        "version.BuildInfo{{Version:\"{}\", BuildProfile:\"{}\", ZdsVersion:\"{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        protocol::message::protocol_version_name()
+    )
 }
 
 /// Istio's default xDS address (`XDS_ADDRESS` unset).
@@ -269,6 +287,7 @@ impl Config {
     /// The startup lines operators grep for (`kubectl logs ds/ztunnel | grep inpod`).
     pub fn startup_lines(&self) -> Vec<String> {
         vec![
+            format!("version: {}", build_info()),
             "inpod_enabled: true".to_string(),
             format!("inpod_uds: {}", self.inpod_uds.display()),
             format!("inpod_port_reuse: {}", self.inpod_port_reuse),
@@ -434,8 +453,13 @@ mod tests {
     fn defaults_match_istio_and_print_the_inpod_lines() {
         let cfg = Config::try_parse_from(["ztunnel"]).unwrap();
         let lines = cfg.startup_lines();
+        assert!(
+            lines[0].starts_with("version: version.BuildInfo{Version:\""),
+            "{}",
+            lines[0]
+        );
         assert_eq!(
-            &lines[..4],
+            &lines[1..5],
             [
                 "inpod_enabled: true",
                 "inpod_uds: /var/run/ztunnel/ztunnel.sock",

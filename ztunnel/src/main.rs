@@ -4,6 +4,10 @@ use ztunnel::config::{Command, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
+    if let Some(Command::Version) = &cfg.command {
+        println!("{}", ztunnel::config::build_info());
+        return Ok(());
+    }
     if let Some(Command::CreateRoot {
         trust_domain,
         validity,

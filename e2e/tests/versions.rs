@@ -1,0 +1,50 @@
+//! Both binaries tell their build version and the protocol versions they speak, the
+//! way operators' scripts ask Istio's components (`version`, `--version`), and print
+//! it first thing at startup. Built from one workspace, they tell the same version.
+
+use std::process::Command;
+
+fn run(binary: &str, args: &[&str]) -> String {
+    let out = Command::new(e2e::bin_path(binary))
+        .args(args)
+        .env_remove("CNI_COMMAND")
+        .output()
+        .unwrap_or_else(|e| panic!("running {binary}: {e}"));
+    assert!(
+        out.status.success(),
+        "{binary} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The value of `Key:"…"` in a `version.BuildInfo{…}` line.
+fn field<'a>(info: &'a str, key: &str) -> &'a str {
+    let start = info
+        .find(&format!("{key}:\""))
+        .unwrap_or_else(|| panic!("no {key} in {info:?}"))
+        + key.len()
+        + 2;
+    let len = info[start..].find('"').expect("closing quote");
+    &info[start..start + len]
+}
+
+#[test]
+fn both_binaries_tell_the_same_build_version_and_their_protocol_versions() {
+    let zt = run("ztunnel", &["version"]);
+    let cni = run("istio-cni", &["version"]);
+    for info in [&zt, &cni] {
+        assert!(info.starts_with("version.BuildInfo{"), "{info}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(field(&zt, "Version"), version);
+    assert_eq!(field(&cni, "Version"), version);
+    assert_eq!(field(&zt, "ZdsVersion"), "V1");
+    assert_eq!(field(&cni, "ZdsVersion"), field(&zt, "ZdsVersion"));
+    assert_eq!(field(&cni, "PluginEventVersion"), "1");
+    assert_eq!(run("ztunnel", &["--version"]), format!("ztunnel {version}"));
+    assert_eq!(
+        run("istio-cni", &["--version"]),
+        format!("istio-cni {version}")
+    );
+}
