@@ -13,7 +13,10 @@
 //!   data path through ztunnel against the direct path, interleaved in one run, the
 //!   footprint per pod and enrollment times (`e2e::bench`); then, unless `--short`,
 //!   the criterion benchmarks of every crate. `bench micro [args]`: only criterion.
+//! - `dist`: a release of both binaries, one version, with checksums and a manifest of
+//!   the protocol versions each speaks (see `dist.rs`).
 
+mod dist;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -157,7 +160,9 @@ tasks:
                 footprint per pod, enrollment times (root; table, JSON and chart in
                 target/bench/), then the criterion benchmarks
   bench micro [criterion args]
-                only the criterion benchmarks";
+                only the criterion benchmarks
+  dist          release builds of ztunnel and istio-cni (one version), SHA256SUMS and
+                manifest.json (protocol versions) in target/dist/<version>/";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -165,6 +170,13 @@ fn main() -> ExitCode {
         Some("setup") => setup::ensure(For::Tests).map_err(anyhow::Error::from),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("dist") => {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            dist::run(&root, cargo()).map(|out| println!("xtask: release in {}", out.display()))
+        }
         Some("proptest") => proptest(&args[1..]),
         Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
         Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),
