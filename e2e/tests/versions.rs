@@ -2,20 +2,9 @@
 //! way operators' scripts ask Istio's components (`version`, `--version`), and print
 //! it first thing at startup. Built from one workspace, they tell the same version.
 
-use std::process::Command;
-
 fn run(binary: &str, args: &[&str]) -> String {
-    let out = Command::new(e2e::bin_path(binary))
-        .args(args)
-        .env_remove("CNI_COMMAND")
-        .output()
-        .unwrap_or_else(|e| panic!("running {binary}: {e}"));
-    assert!(
-        out.status.success(),
-        "{binary} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let bin = e2e::bin_path(binary);
+    e2e::sh(&bin.to_string_lossy(), args).trim().to_string()
 }
 
 /// The value of `Key:"…"` in a `version.BuildInfo{…}` line.

@@ -118,19 +118,10 @@ enum Subcommand {
     Version,
 }
 
-/// What `istio-cni version` prints, in the shape of Istio's `version.BuildInfo{…}`.
+/// What `istio-cni version` prints: with the plugin-event version it speaks.
 fn build_info() -> String {
-    format!(
-        "version.BuildInfo{{Version:\"{}\", BuildProfile:\"{}\", ZdsVersion:\"{}\", PluginEventVersion:\"{}\"}}",
-        env!("CARGO_PKG_VERSION"),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-        protocol::message::protocol_version_name(),
-        istio_cni::cni::event::EVENT_VERSION
-    )
+    let events = istio_cni::cni::event::EVENT_VERSION.to_string();
+    protocol::message::build_info(&[("PluginEventVersion", &events)])
 }
 
 #[derive(Debug, clap::Args)]

@@ -11,9 +11,24 @@ use crate::{Datagram, Error, Netns};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: zds::Version = zds::Version::V1;
 
-/// [`PROTOCOL_VERSION`] as `version` subcommands and startup lines print it.
-pub fn protocol_version_name() -> &'static str {
-    PROTOCOL_VERSION.as_str_name()
+/// What both binaries' `version` subcommands print (and their first startup line):
+/// the shape of Istio's `version.BuildInfo{…}` (operators' scripts read `Version:"…"`
+/// from it), with the workspace's version, the build profile, the ZDS version, and
+/// `extra` fields of the binary's own.
+pub fn build_info(extra: &[(&str, &str)]) -> String {
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let mut fields = vec![
+        ("Version", env!("CARGO_PKG_VERSION")),
+        ("BuildProfile", profile),
+        ("ZdsVersion", PROTOCOL_VERSION.as_str_name()),
+    ];
+    fields.extend_from_slice(extra);
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k}:\"{v}\"")).collect();
+    format!("version.BuildInfo{{{}}}", fields.join(", "))
 }
 
 /// A pod's uid as Kubernetes assigns it. Its `Debug` form, `WorkloadUid("…")`, is the

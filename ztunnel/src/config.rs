@@ -210,19 +210,9 @@ pub enum Command {
     },
 }
 
-/// What `ztunnel version` prints, in the shape of Istio's `version.BuildInfo{…}`
-/// (operators' scripts read `Version:"…"` from it), with the ZDS protocol version.
+/// What `ztunnel version` prints.
 pub fn build_info() -> String {
-    format!(
-        "version.BuildInfo{{Version:\"{}\", BuildProfile:\"{}\", ZdsVersion:\"{}\"}}",
-        env!("CARGO_PKG_VERSION"),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-        protocol::message::protocol_version_name()
-    )
+    protocol::message::build_info(&[])
 }
 
 /// Istio's default xDS address (`XDS_ADDRESS` unset).

@@ -178,6 +178,15 @@ struct Pairs {
 }
 
 impl Pairs {
+    /// The samples of path `i` of [`DataPath::paths`]: 0 direct, 1 ours.
+    fn of(&mut self, i: usize) -> &mut Vec<f64> {
+        if i == 0 {
+            &mut self.direct
+        } else {
+            &mut self.ours
+        }
+    }
+
     fn medians(&self) -> (f64, f64) {
         (
             median(&self.direct).unwrap_or(f64::NAN),
@@ -213,18 +222,14 @@ fn throughput(
                 streams,
                 opts.iperf_seconds,
             )?;
-            let gb = r.bytes / 1e9;
-            let (gbps, cpu) = if i == 0 {
-                (&mut t.gbps.direct, &mut t.cpu_per_gb.direct)
+            // Direct: the whole machine's CPU; ours: ztunnel's own.
+            let cpu = if i == 0 {
+                procfs::machine_cpu_seconds()? - machine
             } else {
-                (&mut t.gbps.ours, &mut t.cpu_per_gb.ours)
+                procfs::cpu_seconds(ztunnel)? - zt
             };
-            gbps.push(r.gbit_per_s());
-            cpu.push(if i == 0 {
-                (procfs::machine_cpu_seconds()? - machine) / gb
-            } else {
-                (procfs::cpu_seconds(ztunnel)? - zt) / gb
-            });
+            t.gbps.of(i).push(r.gbit_per_s());
+            t.cpu_per_gb.of(i).push(cpu / (r.bytes / 1e9));
             progress(&format!(
                 "iperf3 {streams} stream(s), round {}, {}: {:.2} Gbit/s",
                 round + 1,
@@ -276,12 +281,9 @@ fn latency(
                     percentile(&lat, 50.0).unwrap_or(f64::NAN),
                     percentile(&lat, 99.0).unwrap_or(f64::NAN),
                 );
-                if i == 0 {
-                    out.p50.direct.push(p50);
-                    out.p99.direct.push(p99);
-                } else {
-                    out.p50.ours.push(p50);
-                    out.p99.ours.push(p99);
+                out.p50.of(i).push(p50);
+                out.p99.of(i).push(p99);
+                if i == 1 {
                     out.cpu_per_op
                         .push(zt_cpu * 1e6 / (samples + warmup) as f64);
                 }
@@ -463,14 +465,9 @@ struct Run<'a> {
 }
 
 fn throughput_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let Run {
-        opts,
-        paths,
-        zt,
-        all_pods,
-    } = *run;
+    let (opts, paths, zt) = (run.opts, run.paths, run.zt);
     let one = tokio::task::block_in_place(|| throughput(opts, paths, zt, 1))?;
-    drain_time_wait(all_pods, opts.drain_limit);
+    drain_time_wait(run.all_pods, opts.drain_limit);
     let four = tokio::task::block_in_place(|| throughput(opts, paths, zt, 4))?;
     let (d1, o1) = one.gbps.medians();
     let (d4, o4) = four.gbps.medians();
@@ -508,12 +505,7 @@ fn throughput_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 }
 
 fn latency_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let Run {
-        opts,
-        paths,
-        zt,
-        all_pods,
-    } = *run;
+    let (opts, paths, zt) = (run.opts, run.paths, run.zt);
     // (what, its name, the pinned p50's target over direct)
     let tests = [
         (Mode::RoundTrip, "request/response 64 B", 2.5),
@@ -521,7 +513,7 @@ fn latency_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ];
     for (mode, name, target) in tests {
         for pinned in [false, true] {
-            drain_time_wait(all_pods, opts.drain_limit);
+            drain_time_wait(run.all_pods, opts.drain_limit);
             let m = tokio::task::block_in_place(|| latency(opts, paths, zt, mode, pinned))?;
             let how = if pinned {
                 "pinned to one CPU"
