@@ -45,11 +45,24 @@ impl PodProcess {
         let dir = root.path().join(uid);
         let leaf = dir.join(format!("kubepods/besteffort/pod{uid}/ctr"));
         std::fs::create_dir_all(&leaf).expect("create cgroup (is the pids hierarchy mounted?)");
+        // As a pod's pause process runs: as another user than the agent (65535), so
+        // that opening its /proc/<pid>/ns/net takes the agent's CAP_SYS_PTRACE.
+        let as_pause = [
+            "setpriv",
+            "--reuid=65535",
+            "--regid=65535",
+            "--clear-groups",
+        ];
         let child = match netns {
             Some(ns) => Command::new("ip")
-                .args(["netns", "exec", ns, "sleep", "3600"])
+                .args(["netns", "exec", ns])
+                .args(as_pause)
+                .args(["sleep", "3600"])
                 .spawn(),
-            None => Command::new("sleep").arg("3600").spawn(),
+            None => Command::new(as_pause[0])
+                .args(&as_pause[1..])
+                .args(["sleep", "3600"])
+                .spawn(),
         }
         .expect("start process");
         std::fs::write(leaf.join("cgroup.procs"), child.id().to_string()).expect("join cgroup");

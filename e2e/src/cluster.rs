@@ -121,6 +121,8 @@ impl Cluster {
     }
 
     fn with(node: TestNode, api: ApiServer, kubeconfig: PathBuf) -> Cluster {
+        // The agent and its plugin get exactly what the istio-cni chart grants them.
+        api.enforce_rbac(crate::charts::agent_rules());
         Cluster {
             node_name: format!("node-{}", node.id),
             probe_set: format!("zt-e2e-{}", node.id),

@@ -13,7 +13,7 @@
 //! - Fault injection: fail the next requests with 500, cut every open watch, forget
 //!   the history (compaction).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -77,6 +77,10 @@ struct Store {
     tokens: Option<Vec<String>>,
     /// Down (restarting): every new connection is closed at once.
     down: bool,
+    /// RBAC enforced on every request (403 Forbidden otherwise); `None`: all allowed.
+    rbac: Option<Vec<crate::charts::Rule>>,
+    /// Every (verb, resource) asked for, allowed or not.
+    calls: BTreeSet<(String, String)>,
 }
 
 fn key(kind: Kind, ns: &str, name: &str) -> (u8, String, String) {
@@ -254,6 +258,17 @@ impl ApiServer {
             task,
             ca_pem,
         }
+    }
+
+    /// Enforces `rules` on every request from now on, as a real API server enforces
+    /// the caller's RBAC: anything else gets 403 Forbidden.
+    pub fn enforce_rbac(&self, rules: &[crate::charts::Rule]) {
+        self.lock().rbac = Some(rules.to_vec());
+    }
+
+    /// Every (verb, resource) clients asked for so far (`("patch", "pods/status")`).
+    pub fn calls(&self) -> BTreeSet<(String, String)> {
+        self.lock().calls.clone()
     }
 
     /// Replaces the accepted bearer tokens (a token rotation, a revocation).
@@ -670,6 +685,40 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
         _ => return status(StatusCode::NOT_FOUND, "NotFound", "no such resource"),
     };
     let method = req.method().clone();
+    // RBAC, with the verbs and resources Kubernetes authorizes by.
+    let resource = match (kind, p.last()) {
+        (Kind::Pod, Some(&"status")) => "pods/status",
+        (Kind::Pod, _) => "pods",
+        (Kind::Namespace, _) => "namespaces",
+        (Kind::Event, _) => "events",
+    };
+    let watching = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
+    let verb = match (&method, name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PATCH, _) => "patch",
+        (&Method::PUT, _) => "update",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    {
+        let mut s = lock();
+        s.calls.insert((verb.to_string(), resource.to_string()));
+        if let Some(rules) = &s.rbac {
+            if !crate::charts::allows(rules, verb, resource) {
+                return status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!(
+                        "{resource} is forbidden: the chart's ClusterRole does not allow \
+                         {verb:?} on {resource:?}"
+                    ),
+                );
+            }
+        }
+    }
     match (method, name) {
         (Method::GET, Some(name)) => {
             let s = lock();

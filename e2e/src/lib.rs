@@ -11,6 +11,7 @@ pub mod bench;
 pub mod capture;
 pub mod cgroups;
 pub mod chaos;
+pub mod charts;
 pub mod cluster;
 pub mod cni;
 pub mod controlplane;

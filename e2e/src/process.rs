@@ -31,7 +31,12 @@ impl Process {
     ) -> AgentProcess {
         let log = node.dir.path().join(format!("agent-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(crate::bin_path("istio-cni"));
+        // With only the capabilities its chart gives its container.
+        let mut cmd = Command::new("setpriv");
+        cmd.args(crate::charts::setpriv_args(
+            crate::charts::agent_capabilities(),
+        ))
+        .arg(crate::bin_path("istio-cni"));
         cmd.env("NODE_NAME", node_name)
             .env("KUBECONFIG", kubeconfig)
             .env("ZTUNNEL_UDS", node.zds_socket())
@@ -104,7 +109,10 @@ impl Process {
     /// its admin API listens on that netns's localhost:15000, as Istio's.
     pub fn start_in_netns(node: &TestNode, n: u32, netns: &str) -> Ztunnel {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns])
+        cmd.args(["netns", "exec", netns, "setpriv"])
+            .args(crate::charts::setpriv_args(
+                crate::charts::ztunnel_capabilities(),
+            ))
             .arg(crate::bin_path("ztunnel"));
         Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.env("PASSTHROUGH_ONLY", "true")
@@ -112,8 +120,14 @@ impl Process {
         })
     }
 
+    /// Runs `bin` with only the capabilities the ztunnel chart gives its container.
     fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
-        Self::spawn_cmd(node, n, Command::new(bin), adjust)
+        let mut cmd = Command::new("setpriv");
+        cmd.args(crate::charts::setpriv_args(
+            crate::charts::ztunnel_capabilities(),
+        ))
+        .arg(bin);
+        Self::spawn_cmd(node, n, cmd, adjust)
     }
 
     fn spawn_cmd(

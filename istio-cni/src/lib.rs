@@ -17,6 +17,7 @@ pub mod enrollment;
 pub mod exec;
 pub mod fswatch;
 pub mod http;
+pub mod istio_env;
 pub mod k8s;
 pub mod metrics;
 pub mod rules;

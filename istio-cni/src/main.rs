@@ -69,9 +69,17 @@ struct Args {
     /// The node's CNI plugin directory, where install-cni puts the plugin.
     #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
-    /// The node's CNI network config directory, whose primary config gets our entry.
+    /// The node's CNI network config directory, whose primary config gets our entry
+    /// (Istio's `MOUNTED_CNI_NET_DIR`: where the agent sees it).
     #[arg(long, env = "CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// The same directory as the container runtime sees it, for the paths written
+    /// into the plugin's config (default: `--cni-conf-dir`). Istio's name.
+    #[arg(long, env = "CNI_NET_DIR")]
+    cni_net_dir: Option<PathBuf>,
+    /// Log lines as text (`plain`) or one JSON object each (`json`).
+    #[arg(long, env = "LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    log_format: String,
     /// Install the plugin into the node's CNI config (and keep it there).
     #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     install_cni: bool,
@@ -141,6 +149,11 @@ struct DiagnoseArgs {
 }
 
 impl Args {
+    /// The CNI config directory as the container runtime sees it.
+    fn runtime_conf_dir(&self) -> &Path {
+        self.cni_net_dir.as_deref().unwrap_or(&self.cni_conf_dir)
+    }
+
     fn http_limits(&self) -> istio_cni::http::Limits {
         istio_cni::http::Limits {
             header_read_timeout: Duration::from_secs(self.http_header_read_timeout),
@@ -156,7 +169,17 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return istio_cni::cni::plugin::main();
     }
-    let mut args = Args::parse();
+    let argv: Vec<String> = match std::env::args_os().map(|a| a.into_string()).collect() {
+        Ok(argv) => argv,
+        Err(bad) => {
+            eprintln!("Error: an argument is not UTF-8: {bad:?}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Istio's names for the same settings, read as aliases of ours.
+    let istio = istio_cni::istio_env::translate(|k| std::env::var(k).ok(), &argv);
+    let extra = istio.as_ref().map(|t| t.args.clone()).unwrap_or_default();
+    let mut args = Args::parse_from(istio_cni::istio_env::with_args(argv, extra));
     match args.command.take() {
         Some(Subcommand::Diagnose(d)) => return diagnose(&args, d),
         Some(Subcommand::Version) => {
@@ -165,7 +188,14 @@ fn main() -> std::process::ExitCode {
         }
         None => {}
     }
-    match agent_main(args) {
+    let notes = match istio {
+        Ok(t) => t.notes,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match agent_main(args, notes) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -227,12 +257,16 @@ fn diagnose(args: &Args, d: DiagnoseArgs) -> std::process::ExitCode {
 }
 
 #[tokio::main]
-async fn agent_main(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let backend = match args.iptables_backend.as_str() {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
         other => other.parse().map_err(anyhow::Error::msg)?,
@@ -274,6 +308,14 @@ async fn agent_main(args: Args) -> anyhow::Result<()> {
     println!("readiness_addr: {}", args.readiness_addr);
     println!("monitoring_addr: {}", args.monitoring_addr);
     println!("drift_check_interval: {}s", args.drift_check_interval);
+    println!(
+        "cni_conf_dir: {} (the runtime's: {})",
+        args.cni_conf_dir.display(),
+        args.runtime_conf_dir().display()
+    );
+    for note in &istio_notes {
+        println!("istio setting {note}");
+    }
     let Some(node) = args.node_name.clone() else {
         let agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
         serve_metrics(&args, agent.enrollment().clone(), None);
@@ -447,6 +489,9 @@ fn install_cni(
     metrics: istio_cni::metrics::SharedMetrics,
 ) -> anyhow::Result<Installer> {
     let kubeconfig = args.cni_conf_dir.join("istio-cni-kubeconfig");
+    // The runtime runs the plugin on the node, where the directory may have another
+    // path than in the agent's container.
+    let plugin_kubeconfig = args.runtime_conf_dir().join("istio-cni-kubeconfig");
     let credentials = match &args.kubeconfig {
         Some(path) => Credentials::File(path.clone()),
         None => Credentials::in_cluster(
@@ -463,7 +508,7 @@ fn install_cni(
             conf_dir: args.cni_conf_dir.clone(),
             source_binary: std::env::current_exe().context("locating the agent binary")?,
             plugin_conf: serde_json::json!({
-                "kubeconfig": kubeconfig,
+                "kubeconfig": plugin_kubeconfig,
                 "agent_socket": args.plugin_event_socket,
                 "exclude_namespaces": args.excluded_namespaces,
             }),

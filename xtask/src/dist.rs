@@ -112,7 +112,7 @@ fn version_of(bin: &Path, name: &str) -> anyhow::Result<Told> {
 }
 
 /// Builds, checks and packages; returns the release directory.
-pub fn run(root: &Path, mut cargo: Command) -> anyhow::Result<PathBuf> {
+pub fn run(target: &Path, mut cargo: Command) -> anyhow::Result<PathBuf> {
     cargo.args([
         "build",
         "--release",
@@ -123,9 +123,6 @@ pub fn run(root: &Path, mut cargo: Command) -> anyhow::Result<PathBuf> {
         "istio-cni",
     ]);
     crate::run(cargo)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
     let release = target.join("release");
     let told: Vec<Told> = BINARIES
         .iter()

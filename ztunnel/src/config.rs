@@ -208,6 +208,12 @@ pub enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+    /// Runs the proxy, as with no subcommand: `proxy ztunnel` is what Istio's ztunnel
+    /// chart passes its image.
+    Proxy {
+        #[arg(value_parser = ["ztunnel"])]
+        mode: String,
+    },
 }
 
 /// What `ztunnel version` prints.

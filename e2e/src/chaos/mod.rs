@@ -11,7 +11,7 @@
 pub mod prober;
 pub mod report;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -417,7 +417,7 @@ impl World {
     /// What is left behind that should not be: netns beyond the three pods', probe
     /// set entries beyond the mesh pods' addresses, pod rules other than the
     /// specification's, `grown` fds.
-    async fn leaks(&self, fds_before: &[(u32, usize)]) -> Vec<String> {
+    async fn leaks(&self, fds_before: &[(u32, Fds)]) -> Vec<String> {
         let fds_now = self.fds().await;
         let mut out = Vec::new();
         let prefix = format!("zt{}-", self.cluster.node.id);
@@ -470,14 +470,24 @@ impl World {
             out.push("rules in the pod outside the mesh".into());
         }
         for (pid, before) in fds_before {
-            let now = fds_now.iter().find(|(p, _)| p == pid).map(|(_, n)| *n);
-            if let Some(now) = now.filter(|n| n > before) {
+            let now = fds_now.iter().find(|(p, _)| p == pid).map(|(_, n)| n);
+            if let Some(now) = now.filter(|n| n.len() > before.len()) {
                 let who = if *pid == self.zt.pid() {
                     "ztunnel"
                 } else {
                     "the agent"
                 };
-                out.push(format!("{} fds in {who} (pid {pid})", now - before));
+                out.push(format!(
+                    "{} fds in {who} (pid {pid}: {})",
+                    now.len() - before.len(),
+                    now.extra_over(before)
+                ));
+            }
+            if let Some(now) = now.filter(|n| n.api_connections() > API_CONNECTIONS) {
+                out.push(format!(
+                    "{} connections to the Kubernetes API (at most {API_CONNECTIONS})",
+                    now.api_connections()
+                ));
             }
         }
         out
@@ -486,13 +496,16 @@ impl World {
     /// The agent's and ztunnel's pids and open fds: the fewest of a few samples, since
     /// both open some for a moment now and then (the drift check's `iptables-save`
     /// pipes, a netns it looks into).
-    async fn fds(&self) -> Vec<(u32, usize)> {
-        let mut least: Vec<(u32, usize)> = Vec::new();
+    async fn fds(&self) -> Vec<(u32, Fds)> {
+        let mut least: Vec<(u32, Fds)> = Vec::new();
         for _ in 0..5 {
             for pid in [self.agent.pid(), self.zt.pid()] {
-                let Some(n) = fds_of(pid) else { continue };
+                let Some(n) = Fds::of(pid, self.cluster.api.addr.port()) else {
+                    continue;
+                };
                 match least.iter_mut().find(|(p, _)| *p == pid) {
-                    Some((_, m)) => *m = (*m).min(n),
+                    Some((_, m)) if n.len() < m.len() => *m = n,
+                    Some(_) => {}
                     None => least.push((pid, n)),
                 }
             }
@@ -518,10 +531,90 @@ impl World {
     }
 }
 
-fn fds_of(pid: u32) -> Option<usize> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()
-        .map(|d| d.count())
+/// A process's open fds by kind ("socket", "pipe", "anon_inode:[eventfd]", a path),
+/// so that a leak says what leaked. Its TCP connections to the Kubernetes API server
+/// are a kind of their own: the API client keeps a pool of them, and a connection
+/// that went idle when a watch restarted stays there until the pool's idle timeout
+/// (90 s), which is not a leak; those are bounded instead (see [`API_CONNECTIONS`]).
+#[derive(Clone, Debug, Default)]
+struct Fds(BTreeMap<String, usize>);
+
+/// The kind of the agent's connections to the API server.
+const API: &str = "Kubernetes API connection";
+/// At most this many: the two watches, and a pool of idle connections the size of
+/// the client's concurrency.
+const API_CONNECTIONS: usize = 4;
+
+/// Socket inodes of TCP connections whose remote port is `port`, from the process's
+/// view of its netns.
+fn tcp_inodes_to(pid: u32, port: u16) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = cols
+                .get(2)
+                .and_then(|r| r.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if remote_port == Some(port) {
+                if let Some(inode) = cols.get(9) {
+                    out.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Fds {
+    fn of(pid: u32, api_port: u16) -> Option<Fds> {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        let api = tcp_inodes_to(pid, api_port);
+        let mut kinds = BTreeMap::new();
+        for entry in dir.flatten() {
+            let target = std::fs::read_link(entry.path())
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "gone".into());
+            // "socket:[123]" and "pipe:[456]" differ only by inode.
+            let kind = match target.split_once(":[") {
+                Some(("socket", inode)) if api.contains(inode.trim_end_matches(']')) => {
+                    API.to_string()
+                }
+                Some((k, _)) if !target.starts_with('/') => k.to_string(),
+                _ => target,
+            };
+            *kinds.entry(kind).or_insert(0) += 1;
+        }
+        Some(Fds(kinds))
+    }
+
+    fn api_connections(&self) -> usize {
+        self.0.get(API).copied().unwrap_or(0)
+    }
+
+    /// Every fd but the pooled API connections.
+    fn len(&self) -> usize {
+        self.0
+            .iter()
+            .filter(|(k, _)| *k != API)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// "+1 socket, +1 pipe": the kinds this holds more of than `before`.
+    fn extra_over(&self, before: &Fds) -> String {
+        let extra: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(k, _)| *k != API)
+            .filter_map(|(k, n)| {
+                let was = before.0.get(k).copied().unwrap_or(0);
+                (*n > was).then(|| format!("+{} {k}", n - was))
+            })
+            .collect();
+        extra.join(", ")
+    }
 }
 
 fn start_agent(cluster: &Cluster, n: u32) -> AgentProcess {

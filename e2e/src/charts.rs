@@ -1,0 +1,227 @@
+//! The Helm charts as the tests see them: rendered by the real `helm` (installed by
+//! `cargo xtask setup` into `target/tools/`), and what the e2e harness takes from the
+//! rendering, so that the charts' promises are checked against the code rather than
+//! copied by hand:
+//!
+//! - the agent's ClusterRole, which the Kubernetes API test server enforces on every
+//!   request of a [`crate::cluster::Cluster`] (as a real API server enforces RBAC);
+//! - each container's capabilities, which the harness runs the binaries with
+//!   (`setpriv`), so that a capability the code needs and the chart lacks fails tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// The release namespace the tests render into.
+pub const NAMESPACE: &str = "istio-system";
+
+/// `charts/<name>` in the workspace.
+pub fn chart_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts")
+        .join(name)
+}
+
+/// Cargo's target directory, from where this executable lives
+/// (`target/<profile>/deps/` for tests, `target/<profile>/` for binaries).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.pop();
+    dir
+}
+
+/// A chart tool in `target/tools/` (`helm`, `validate/bin/kubernetes-validate`).
+pub fn tool(relative: &str) -> PathBuf {
+    let path = target_dir().join("tools").join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo xtask setup` installs the chart tools (`cargo xtask test` does it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and returns its stdout, or its output as the error.
+pub fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{cmd:?}: {}\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `helm template` of chart `name` with an optional values file.
+pub fn render(name: &str, values: Option<&Path>) -> Result<String, String> {
+    let mut cmd = Command::new(tool("helm"));
+    cmd.args(["template", name])
+        .arg(chart_dir(name))
+        .args(["--namespace", NAMESPACE]);
+    if let Some(v) = values {
+        cmd.arg("--values").arg(v);
+    }
+    output(&mut cmd)
+}
+
+/// The documents of a multi-document YAML stream (empty ones dropped).
+pub fn documents(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .expect("helm renders YAML")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// The golden rendering of chart `name` with its default values, as reviewed.
+pub fn golden_path(name: &str, variant: &str) -> PathBuf {
+    chart_dir(name).join(format!("tests/golden-{variant}.yaml"))
+}
+
+fn golden_documents(name: &str) -> Vec<Value> {
+    let path = golden_path(name, "default");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    documents(&text)
+}
+
+/// One RBAC rule: any of `verbs` on any of `resources` (`pods`, `pods/status`) in the
+/// core API group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The rules of every ClusterRole in `docs` that grant the core API group (the only
+/// one the agent calls).
+pub fn core_rules(docs: &[Value]) -> Vec<Rule> {
+    docs.iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
+        .filter(|r| strings(&r["apiGroups"]).iter().any(|g| g.is_empty()))
+        .map(|r| Rule {
+            resources: strings(&r["resources"]),
+            verbs: strings(&r["verbs"]),
+        })
+        .collect()
+}
+
+/// The agent's RBAC, from the istio-cni chart's reviewed default rendering.
+pub fn agent_rules() -> &'static [Rule] {
+    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
+    RULES.get_or_init(|| core_rules(&golden_documents("istio-cni")))
+}
+
+/// Whether `rules` let a caller `verb` the `resource`.
+pub fn allows(rules: &[Rule], verb: &str, resource: &str) -> bool {
+    rules.iter().any(|r| {
+        r.verbs.iter().any(|v| v == verb || v == "*")
+            && r.resources.iter().any(|x| x == resource || x == "*")
+    })
+}
+
+/// Every (verb, resource) pair `rules` grant.
+pub fn grants(rules: &[Rule]) -> std::collections::BTreeSet<(String, String)> {
+    rules
+        .iter()
+        .flat_map(|r| {
+            r.verbs
+                .iter()
+                .flat_map(move |v| r.resources.iter().map(move |res| (v.clone(), res.clone())))
+        })
+        .collect()
+}
+
+/// The capabilities a container of chart `name` adds (after dropping ALL), lower
+/// case as `setpriv` takes them: `["net_admin", …]`.
+pub fn capabilities(docs: &[Value], container: &str) -> Vec<String> {
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let c = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == container))
+        .unwrap_or_else(|| panic!("no container {container}"));
+    let caps = &c["securityContext"]["capabilities"];
+    assert_eq!(
+        strings(&caps["drop"]),
+        ["ALL"],
+        "{container} must drop every capability first"
+    );
+    strings(&caps["add"])
+        .iter()
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// `setpriv` arguments that leave a root process only `caps` (its bounding set, and
+/// so its permitted and effective sets, and those of everything it runs), as a
+/// container runtime does for `capabilities: {drop: [ALL], add: caps}`.
+pub fn setpriv_args(caps: &[String]) -> Vec<String> {
+    let set: String = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    vec!["--bounding-set".into(), set, "--".into()]
+}
+
+/// The capabilities of the agent's and ztunnel's containers, from the reviewed
+/// renderings.
+pub fn agent_capabilities() -> &'static [String] {
+    static CAPS: OnceLock<Vec<String>> = OnceLock::new();
+    CAPS.get_or_init(|| capabilities(&golden_documents("istio-cni"), "install-cni"))
+}
+
+pub fn ztunnel_capabilities() -> &'static [String] {
+    static CAPS: OnceLock<Vec<String>> = OnceLock::new();
+    CAPS.get_or_init(|| capabilities(&golden_documents("ztunnel"), "istio-proxy"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rules_grant_what_they_list_and_nothing_else() {
+        let docs = vec![json!({"kind": "ClusterRole", "rules": [
+            {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "watch"]},
+            {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
+        ]})];
+        let rules = core_rules(&docs);
+        assert!(allows(&rules, "get", "pods"));
+        assert!(allows(&rules, "watch", "namespaces"));
+        assert!(!allows(&rules, "list", "pods"));
+        assert!(!allows(&rules, "get", "daemonsets"));
+        assert_eq!(grants(&rules).len(), 4);
+    }
+
+    #[test]
+    fn setpriv_keeps_only_the_listed_capabilities() {
+        assert_eq!(
+            setpriv_args(&["net_admin".into(), "sys_admin".into()]),
+            ["--bounding-set", "-all,+net_admin,+sys_admin", "--"]
+        );
+    }
+}
