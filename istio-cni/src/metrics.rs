@@ -69,6 +69,15 @@ struct ResultLabels {
     result: String,
 }
 
+/// `istio_build`'s labels: Istio's two, and the protocol versions this build speaks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+    zds_version: &'static str,
+    plugin_event_version: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
@@ -152,6 +161,20 @@ impl AgentMetrics {
         }
         self.ztunnel_connected.set((gauges.ztunnels)() as i64);
         let mut registry = Registry::default();
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "istio-cni",
+                tag: env!("CARGO_PKG_VERSION"),
+                zds_version: protocol::message::PROTOCOL_VERSION.as_str_name(),
+                plugin_event_version: crate::cni::event::EVENT_VERSION.to_string(),
+            })
+            .set(1);
+        registry.register(
+            "istio_build",
+            "Istio component build info, with the protocol versions it speaks",
+            build,
+        );
         registry.register(
             "ztunnel_connected",
             "The number of ztunnels connected to this agent over ZDS",
@@ -251,6 +274,8 @@ mod tests {
             "istio_cni_rule_drift_found_total 1",
             "istio_cni_rule_drift_repaired_total 0",
             "istio_cni_rule_drift_unrepairable_total 0",
+            "istio_build{component=\"istio-cni\",tag=\"",
+            "zds_version=\"V1\",plugin_event_version=\"1\"} 1",
         ] {
             assert!(text.contains(line), "{line:?} not in:\n{text}");
         }

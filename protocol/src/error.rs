@@ -22,7 +22,10 @@ pub enum Error {
     TooManyFds { count: usize },
     #[error("malformed ZDS message: {0}")]
     Decode(#[from] prost::DecodeError),
-    #[error("ZDS message has no payload")]
+    #[error(
+        "ZDS message has no payload this build knows: empty, or a kind added in a newer \
+         release (run istio-cni and ztunnel from one release)"
+    )]
     MissingPayload,
     #[error("AddWorkload for {uid} carries no network-namespace fd")]
     MissingNetns { uid: String },
@@ -30,7 +33,10 @@ pub enum Error {
     UnexpectedFd { kind: &'static str },
     #[error("{kind} message has an empty workload uid")]
     EmptyUid { kind: &'static str },
-    #[error("peer speaks ZDS version {got}, this build speaks only version {want} (V1)")]
+    #[error(
+        "peer speaks ZDS version {got}, this build speaks only version {want} (V1): run \
+         istio-cni and ztunnel from one release (upgrade the older one)"
+    )]
     UnsupportedVersion { got: i32, want: i32 },
     #[error("the fd attached to AddWorkload is not a network namespace: {0}")]
     BadNetns(io::Error),

@@ -73,6 +73,19 @@ impl Response {
     }
 }
 
+/// The plugin's check of the agent's answer: an agent answers in the request's
+/// version, so a newer one means an agent that does not (or a stray server).
+pub fn check_answer_version(version: u32) -> Result<(), String> {
+    if version == 0 || version > EVENT_VERSION {
+        return Err(format!(
+            "the agent answered in plugin-event version {version}, this plugin speaks only \
+             up to {EVENT_VERSION}: the plugin binary is older than the agent (the agent \
+             installs its own at startup; check its install-cni log)"
+        ));
+    }
+    Ok(())
+}
+
 /// The agent's check of a request's version.
 pub fn check_version(version: u32) -> Result<(), String> {
     if version == 0 || version > EVENT_VERSION {
@@ -113,5 +126,10 @@ mod tests {
         );
         assert!(check_version(1).is_ok());
         assert!(check_version(2).unwrap_err().contains("upgrade the agent"));
+        assert!(check_answer_version(1).is_ok());
+        assert!(check_answer_version(0).is_err());
+        assert!(check_answer_version(2)
+            .unwrap_err()
+            .contains("plugin-event version 2"));
     }
 }

@@ -322,13 +322,21 @@ async fn ask_agent(cfg: &Config, request: &Request) -> Result<Response, CniError
         .await
         .map_err(|_| unreachable(format!("no answer within {}s", cfg.timeout_seconds)))?
         .map_err(|e| unreachable(e.to_string()))?;
-    serde_json::from_slice(&reply).map_err(|e| {
+    let answer: Response = serde_json::from_slice(&reply).map_err(|e| {
         CniError::new(
             11,
             "malformed answer from the istio-cni agent",
             e.to_string(),
         )
-    })
+    })?;
+    event::check_answer_version(answer.version).map_err(|e| {
+        CniError::new(
+            11,
+            "the istio-cni agent answered in a plugin-event version this plugin does not speak",
+            e,
+        )
+    })?;
+    Ok(answer)
 }
 
 /// The plugin's process: reads stdin and `CNI_*`, prints the result or the error.

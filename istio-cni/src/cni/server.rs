@@ -11,7 +11,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::event::{check_version, Command, Request, Response};
+use super::event::{check_version, Command, Request, Response, EVENT_VERSION};
 use crate::enrollment::{EnrollStatus, Enrollment, Pod, PodKey, SandboxDel};
 
 /// Largest request accepted.
@@ -68,7 +68,15 @@ pub async fn serve(listener: UnixListener, enrollment: Enrollment) {
                 Ok(Err(e)) => Response::err(format!("reading the request: {e}")),
                 Ok(Ok(_)) => match serde_json::from_slice::<Request>(&body) {
                     Err(e) => Response::err(format!("malformed plugin request: {e}")),
-                    Ok(req) => handle(&enrollment, req).await,
+                    // Answered in the request's version (an older plugin gets what it
+                    // knows); a newer one gets this build's version with the refusal.
+                    Ok(req) => {
+                        let version = req.version.clamp(1, EVENT_VERSION);
+                        Response {
+                            version,
+                            ..handle(&enrollment, req).await
+                        }
+                    }
                 },
             };
             let mut out = serde_json::to_vec(&response).unwrap_or_default();

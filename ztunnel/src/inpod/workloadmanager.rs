@@ -88,7 +88,11 @@ impl WorkloadProxyManager {
             let request = match conn.recv().await {
                 Ok(d) => Request::decode(d),
                 Err(Error::Closed) if received == 0 => {
-                    warn!("the agent closed the stream right after our hello: it may not speak ZDS version {PROTOCOL_VERSION:?}");
+                    warn!(
+                        "the agent closed the stream right after our hello: it may not speak \
+                         ZDS version {PROTOCOL_VERSION:?} (its log says; run istio-cni and \
+                         ztunnel from one release)"
+                    );
                     return Err(Error::Closed);
                 }
                 Err(e) if e.is_fatal() => return Err(e),

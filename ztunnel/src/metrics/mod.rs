@@ -8,7 +8,7 @@
 //! - the in-pod proxies ([`InpodMetrics`]): `workload_manager_active_proxy_count`,
 //!   `workload_manager_pending_proxy_count`, `workload_manager_proxies_started_total`,
 //!   `workload_manager_proxies_stopped_total`;
-//! - `istio_build{component="ztunnel",tag=<version>}`;
+//! - `istio_build{component="ztunnel",tag=<version>,zds_version="V1"}`;
 //! - the process ([`process`]): fds, memory, CPU, start time, read at each scrape.
 
 pub mod process;
@@ -37,6 +37,8 @@ pub struct InpodMetrics {
 struct BuildLabels {
     component: String,
     tag: String,
+    /// The ZDS version this build speaks (beyond Istio's two labels).
+    zds_version: String,
 }
 
 /// Every metric ztunnel exports. Built once at startup; shared.
@@ -65,6 +67,7 @@ impl Metrics {
                 .get_or_create(&BuildLabels {
                     component: "ztunnel".into(),
                     tag: env!("CARGO_PKG_VERSION").into(),
+                    zds_version: protocol::message::PROTOCOL_VERSION.as_str_name().into(),
                 })
                 .set(1);
             istio.register("build", "Istio component build info", build);
@@ -132,6 +135,7 @@ mod tests {
             "istio_tcp_received_bytes_total{",
             "request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 7",
             "istio_build{component=\"ztunnel\",tag=\"",
+            "zds_version=\"V1\"} 1",
             "workload_manager_active_proxy_count 0",
             "workload_manager_pending_proxy_count 0",
             "workload_manager_proxies_started_total 1",
