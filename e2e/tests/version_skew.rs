@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use e2e::cluster::{Cluster, AMBIENT};
 use e2e::{TestNode, Ztunnel};
-use protocol::message::{decode_hello, encode_hello};
+use protocol::message::decode_hello;
 use protocol::zds::{self, Version, WorkloadInfo};
 use protocol::{Ack, Request, SeqpacketConn, SeqpacketListener, WorkloadUid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
