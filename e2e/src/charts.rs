@@ -1,5 +1,5 @@
 //! The Helm charts as the tests see them: rendered by the real `helm` (installed by
-//! `cargo xtask setup` into `target/tools/`), and what the e2e harness takes from the
+//! `cargo xtask setup`), and what the e2e harness takes from the
 //! rendering, so that the charts' promises are checked against the code rather than
 //! copied by hand:
 //!
@@ -24,24 +24,25 @@ pub fn chart_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Cargo's target directory, from where this executable lives
-/// (`target/<profile>/deps/` for tests, `target/<profile>/` for binaries).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current executable");
-    let mut dir = exe.parent().expect("a directory").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
+/// Where `cargo xtask setup` puts the tools (see `xtask/src/tools.rs`).
+pub fn tools_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AMBIENT_TOOLS_DIR") {
+        return PathBuf::from(d);
     }
-    dir.pop();
-    dir
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    cache.join("ambient-inpod/tools")
 }
 
-/// A chart tool in `target/tools/` (`helm`, `validate/bin/kubernetes-validate`).
+/// A tool `cargo xtask setup` installed (`helm`, `validate/bin/kubernetes-validate`,
+/// `agent-rootfs`).
 pub fn tool(relative: &str) -> PathBuf {
-    let path = target_dir().join("tools").join(relative);
+    let path = tools_dir().join(relative);
     assert!(
         path.exists(),
-        "{} is missing: `cargo xtask setup` installs the chart tools (`cargo xtask test` does it)",
+        "{} is missing: `cargo xtask setup` installs it (`cargo xtask test` does it)",
         path.display()
     );
     path

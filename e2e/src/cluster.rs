@@ -378,6 +378,19 @@ impl Cluster {
         )
     }
 
+    /// Starts the agent chrooted in `rootfs` (see [`crate::process::agent_command`]).
+    pub fn start_agent_in_rootfs(&self, n: u32, rootfs: &std::path::Path) -> AgentProcess {
+        Ztunnel::start_agent_cmd(
+            crate::process::agent_command(Some(rootfs)),
+            &self.node,
+            n,
+            &self.kubeconfig,
+            &self.node_name,
+            &self.probe_set,
+            |_| {},
+        )
+    }
+
     pub fn start_ztunnel(&self, n: u32) -> Ztunnel {
         Ztunnel::start(&self.node, n)
     }

@@ -18,6 +18,34 @@ pub type Ztunnel = Process;
 /// The node agent (`istio-cni`) in Kubernetes mode.
 pub type AgentProcess = Process;
 
+/// The agent binary with only the capabilities its chart gives its container; with
+/// `rootfs`, chrooted into that root filesystem (the agent image's packages, which
+/// `cargo xtask setup` assembles) in a mount namespace of its own that sees the
+/// node's `/proc`, `/sys`, `/dev`, `/run` (netns, xtables lock) and `/tmp` (the test
+/// node's files), so the mounts go with the process.
+pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
+    let caps = crate::charts::setpriv_args(crate::charts::agent_capabilities());
+    let Some(rootfs) = rootfs else {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(caps).arg(crate::bin_path("istio-cni"));
+        return cmd;
+    };
+    let bin = rootfs.join("usr/local/bin/istio-cni");
+    std::fs::copy(crate::bin_path("istio-cni"), &bin).expect("copy the agent into the rootfs");
+    let root = rootfs.display();
+    let mut script = String::new();
+    for dir in ["proc", "sys", "dev", "run", "tmp"] {
+        script.push_str(&format!("mount --rbind /{dir} {root}/{dir} && "));
+    }
+    script.push_str(&format!(
+        "exec chroot {root} setpriv {} /usr/local/bin/istio-cni",
+        caps.join(" ")
+    ));
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    cmd
+}
+
 impl Process {
     /// Starts the agent binary for `node`, watching the API server behind `kubeconfig`
     /// as node `node_name`, serving the node's ZDS socket; `n` names its log file.
@@ -29,14 +57,29 @@ impl Process {
         probe_set: &str,
         adjust: impl FnOnce(&mut Command),
     ) -> AgentProcess {
+        Self::start_agent_cmd(
+            agent_command(None),
+            node,
+            n,
+            kubeconfig,
+            node_name,
+            probe_set,
+            adjust,
+        )
+    }
+
+    /// Like [`Process::start_agent`], running `cmd` (see [`agent_command`]).
+    pub fn start_agent_cmd(
+        mut cmd: Command,
+        node: &TestNode,
+        n: u32,
+        kubeconfig: &std::path::Path,
+        node_name: &str,
+        probe_set: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> AgentProcess {
         let log = node.dir.path().join(format!("agent-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        // With only the capabilities its chart gives its container.
-        let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::setpriv_args(
-            crate::charts::agent_capabilities(),
-        ))
-        .arg(crate::bin_path("istio-cni"));
         cmd.env("NODE_NAME", node_name)
             .env("KUBECONFIG", kubeconfig)
             .env("ZTUNNEL_UDS", node.zds_socket())

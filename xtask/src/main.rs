@@ -16,9 +16,9 @@
 //! - `dist`: a release of both binaries, one version, with checksums and a manifest of
 //!   the protocol versions each speaks (see `dist.rs`).
 
-mod charttools;
 mod dist;
 mod setup;
+mod tools;
 
 use std::process::{Command, ExitCode};
 
@@ -80,7 +80,7 @@ fn target_dir() -> std::path::PathBuf {
 /// Everything the test suite needs: the machine's packages and the chart tools.
 fn setup_tests() -> anyhow::Result<()> {
     setup::ensure(For::Tests)?;
-    charttools::ensure(&target_dir())?;
+    tools::ensure()?;
     Ok(())
 }
 

