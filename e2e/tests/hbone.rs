@@ -74,6 +74,7 @@ async fn pod_to_pod_traffic_is_mutual_tls_on_15008_with_both_identities_logged()
         1,
     )
     .await;
+    e2e::observe::check_mtls_access_log(&zt.logs(), &sa, &sb).unwrap();
     zt.wait_for(
         &[
             "direction=\"inbound\"",

@@ -67,6 +67,12 @@ async fn enrolled_pod_has_ztunnel_listeners_and_the_specified_rules() {
     zt.wait_for(&["PASSTHROUGH_ONLY", "pod=ambient-demo/sleep"], 1)
         .await;
 
+    // What an operator checks (the specification's "Observing" section), as
+    // `cargo xtask kind-e2e` checks it on a cluster.
+    e2e::observe::check_inpod_log(&zt.logs(), 1).unwrap();
+    e2e::observe::check_listeners(&pod.exec(&["ss", "-ntlp"])).unwrap();
+    e2e::observe::check_rules(&pod.exec(&["iptables-save"])).unwrap();
+
     // Enrolling again changes nothing: no duplicated rules, the same proxy.
     enrolled(&agent, &pod).await;
     assert_eq!(pod.iptables_save(), normalize_save(SPEC_SAVE));

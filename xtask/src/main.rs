@@ -13,10 +13,14 @@
 //!   data path through ztunnel against the direct path, interleaved in one run, the
 //!   footprint per pod and enrollment times (`e2e::bench`); then, unless `--short`,
 //!   the criterion benchmarks of every crate. `bench micro [args]`: only criterion.
+//! - `images`: both container images (`images.rs`); `kind-e2e`: the system on a kind
+//!   cluster beside Istio's istiod (`kind_e2e.rs`).
 //! - `dist`: a release of both binaries, one version, with checksums and a manifest of
 //!   the protocol versions each speaks (see `dist.rs`).
 
 mod dist;
+mod images;
+mod kind_e2e;
 mod setup;
 mod tools;
 
@@ -184,6 +188,12 @@ tasks:
                 target/bench/), then the criterion benchmarks
   bench micro [criterion args]
                 only the criterion benchmarks
+  images [--hub <hub>] [--tag <tag>]
+                both container images from docker/Dockerfile (needs a Docker engine)
+  kind-e2e [--cluster <name>] [--istio-version <v>] [--hub <hub>] [--tag <tag>] [--keep]
+                a kind cluster with Istio's istiod and our charts, sleep and httpbin,
+                the specification's checks, rollout restarts under traffic (needs a
+                Docker engine, kind, kubectl and helm; says which are missing)
   dist          release builds of ztunnel and istio-cni (one version), SHA256SUMS and
                 manifest.json (protocol versions) in target/dist/<version>/";
 
@@ -196,6 +206,27 @@ fn main() -> ExitCode {
         Some("dist") => dist::run(&target_dir(), cargo())
             .map(|out| println!("xtask: release in {}", out.display())),
         Some("proptest") => proptest(&args[1..]),
+        Some("images") => images::Options::parse(&args[1..])
+            .map_err(|e| anyhow::Error::from(setup::Problem(format!("images: {e}"))))
+            .and_then(|opts| images::build(&root(), &opts))
+            .map(|built| println!("xtask: built {}", built.join(", "))),
+        Some("kind-e2e") => kind_e2e::run(&args[1..], &root(), |opts| {
+            let mut cmd = cargo();
+            cmd.args([
+                "run",
+                "--quiet",
+                "-p",
+                "e2e",
+                "--bin",
+                "kind_e2e",
+                "--",
+                "--context",
+            ])
+            .arg(opts.context())
+            .arg("--debug-image")
+            .arg(opts.images.reference("istio-cni"));
+            run(cmd)
+        }),
         Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
         Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),
         _ => {
