@@ -52,6 +52,12 @@ pub fn require_root() {
 /// in `E2E_BIN_DIR` when set: the same tests can then be run against other builds (an
 /// older release, to show a test catches what it is meant to).
 pub fn bin_path(name: &str) -> PathBuf {
+    // The agent as it ships (statically linked; `cargo xtask test` builds it).
+    if let Some(bin) = std::env::var_os("E2E_AGENT_BIN").filter(|_| name == "istio-cni") {
+        let bin = PathBuf::from(bin);
+        assert!(bin.exists(), "E2E_AGENT_BIN: {} is missing", bin.display());
+        return bin;
+    }
     if let Some(dir) = std::env::var_os("E2E_BIN_DIR") {
         let bin = PathBuf::from(dir).join(name);
         assert!(bin.exists(), "{} is missing", bin.display());

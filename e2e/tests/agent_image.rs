@@ -48,3 +48,53 @@ async fn the_agent_in_its_images_root_filesystem_enrolls_and_removes_a_pod() {
         agent.logs()
     );
 }
+
+/// The agent binary is also the CNI plugin, which the container runtime runs on the
+/// node, on the node's C library, whatever its age: as shipped it is linked statically
+/// and runs in a root with nothing but itself. (`cargo xtask test` builds it so and
+/// sets `E2E_AGENT_BIN`; the whole suite then runs that build.)
+#[test]
+fn the_cni_plugin_as_shipped_runs_with_no_c_library_at_all() {
+    let Some(bin) = std::env::var_os("E2E_AGENT_BIN") else {
+        panic!("E2E_AGENT_BIN is not set: run the suite with `cargo xtask test`, which builds the static agent");
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&bin, root.path().join("istio-cni")).expect("copy");
+    let run = |env: Option<(&str, &str)>, stdin: &str| {
+        use std::io::Write;
+        let mut cmd = std::process::Command::new("chroot");
+        cmd.arg(root.path())
+            .arg("/istio-cni")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        } else {
+            cmd.arg("version");
+        }
+        let mut child = cmd.spawn().expect("chroot");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("stdin");
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, version) = run(None, "");
+    assert!(ok && version.contains("PluginEventVersion"), "{version}");
+    let (ok, versions) = run(
+        Some(("CNI_COMMAND", "VERSION")),
+        "{\"cniVersion\":\"1.0.0\"}",
+    );
+    assert!(
+        ok && versions.contains("\"supportedVersions\""),
+        "{versions}"
+    );
+}

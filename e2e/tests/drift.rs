@@ -134,8 +134,10 @@ async fn a_pod_whose_sandbox_vanished_is_reported_once_with_an_event_and_not_ret
 
     // a's sandbox disappears and no CNI DEL reaches the agent.
     a.vanish();
+    // The counter and the state gauge are two metrics: wait for both.
     let text = scrape_until(&agent, "a reported unrepairable", |t| {
         value(t, "istio_cni_rule_drift_unrepairable_total", &[]) == 1.0
+            && value(t, "istio_cni_pods", &[("state", "unrepairable")]) == 1.0
     })
     .await;
     assert_eq!(

@@ -4,6 +4,12 @@
 //! `SHA256SUMS` (check with `sha256sum -c SHA256SUMS`) and `manifest.json` naming the
 //! version and the protocol versions each binary says it speaks (ZDS between the
 //! agent and ztunnel, plugin events between the CNI plugin and the agent).
+//!
+//! The agent's binary is also the CNI plugin, which the node's container runtime runs
+//! on the node itself, outside any image: it is linked statically (glibc's static
+//! libraries, `-C target-feature=+crt-static` for the host's target), so it runs on a
+//! node whose C library is older than the build machine's. The release refuses a
+//! dynamically linked `istio-cni`. ztunnel runs only in its image and stays dynamic.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +18,38 @@ use anyhow::{bail, Context};
 
 /// The binaries a release holds.
 pub const BINARIES: [&str; 2] = ["ztunnel", "istio-cni"];
+
+/// The host's target triple, from `rustc -vV`.
+pub fn host_triple(rustc_vv: &str) -> Option<&str> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::trim)
+}
+
+/// Whether an ELF executable needs no dynamic loader (no `PT_INTERP` program header).
+pub fn is_static(elf: &[u8]) -> anyhow::Result<bool> {
+    const PT_INTERP: u32 = 3;
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
+        bail!("not a 64-bit little-endian ELF file");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&elf[0x20..0x28]);
+    let phoff = usize::try_from(u64::from_le_bytes(phoff))?;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = phoff
+            .checked_add(i * size)
+            .filter(|&at| at + 4 <= elf.len())
+            .context("program headers past the end of the file")?;
+        let kind = u32::from_le_bytes([elf[at], elf[at + 1], elf[at + 2], elf[at + 3]]);
+        if kind == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
 
 /// The value of `Key:"…"` in a `version.BuildInfo{…}` line.
 pub fn field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
@@ -78,8 +116,13 @@ pub fn one_version(told: &[Told]) -> anyhow::Result<String> {
     Ok(first.version.clone())
 }
 
-/// `manifest.json`.
-pub fn manifest(version: &str, told: &[Told], sums: &[(String, String)]) -> serde_json::Value {
+/// `manifest.json`; `statics` names the statically linked binaries.
+pub fn manifest(
+    version: &str,
+    told: &[Told],
+    sums: &[(String, String)],
+    statics: &[&str],
+) -> serde_json::Value {
     let binaries: Vec<serde_json::Value> = told
         .iter()
         .map(|t| {
@@ -92,6 +135,7 @@ pub fn manifest(version: &str, told: &[Told], sums: &[(String, String)]) -> serd
                 "name": t.name,
                 "version": t.version,
                 "sha256": sha256,
+                "linkage": if statics.contains(&t.name.as_str()) { "static" } else { "dynamic" },
                 "protocols": protocols,
             })
         })
@@ -111,29 +155,52 @@ fn version_of(bin: &Path, name: &str) -> anyhow::Result<Told> {
     Told::parse(name, String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// Builds, checks and packages; returns the release directory.
-pub fn run(target: &Path, mut cargo: Command) -> anyhow::Result<PathBuf> {
-    cargo.args([
+/// Builds, checks and packages; returns the release directory. `cargo` makes a fresh
+/// cargo command.
+pub fn run(target: &Path, cargo: impl Fn() -> Command) -> anyhow::Result<PathBuf> {
+    let mut zt = cargo();
+    zt.args(["build", "--release", "--bins", "-p", "ztunnel"]);
+    crate::run(zt)?;
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    let triple = host_triple(&rustc).context("rustc -vV names no host")?;
+    let mut cni = cargo();
+    cni.args([
         "build",
         "--release",
         "--bins",
         "-p",
-        "ztunnel",
-        "-p",
         "istio-cni",
-    ]);
-    crate::run(cargo)?;
-    let release = target.join("release");
+        "--target",
+        triple,
+    ])
+    .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    crate::run(cni)?;
+    let paths = [
+        target.join("release/ztunnel"),
+        target.join(triple).join("release/istio-cni"),
+    ];
+    let elf =
+        std::fs::read(&paths[1]).with_context(|| format!("reading {}", paths[1].display()))?;
+    if !is_static(&elf)? {
+        bail!(
+            "{} is dynamically linked: the CNI plugin must not depend on the node's C library",
+            paths[1].display()
+        );
+    }
     let told: Vec<Told> = BINARIES
         .iter()
-        .map(|name| version_of(&release.join(name), name))
+        .zip(&paths)
+        .map(|(name, path)| version_of(path, name))
         .collect::<anyhow::Result<_>>()?;
     let version = one_version(&told)?;
     let out = target.join("dist").join(&version);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    for name in BINARIES {
-        std::fs::copy(release.join(name), out.join(name))
-            .with_context(|| format!("copying {name}"))?;
+    for (name, path) in BINARIES.iter().zip(&paths) {
+        std::fs::copy(path, out.join(name)).with_context(|| format!("copying {name}"))?;
     }
     let sums = Command::new("sha256sum")
         .args(BINARIES)
@@ -146,7 +213,7 @@ pub fn run(target: &Path, mut cargo: Command) -> anyhow::Result<PathBuf> {
     let text = String::from_utf8_lossy(&sums.stdout).into_owned();
     let parsed = parse_sums(&text)?;
     std::fs::write(out.join("SHA256SUMS"), &text)?;
-    let manifest = manifest(&version, &told, &parsed);
+    let manifest = manifest(&version, &told, &parsed, &["istio-cni"]);
     std::fs::write(
         out.join("manifest.json"),
         serde_json::to_string_pretty(&manifest)? + "\n",
@@ -187,6 +254,25 @@ mod tests {
     }
 
     #[test]
+    fn the_host_triple_and_static_linking_are_read_from_what_the_tools_say() {
+        let vv = "rustc 1.91.0\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.91.0\n";
+        assert_eq!(host_triple(vv), Some("x86_64-unknown-linux-gnu"));
+        assert_eq!(host_triple("rustc 1.91.0\n"), None);
+        // A dynamically linked executable (this test, as cargo builds it) has a
+        // loader; a header with no program headers has none; junk is refused.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!is_static(&me).unwrap());
+        let mut bare = me[..64].to_vec();
+        bare[0x38] = 0;
+        bare[0x39] = 0;
+        assert!(is_static(&bare).unwrap());
+        assert!(is_static(b"#!/bin/sh\n").is_err());
+        let mut cut = me[..64].to_vec();
+        cut[0x38] = 1;
+        assert!(is_static(&cut).is_err(), "program headers past the end");
+    }
+
+    #[test]
     fn checksums_and_manifest() {
         let a = "a".repeat(64);
         let b = "0123456789abcdef".repeat(4);
@@ -198,8 +284,10 @@ mod tests {
             Told::parse("ztunnel", ZT).unwrap(),
             Told::parse("istio-cni", CNI).unwrap(),
         ];
-        let m = manifest("0.1.0", &told, &sums);
+        let m = manifest("0.1.0", &told, &sums, &["istio-cni"]);
         assert_eq!(m["version"], "0.1.0");
+        assert_eq!(m["binaries"][0]["linkage"], "dynamic");
+        assert_eq!(m["binaries"][1]["linkage"], "static");
         assert_eq!(m["binaries"][0]["sha256"], a.as_str());
         assert_eq!(m["binaries"][0]["protocols"]["zds"], "V1");
         assert!(m["binaries"][0]["protocols"].get("plugin_event").is_none());

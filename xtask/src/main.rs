@@ -88,13 +88,33 @@ fn setup_tests() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the agent as releases ship it: linked statically for the host (it is also
+/// the CNI plugin, which runs on the node's C library; see `dist.rs`). Returns it.
+fn build_static_agent() -> anyhow::Result<std::path::PathBuf> {
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    let triple = dist::host_triple(&rustc).context("rustc -vV names no host")?;
+    let mut build = cargo();
+    build
+        .args(["build", "--bins", "-p", "istio-cni", "--target", triple])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    run(build)?;
+    Ok(target_dir().join(triple).join("debug/istio-cni"))
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup_tests()?;
     // The e2e tests start the real ztunnel binary: build it first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build)?;
+    // ... and the agent as it ships, statically linked.
+    let agent = build_static_agent()?;
     let mut cmd = cargo();
+    cmd.env("E2E_AGENT_BIN", &agent);
     if has_nextest() {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
@@ -203,7 +223,7 @@ fn main() -> ExitCode {
         Some("setup") => setup_tests(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("dist") => dist::run(&target_dir(), cargo())
+        Some("dist") => dist::run(&target_dir(), cargo)
             .map(|out| println!("xtask: release in {}", out.display())),
         Some("proptest") => proptest(&args[1..]),
         Some("images") => images::Options::parse(&args[1..])

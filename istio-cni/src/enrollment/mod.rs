@@ -1098,7 +1098,6 @@ impl Enrollment {
     }
 
     async fn give_up(&self, entry: &mut Entry, reason: String) {
-        self.inner.metrics.drift_unrepairable.inc();
         tracing::error!(uid = %entry.pod.uid, pod = %entry.pod.key,
               "giving up on the pod's redirection: {reason}; it is reported as unrepairable until it gets a new sandbox or leaves the mesh");
         if let Some(writer) = &self.inner.status {
@@ -1111,6 +1110,9 @@ impl Enrollment {
             }
         }
         entry.unrepairable = Some(reason);
+        // Counted last: the pod's state is published when the caller stores the entry,
+        // right after; a scrape between the two sees the count a moment late.
+        self.inner.metrics.drift_unrepairable.inc();
     }
 }
 
