@@ -101,32 +101,31 @@ async fn pods_enrolled_by_istios_agent_are_adopted_with_no_duplicate_and_no_gap(
     assert!(other.iptables_save().contains(DNS_CAPTURE));
     let routes = same.policy_routing();
 
-    // Sample both pods' rules from now until our agent serves them.
+    // Sample both pods' rules, each pod and family in a thread of its own, from
+    // before our agent starts until ztunnel serves both pods and a while after.
     let done = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        let netns = [same.netns_name.clone(), other.netns_name.clone()];
-        std::thread::spawn(move || {
-            let mut samples: Vec<[(String, String); 2]> = Vec::new();
-            while !done.load(Ordering::Relaxed) {
-                let save = |ns: &str, bin: &str| {
+    let samplers: Vec<_> = [&same, &other]
+        .into_iter()
+        .flat_map(|pod| {
+            ["iptables-save", "ip6tables-save"]
+                .map(|bin| (pod.name.clone(), pod.netns_name.clone(), bin))
+        })
+        .map(|(pod, ns, bin)| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut samples = Vec::new();
+                while !done.load(Ordering::Relaxed) {
                     let out = Command::new("ip")
-                        .args(["netns", "exec", ns, bin])
+                        .args(["netns", "exec", &ns, bin])
                         .output()
                         .expect("save");
-                    normalize_save(&String::from_utf8_lossy(&out.stdout))
-                };
-                samples.push(
-                    netns
-                        .clone()
-                        .map(|ns| (save(&ns, "iptables-save"), save(&ns, "ip6tables-save"))),
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            samples
+                    samples.push(normalize_save(&String::from_utf8_lossy(&out.stdout)));
+                }
+                (pod, bin, samples)
+            })
         })
-    };
-    std::thread::sleep(Duration::from_millis(50));
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
     let agent = cluster.start_agent(1);
     let _zt = cluster.start_ztunnel(1);
     // Served: ztunnel's listeners in both pods.
@@ -147,26 +146,31 @@ async fn pods_enrolled_by_istios_agent_are_adopted_with_no_duplicate_and_no_gap(
         }
     }
     // Past the agent's first verification of the adopted pods, too.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     done.store(true, Ordering::Relaxed);
-    let samples = sampler.join().expect("sampler");
-
-    assert!(samples.len() >= 10, "only {} samples", samples.len());
-    for (i, [(s4, s6), (o4, o6)]) in samples.iter().enumerate() {
-        // Rules identical to ours: never touched.
-        assert_eq!(s4, &spec4, "sleep, IPv4, sample {i} of {}", samples.len());
-        assert_eq!(s6, &spec6, "sleep, IPv6, sample {i} of {}", samples.len());
-        // Rules that differ: rewritten, with every capture rule there exactly once
-        // at every moment.
-        for rule in CAPTURE {
-            assert_eq!(
-                o4.matches(rule).count(),
-                1,
-                "httpbin, {rule:?}, sample {i} of {}:\n{o4}",
-                samples.len()
-            );
+    for sampler in samplers {
+        let (pod, bin, samples) = sampler.join().expect("sampler");
+        eprintln!("{pod} {bin}: {} samples", samples.len());
+        assert!(
+            samples.len() >= 10,
+            "{pod} {bin}: only {} samples",
+            samples.len()
+        );
+        for (i, save) in samples.iter().enumerate() {
+            let at = format!("{pod} {bin}, sample {i} of {}", samples.len());
+            match (pod.as_str(), bin) {
+                // Rules identical to ours, and IPv6 rules that were: never touched.
+                ("sleep", "iptables-save") => assert_eq!(save, &spec4, "{at}"),
+                (_, "ip6tables-save") => assert_eq!(save, &spec6, "{at}"),
+                // Rules that differ: rewritten, with every capture rule there exactly
+                // once at every moment.
+                _ => {
+                    for rule in CAPTURE {
+                        assert_eq!(save.matches(rule).count(), 1, "{at}: {rule:?}\n{save}");
+                    }
+                }
+            }
         }
-        assert_eq!(o6, &spec6, "httpbin, IPv6, sample {i} of {}", samples.len());
     }
     // In the end: exactly our rules, once, and Istio's routes kept as they were.
     assert_eq!(
