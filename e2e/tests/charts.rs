@@ -268,3 +268,53 @@ fn the_daemonsets_have_what_a_node_agent_and_a_node_proxy_need() {
         Some("istiod.istio-system.svc:15012")
     );
 }
+
+#[test]
+fn values_of_the_wrong_type_are_refused_naming_the_value() {
+    for (chart, set, path) in [
+        ("istio-cni", "ambient.ipv6=flase", "/ambient/ipv6"),
+        (
+            "istio-cni",
+            "iptables.backend=nftables",
+            "/iptables/backend",
+        ),
+        ("istio-cni", "chained=false", "/chained"),
+        (
+            "ztunnel",
+            "terminationGracePeriodSeconds=3",
+            "/terminationGracePeriodSeconds",
+        ),
+        ("ztunnel", "localMode.enabled=yes", "/localMode/enabled"),
+    ] {
+        let err = output(
+            Command::new(tool("helm"))
+                .args(["template", chart])
+                .arg(charts::chart_dir(chart))
+                .args(["--set", set]),
+        )
+        .expect_err(set);
+        assert!(err.contains(path), "{set}: {err}");
+    }
+}
+
+/// `helm upgrade` from Istio's charts to these replaces the DaemonSets in place: their
+/// names and (immutable) selectors are Istio's.
+#[test]
+fn the_daemonsets_keep_istios_names_and_selectors() {
+    for (chart, name, selector) in [
+        ("istio-cni", "istio-cni-node", ("k8s-app", "istio-cni-node")),
+        ("ztunnel", "ztunnel", ("app", "ztunnel")),
+    ] {
+        let docs = documents(&render(chart, None).unwrap_or_else(|e| panic!("{e}")));
+        let ds = daemonset(&docs);
+        assert_eq!(ds["metadata"]["name"], name);
+        assert_eq!(
+            ds["spec"]["selector"]["matchLabels"],
+            serde_json::json!({ selector.0: selector.1 })
+        );
+        assert_eq!(
+            ds["spec"]["template"]["metadata"]["labels"][selector.0],
+            selector.1
+        );
+    }
+}
