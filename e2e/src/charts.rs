@@ -199,6 +199,26 @@ pub fn ztunnel_capabilities() -> &'static [String] {
     CAPS.get_or_init(|| capabilities(&golden_documents("ztunnel"), "istio-proxy"))
 }
 
+/// `setpriv` arguments for ztunnel as its chart runs it: root, in the chart's group
+/// (`runAsGroup`, 1337 as Istio's) with no supplementary groups, with only the
+/// chart's capabilities.
+pub fn ztunnel_setpriv_args() -> Vec<String> {
+    static GROUP: OnceLock<u64> = OnceLock::new();
+    let group = GROUP.get_or_init(|| {
+        let docs = golden_documents("ztunnel");
+        let ds = docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("a DaemonSet");
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsGroup"]
+            .as_u64()
+            .expect("ztunnel's runAsGroup")
+    });
+    let mut args = vec![format!("--regid={group}"), "--clear-groups".into()];
+    args.extend(setpriv_args(ztunnel_capabilities()));
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

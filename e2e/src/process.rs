@@ -32,17 +32,16 @@ pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
     };
     let bin = rootfs.join("usr/local/bin/istio-cni");
     std::fs::copy(crate::bin_path("istio-cni"), &bin).expect("copy the agent into the rootfs");
-    let root = rootfs.display();
-    let mut script = String::new();
-    for dir in ["proc", "sys", "dev", "run", "tmp"] {
-        script.push_str(&format!("mount --rbind /{dir} {root}/{dir} && "));
-    }
-    script.push_str(&format!(
-        "exec chroot {root} setpriv {} /usr/local/bin/istio-cni",
+    // The root is the script's $0 (no quoting of paths in the script); arguments
+    // added to the command reach the agent as "$@".
+    let script = format!(
+        "for d in proc sys dev run tmp; do mount --rbind \"/$d\" \"$0/$d\" || exit 1; done; \
+         exec chroot \"$0\" setpriv {} /usr/local/bin/istio-cni \"$@\"",
         caps.join(" ")
-    ));
+    );
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(rootfs);
     cmd
 }
 
@@ -142,7 +141,13 @@ impl Process {
         for path in [node.dir.path(), bin.as_path()] {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
-        Self::spawn(node, n, bin, |cmd| {
+        // Another user than the chart's: only the capabilities are the chart's.
+        let mut cmd = Command::new("setpriv");
+        cmd.args(crate::charts::setpriv_args(
+            crate::charts::ztunnel_capabilities(),
+        ))
+        .arg(bin);
+        Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.uid(uid).gid(uid).env("PASSTHROUGH_ONLY", "true");
         })
     }
@@ -153,9 +158,7 @@ impl Process {
     pub fn start_in_netns(node: &TestNode, n: u32, netns: &str) -> Ztunnel {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, "setpriv"])
-            .args(crate::charts::setpriv_args(
-                crate::charts::ztunnel_capabilities(),
-            ))
+            .args(crate::charts::ztunnel_setpriv_args())
             .arg(crate::bin_path("ztunnel"));
         Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.env("PASSTHROUGH_ONLY", "true")
@@ -163,13 +166,11 @@ impl Process {
         })
     }
 
-    /// Runs `bin` with only the capabilities the ztunnel chart gives its container.
+    /// Runs `bin` as the ztunnel chart runs its container: its group, only its
+    /// capabilities.
     fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
         let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::setpriv_args(
-            crate::charts::ztunnel_capabilities(),
-        ))
-        .arg(bin);
+        cmd.args(crate::charts::ztunnel_setpriv_args()).arg(bin);
         Self::spawn_cmd(node, n, cmd, adjust)
     }
 
