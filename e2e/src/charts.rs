@@ -48,21 +48,6 @@ pub fn tool(relative: &str) -> PathBuf {
     path
 }
 
-/// Runs a command and returns its stdout, or its output as the error.
-pub fn output(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!(
-            "{cmd:?}: {}\n{text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// `helm template` of chart `name` with an optional values file.
 pub fn render(name: &str, values: Option<&Path>) -> Result<String, String> {
     let mut cmd = Command::new(tool("helm"));
@@ -72,7 +57,7 @@ pub fn render(name: &str, values: Option<&Path>) -> Result<String, String> {
     if let Some(v) = values {
         cmd.arg("--values").arg(v);
     }
-    output(&mut cmd)
+    crate::output(&mut cmd, None)
 }
 
 /// The documents of a multi-document YAML stream (empty ones dropped).
@@ -89,10 +74,38 @@ pub fn golden_path(name: &str, variant: &str) -> PathBuf {
     chart_dir(name).join(format!("tests/golden-{variant}.yaml"))
 }
 
-fn golden_documents(name: &str) -> Vec<Value> {
-    let path = golden_path(name, "default");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    documents(&text)
+/// The reviewed default rendering of chart `name` (`istio-cni` or `ztunnel`), read
+/// once.
+fn golden(name: &str) -> &'static [Value] {
+    static CHARTS: OnceLock<[Vec<Value>; 2]> = OnceLock::new();
+    let [cni, zt] = CHARTS.get_or_init(|| {
+        ["istio-cni", "ztunnel"].map(|chart| {
+            let path = golden_path(chart, "default");
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            documents(&text)
+        })
+    });
+    match name {
+        "istio-cni" => cni,
+        "ztunnel" => zt,
+        other => panic!("no chart {other}"),
+    }
+}
+
+/// The DaemonSet in a rendering.
+pub fn daemonset(docs: &[Value]) -> &Value {
+    docs.iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet")
+}
+
+/// A container of the DaemonSet in a rendering.
+pub fn container<'a>(docs: &'a [Value], name: &str) -> &'a Value {
+    daemonset(docs)["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no container {name}"))
 }
 
 /// One RBAC rule: any of `verbs` on any of `resources` (`pods`, `pods/status`) in the
@@ -128,9 +141,8 @@ pub fn core_rules(docs: &[Value]) -> Vec<Rule> {
 }
 
 /// The agent's RBAC, from the istio-cni chart's reviewed default rendering.
-pub fn agent_rules() -> &'static [Rule] {
-    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
-    RULES.get_or_init(|| core_rules(&golden_documents("istio-cni")))
+pub fn agent_rules() -> Vec<Rule> {
+    core_rules(golden("istio-cni"))
 }
 
 /// Whether `rules` let a caller `verb` the `resource`.
@@ -155,20 +167,12 @@ pub fn grants(rules: &[Rule]) -> std::collections::BTreeSet<(String, String)> {
 
 /// The capabilities a container of chart `name` adds (after dropping ALL), lower
 /// case as `setpriv` takes them: `["net_admin", …]`.
-pub fn capabilities(docs: &[Value], container: &str) -> Vec<String> {
-    let ds = docs
-        .iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet");
-    let c = ds["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["name"] == container))
-        .unwrap_or_else(|| panic!("no container {container}"));
-    let caps = &c["securityContext"]["capabilities"];
+pub fn capabilities(docs: &[Value], name: &str) -> Vec<String> {
+    let caps = &container(docs, name)["securityContext"]["capabilities"];
     assert_eq!(
         strings(&caps["drop"]),
         ["ALL"],
-        "{container} must drop every capability first"
+        "{name} must drop every capability first"
     );
     strings(&caps["add"])
         .iter()
@@ -187,35 +191,24 @@ pub fn setpriv_args(caps: &[String]) -> Vec<String> {
     vec!["--bounding-set".into(), set, "--".into()]
 }
 
-/// The capabilities of the agent's and ztunnel's containers, from the reviewed
-/// renderings.
-pub fn agent_capabilities() -> &'static [String] {
-    static CAPS: OnceLock<Vec<String>> = OnceLock::new();
-    CAPS.get_or_init(|| capabilities(&golden_documents("istio-cni"), "install-cni"))
+/// `setpriv` arguments for the agent as its chart runs it: only its capabilities.
+pub fn agent_setpriv_args() -> Vec<String> {
+    setpriv_args(&capabilities(golden("istio-cni"), "install-cni"))
 }
 
-pub fn ztunnel_capabilities() -> &'static [String] {
-    static CAPS: OnceLock<Vec<String>> = OnceLock::new();
-    CAPS.get_or_init(|| capabilities(&golden_documents("ztunnel"), "istio-proxy"))
-}
-
-/// `setpriv` arguments for ztunnel as its chart runs it: root, in the chart's group
-/// (`runAsGroup`, 1337 as Istio's) with no supplementary groups, with only the
-/// chart's capabilities.
-pub fn ztunnel_setpriv_args() -> Vec<String> {
-    static GROUP: OnceLock<u64> = OnceLock::new();
-    let group = GROUP.get_or_init(|| {
-        let docs = golden_documents("ztunnel");
-        let ds = docs
-            .iter()
-            .find(|d| d["kind"] == "DaemonSet")
-            .expect("a DaemonSet");
-        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsGroup"]
+/// `setpriv` arguments for ztunnel: only its chart's capabilities, and (`as_chart`)
+/// root in the chart's group (`runAsGroup`, 1337 as Istio's) with no supplementary
+/// groups; without it the caller picks the user.
+pub fn ztunnel_setpriv_args(as_chart: bool) -> Vec<String> {
+    let docs = golden("ztunnel");
+    let mut args = Vec::new();
+    if as_chart {
+        let group = container(docs, "istio-proxy")["securityContext"]["runAsGroup"]
             .as_u64()
-            .expect("ztunnel's runAsGroup")
-    });
-    let mut args = vec![format!("--regid={group}"), "--clear-groups".into()];
-    args.extend(setpriv_args(ztunnel_capabilities()));
+            .expect("ztunnel's runAsGroup");
+        args = vec![format!("--regid={group}"), "--clear-groups".into()];
+    }
+    args.extend(setpriv_args(&capabilities(docs, "istio-proxy")));
     args
 }
 

@@ -122,7 +122,7 @@ impl Cluster {
 
     fn with(node: TestNode, api: ApiServer, kubeconfig: PathBuf) -> Cluster {
         // The agent and its plugin get exactly what the istio-cni chart grants them.
-        api.enforce_rbac(crate::charts::agent_rules());
+        api.enforce_rbac(&crate::charts::agent_rules());
         Cluster {
             node_name: format!("node-{}", node.id),
             probe_set: format!("zt-e2e-{}", node.id),
@@ -368,26 +368,28 @@ impl Cluster {
         n: u32,
         adjust: impl FnOnce(&mut std::process::Command),
     ) -> AgentProcess {
+        self.launch_agent(crate::process::agent_command(None), n, adjust)
+    }
+
+    /// Starts the agent chrooted in `rootfs` (see [`crate::process::agent_command`]).
+    pub fn start_agent_in_rootfs(&self, n: u32, rootfs: &std::path::Path) -> AgentProcess {
+        self.launch_agent(crate::process::agent_command(Some(rootfs)), n, |_| {})
+    }
+
+    fn launch_agent(
+        &self,
+        cmd: std::process::Command,
+        n: u32,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> AgentProcess {
         Ztunnel::start_agent(
+            cmd,
             &self.node,
             n,
             &self.kubeconfig,
             &self.node_name,
             &self.probe_set,
             adjust,
-        )
-    }
-
-    /// Starts the agent chrooted in `rootfs` (see [`crate::process::agent_command`]).
-    pub fn start_agent_in_rootfs(&self, n: u32, rootfs: &std::path::Path) -> AgentProcess {
-        Ztunnel::start_agent_cmd(
-            crate::process::agent_command(Some(rootfs)),
-            &self.node,
-            n,
-            &self.kubeconfig,
-            &self.node_name,
-            &self.probe_set,
-            |_| {},
         )
     }
 

@@ -100,32 +100,7 @@ impl Kubectl {
     }
 
     pub fn run_with_input(&self, args: &[&str], input: Option<&str>) -> Result<String, String> {
-        use std::io::Write;
-        let mut cmd = Command::new("kubectl");
-        cmd.args(self.args(args))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if input.is_some() {
-            cmd.stdin(std::process::Stdio::piped());
-        }
-        let mut child = cmd.spawn().map_err(|e| format!("kubectl: {e}"))?;
-        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin
-                .write_all(text.as_bytes())
-                .map_err(|e| format!("kubectl stdin: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("kubectl: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        crate::output(Command::new("kubectl").args(self.args(args)), input)
     }
 
     /// The name of the first pod labelled `app=<app>` in `namespace`.

@@ -733,13 +733,12 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
         }
         (Method::GET, None) => {
             let filter = Filter::parse(&q);
-            let watch = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
             let mut s = lock();
             let in_scope = |v: &Value| {
                 ns.is_none_or(|ns| v["metadata"]["namespace"].as_str() == Some(ns))
                     && filter.matches(v)
             };
-            if !watch {
+            if !watching {
                 let items: Vec<Value> = s
                     .objects
                     .iter()

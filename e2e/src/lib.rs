@@ -81,6 +81,40 @@ pub fn bin_path(name: &str) -> PathBuf {
     bin
 }
 
+/// Runs `cmd` to completion, with `stdin` (or nothing) on its standard input;
+/// returns its stdout, or on failure a message with its status, stdout and stderr.
+pub fn output(cmd: &mut std::process::Command, stdin: Option<&str>) -> Result<String, String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| format!("{cmd:?}: writing its input: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{cmd:?}: {}\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// Runs a command, returning stdout; panics with its stderr on failure.
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(program)

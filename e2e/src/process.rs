@@ -24,7 +24,7 @@ pub type AgentProcess = Process;
 /// node's `/proc`, `/sys`, `/dev`, `/run` (netns, xtables lock) and `/tmp` (the test
 /// node's files), so the mounts go with the process.
 pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
-    let caps = crate::charts::setpriv_args(crate::charts::agent_capabilities());
+    let caps = crate::charts::agent_setpriv_args();
     let Some(rootfs) = rootfs else {
         let mut cmd = Command::new("setpriv");
         cmd.args(caps).arg(crate::bin_path("istio-cni"));
@@ -46,29 +46,10 @@ pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
 }
 
 impl Process {
-    /// Starts the agent binary for `node`, watching the API server behind `kubeconfig`
-    /// as node `node_name`, serving the node's ZDS socket; `n` names its log file.
+    /// Starts the agent (`cmd`, see [`agent_command`]) for `node`, watching the API
+    /// server behind `kubeconfig` as node `node_name`, serving the node's ZDS socket;
+    /// `n` names its log file.
     pub fn start_agent(
-        node: &TestNode,
-        n: u32,
-        kubeconfig: &std::path::Path,
-        node_name: &str,
-        probe_set: &str,
-        adjust: impl FnOnce(&mut Command),
-    ) -> AgentProcess {
-        Self::start_agent_cmd(
-            agent_command(None),
-            node,
-            n,
-            kubeconfig,
-            node_name,
-            probe_set,
-            adjust,
-        )
-    }
-
-    /// Like [`Process::start_agent`], running `cmd` (see [`agent_command`]).
-    pub fn start_agent_cmd(
         mut cmd: Command,
         node: &TestNode,
         n: u32,
@@ -143,10 +124,8 @@ impl Process {
         }
         // Another user than the chart's: only the capabilities are the chart's.
         let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::setpriv_args(
-            crate::charts::ztunnel_capabilities(),
-        ))
-        .arg(bin);
+        cmd.args(crate::charts::ztunnel_setpriv_args(false))
+            .arg(bin);
         Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.uid(uid).gid(uid).env("PASSTHROUGH_ONLY", "true");
         })
@@ -158,7 +137,7 @@ impl Process {
     pub fn start_in_netns(node: &TestNode, n: u32, netns: &str) -> Ztunnel {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", netns, "setpriv"])
-            .args(crate::charts::ztunnel_setpriv_args())
+            .args(crate::charts::ztunnel_setpriv_args(true))
             .arg(crate::bin_path("ztunnel"));
         Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.env("PASSTHROUGH_ONLY", "true")
@@ -170,7 +149,7 @@ impl Process {
     /// capabilities.
     fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
         let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::ztunnel_setpriv_args()).arg(bin);
+        cmd.args(crate::charts::ztunnel_setpriv_args(true)).arg(bin);
         Self::spawn_cmd(node, n, cmd, adjust)
     }
 

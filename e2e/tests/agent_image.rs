@@ -61,40 +61,19 @@ fn the_cni_plugin_as_shipped_runs_with_no_c_library_at_all() {
     let root = tempfile::tempdir().expect("tempdir");
     std::fs::copy(&bin, root.path().join("istio-cni")).expect("copy");
     let run = |env: Option<(&str, &str)>, stdin: &str| {
-        use std::io::Write;
         let mut cmd = std::process::Command::new("chroot");
-        cmd.arg(root.path())
-            .arg("/istio-cni")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if let Some((k, v)) = env {
-            cmd.env(k, v);
-        } else {
-            cmd.arg("version");
-        }
-        let mut child = cmd.spawn().expect("chroot");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("stdin");
-        let out = child.wait_with_output().expect("wait");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        cmd.arg(root.path()).arg("/istio-cni");
+        match env {
+            Some((k, v)) => cmd.env(k, v),
+            None => cmd.arg("version"),
+        };
+        e2e::output(&mut cmd, Some(stdin)).unwrap_or_else(|e| panic!("{e}"))
     };
-    let (ok, version) = run(None, "");
-    assert!(ok && version.contains("PluginEventVersion"), "{version}");
-    let (ok, versions) = run(
+    let version = run(None, "");
+    assert!(version.contains("PluginEventVersion"), "{version}");
+    let versions = run(
         Some(("CNI_COMMAND", "VERSION")),
         "{\"cniVersion\":\"1.0.0\"}",
     );
-    assert!(
-        ok && versions.contains("\"supportedVersions\""),
-        "{versions}"
-    );
+    assert!(versions.contains("\"supportedVersions\""), "{versions}");
 }

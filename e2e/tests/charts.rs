@@ -12,7 +12,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
-use e2e::charts::{self, documents, output, render, tool};
+use e2e::charts::{self, container, daemonset, documents, render, tool};
+use e2e::output;
 use serde_json::Value;
 
 const CHARTS: [&str; 2] = ["istio-cni", "ztunnel"];
@@ -46,7 +47,7 @@ fn helm_lint_passes_with_default_and_custom_values() {
             if let Some(v) = &values {
                 cmd.arg("--values").arg(v);
             }
-            let out = output(&mut cmd).unwrap_or_else(|e| panic!("{e}"));
+            let out = output(&mut cmd, None).unwrap_or_else(|e| panic!("{e}"));
             assert!(out.contains("0 chart(s) failed"), "{out}");
         }
     }
@@ -76,16 +77,18 @@ fn validate(version: &str, files: &[PathBuf]) -> Result<String, String> {
         Command::new(tool("validate/bin/kubernetes-validate"))
             .args(["--strict", "--kubernetes-version", version])
             .args(files),
+        None,
     )
 }
 
 #[test]
 fn every_rendered_manifest_validates_strictly_against_three_kubernetes_versions() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let rendered = renderings();
     let mut files = Vec::new();
     let mut resources = 0;
-    for (chart, variant, yaml) in renderings() {
-        resources += documents(&yaml).len();
+    for (chart, variant, yaml) in &rendered {
+        resources += documents(yaml).len();
         let path = dir.path().join(format!("{chart}-{variant}.yaml"));
         std::fs::write(&path, yaml).expect("write");
         files.push(path);
@@ -100,7 +103,7 @@ fn every_rendered_manifest_validates_strictly_against_three_kubernetes_versions(
     }
     // The validator is strict: a field no Kubernetes has is refused.
     let bad = dir.path().join("bad.yaml");
-    let (_, _, yaml) = &renderings()[0];
+    let (_, _, yaml) = &rendered[0];
     std::fs::write(
         &bad,
         yaml.replace(
@@ -110,19 +113,6 @@ fn every_rendered_manifest_validates_strictly_against_three_kubernetes_versions(
     )
     .expect("write");
     assert!(validate(KUBE_VERSIONS[0], &[bad]).is_err());
-}
-
-fn daemonset(docs: &[Value]) -> &Value {
-    docs.iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet")
-}
-
-fn container<'a>(ds: &'a Value, name: &str) -> &'a Value {
-    ds["spec"]["template"]["spec"]["containers"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
-        .unwrap_or_else(|| panic!("no container {name}"))
 }
 
 fn env_names(c: &Value) -> BTreeSet<String> {
@@ -141,8 +131,8 @@ fn env_value<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
 /// The environment variables a binary reads, from its own `--help` (clap lists each
 /// flag's variable), plus `extra`.
 fn reads(binary: &str, extra: &[&str]) -> BTreeSet<String> {
-    let help =
-        output(Command::new(e2e::bin_path(binary)).arg("--help")).unwrap_or_else(|e| panic!("{e}"));
+    let help = output(Command::new(e2e::bin_path(binary)).arg("--help"), None)
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut names: BTreeSet<String> = help
         .split("[env: ")
         .skip(1)
@@ -164,10 +154,9 @@ fn every_setting_the_charts_pass_is_one_the_binaries_read() {
     let ztunnel_reads = reads("ztunnel", &["RUST_LOG"]);
     for (chart, variant, yaml) in renderings() {
         let docs = documents(&yaml);
-        let ds = daemonset(&docs);
         let (c, known) = match chart {
-            "istio-cni" => (container(ds, "install-cni"), &agent_reads),
-            _ => (container(ds, "istio-proxy"), &ztunnel_reads),
+            "istio-cni" => (container(&docs, "install-cni"), &agent_reads),
+            _ => (container(&docs, "istio-proxy"), &ztunnel_reads),
         };
         let mut names = env_names(c);
         if let Some(cm) = docs.iter().find(|d| d["kind"] == "ConfigMap") {
@@ -192,7 +181,7 @@ fn the_daemonsets_have_what_a_node_agent_and_a_node_proxy_need() {
     let cni = documents(&render("istio-cni", None).unwrap_or_else(|e| panic!("{e}")));
     let ds = daemonset(&cni);
     let pod = &ds["spec"]["template"]["spec"];
-    let c = container(ds, "install-cni");
+    let c = container(&cni, "install-cni");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(
         pod["tolerations"],
@@ -224,7 +213,7 @@ fn the_daemonsets_have_what_a_node_agent_and_a_node_proxy_need() {
     let zt = documents(&render("ztunnel", None).unwrap_or_else(|e| panic!("{e}")));
     let ds = daemonset(&zt);
     let pod = &ds["spec"]["template"]["spec"];
-    let c = container(ds, "istio-proxy");
+    let c = container(&zt, "istio-proxy");
     // istiod's CA lets only this identity ask for other workloads' certificates.
     assert!(zt.iter().any(|d| d["kind"] == "ServiceAccount"
         && d["metadata"]["name"] == "ztunnel"
@@ -291,6 +280,7 @@ fn values_of_the_wrong_type_are_refused_naming_the_value() {
                 .args(["template", chart])
                 .arg(charts::chart_dir(chart))
                 .args(["--set", set]),
+            None,
         )
         .expect_err(set);
         assert!(err.contains(path), "{set}: {err}");

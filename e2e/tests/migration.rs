@@ -8,8 +8,7 @@
 //! Real netns, the real agent and ztunnel, iptables in the pod sampled continuously
 //! from before the agent starts until the pod is served. Root only.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,20 +22,13 @@ const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.t
 
 /// Runs `program args` in netns `ns` with `input` on stdin.
 fn in_netns(ns: &str, program: &str, args: &[&str], input: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let status = child.wait().expect("wait");
-    assert!(status.success(), "{program} {args:?} in {ns}: {status}");
+    e2e::output(
+        Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args),
+        Some(input),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The rule Istio's agent adds with DNS capture on, which ours does not install.

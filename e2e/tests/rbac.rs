@@ -45,7 +45,7 @@ async fn the_agents_rbac_is_exactly_the_api_calls_it_makes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let granted = charts::grants(charts::agent_rules());
+    let granted = charts::grants(&charts::agent_rules());
     let called = cluster.api.calls();
     let unused: Vec<_> = granted.difference(&called).collect();
     let ungranted: Vec<_> = called.difference(&granted).collect();

@@ -61,18 +61,58 @@ const ALIASES: &[Alias] = &[
     },
 ];
 
-/// Istio's other settings this agent reads, to honour, refuse or note.
-const OTHERS: [&str; 5] = [
-    "CHAINED_CNI_PLUGIN",
-    "AMBIENT_ENABLED",
-    "AMBIENT_DNS_CAPTURE",
-    "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
-    "AMBIENT_ENABLEMENT_SELECTOR",
+/// An Istio setting with no equivalent here, and what a value of it means.
+struct Unsupported {
+    name: &'static str,
+    /// The boolean value that matters (Go's syntax); `None`: any value.
+    when: Option<bool>,
+    /// Refused (the agent stops) rather than noted and ignored.
+    refuse: bool,
+    why: &'static str,
+}
+
+/// Refusals first: a setting that would change what the operator gets stops the
+/// agent; the others are said once at startup.
+const UNSUPPORTED: [Unsupported; 5] = [
+    Unsupported {
+        name: "CHAINED_CNI_PLUGIN",
+        when: Some(false),
+        refuse: true,
+        why: "this agent only chains its plugin into the node's primary CNI config; set it to true",
+    },
+    Unsupported {
+        name: "AMBIENT_ENABLED",
+        when: Some(false),
+        refuse: true,
+        why: "this agent is the ambient node agent and has no sidecar mode; set it to true",
+    },
+    Unsupported {
+        name: "AMBIENT_DNS_CAPTURE",
+        when: Some(true),
+        refuse: false,
+        why: "DNS capture is not implemented (pods' DNS goes to their resolver, outside the mesh as before)",
+    },
+    Unsupported {
+        name: "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
+        when: Some(false),
+        refuse: false,
+        why: "this agent always verifies enrolled pods' rules at startup and repairs drift",
+    },
+    Unsupported {
+        name: "AMBIENT_ENABLEMENT_SELECTOR",
+        when: None,
+        refuse: false,
+        why: "pods are selected by istio.io/dataplane-mode on the pod or its namespace",
+    },
 ];
 
 /// Every Istio name this agent reads.
 pub fn istio_names() -> Vec<&'static str> {
-    ALIASES.iter().map(|a| a.istio).chain(OTHERS).collect()
+    ALIASES
+        .iter()
+        .map(|a| a.istio)
+        .chain(UNSUPPORTED.iter().map(|u| u.name))
+        .collect()
 }
 
 /// Go's `strconv.ParseBool`, which Istio's agent reads its booleans with.
@@ -118,48 +158,19 @@ pub fn translate(
         out.notes.push(format!("{}: read as {}", a.istio, a.ours));
         out.args.push(format!("{}={value}", a.flag));
     }
-    let flag = |name: &str| -> Result<Option<bool>, String> {
-        match env(name) {
-            None => Ok(None),
-            Some(v) => parse_go_bool(v.trim())
-                .map(Some)
-                .ok_or_else(|| format!("{name}: not a boolean: {v:?}")),
+    for u in &UNSUPPORTED {
+        let Some(v) = env(u.name) else { continue };
+        if let Some(when) = u.when {
+            let value = parse_go_bool(v.trim())
+                .ok_or_else(|| format!("{}: not a boolean: {v:?}", u.name))?;
+            if value != when {
+                continue;
+            }
         }
-    };
-    if flag("CHAINED_CNI_PLUGIN")? == Some(false) {
-        return Err(
-            "CHAINED_CNI_PLUGIN=false: this agent only chains its plugin into \
-                    the node's primary CNI config; set it to true"
-                .into(),
-        );
-    }
-    if flag("AMBIENT_ENABLED")? == Some(false) {
-        return Err(
-            "AMBIENT_ENABLED=false: this agent is the ambient node agent and \
-                    has no sidecar mode; set it to true"
-                .into(),
-        );
-    }
-    if flag("AMBIENT_DNS_CAPTURE")? == Some(true) {
-        out.notes.push(
-            "AMBIENT_DNS_CAPTURE: ignored, DNS capture is not implemented \
-             (pods' DNS goes to their resolver, outside the mesh as before)"
-                .into(),
-        );
-    }
-    if flag("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP")? == Some(false) {
-        out.notes.push(
-            "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP: ignored, this agent always \
-             verifies enrolled pods' rules at startup and repairs drift"
-                .into(),
-        );
-    }
-    if env("AMBIENT_ENABLEMENT_SELECTOR").is_some() {
-        out.notes.push(
-            "AMBIENT_ENABLEMENT_SELECTOR: ignored, pods are selected by \
-             istio.io/dataplane-mode on the pod or its namespace"
-                .into(),
-        );
+        if u.refuse {
+            return Err(format!("{}={v}: {}", u.name, u.why));
+        }
+        out.notes.push(format!("{}: ignored, {}", u.name, u.why));
     }
     Ok(out)
 }

@@ -155,34 +155,31 @@ fn version_of(bin: &Path, name: &str) -> anyhow::Result<Told> {
     Told::parse(name, String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// Builds, checks and packages; returns the release directory. `cargo` makes a fresh
-/// cargo command.
-pub fn run(target: &Path, cargo: impl Fn() -> Command) -> anyhow::Result<PathBuf> {
-    let mut zt = cargo();
-    zt.args(["build", "--release", "--bins", "-p", "ztunnel"]);
-    crate::run(zt)?;
+/// Builds the agent linked statically for the host (`release` or debug); returns it.
+pub fn static_agent(target: &Path, mut cargo: Command, release: bool) -> anyhow::Result<PathBuf> {
     let rustc = Command::new("rustc")
         .arg("-vV")
         .output()
         .context("running rustc -vV")?;
     let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
     let triple = host_triple(&rustc).context("rustc -vV names no host")?;
-    let mut cni = cargo();
-    cni.args([
-        "build",
-        "--release",
-        "--bins",
-        "-p",
-        "istio-cni",
-        "--target",
-        triple,
-    ])
-    .env("RUSTFLAGS", "-C target-feature=+crt-static");
-    crate::run(cni)?;
-    let paths = [
-        target.join("release/ztunnel"),
-        target.join(triple).join("release/istio-cni"),
-    ];
+    cargo
+        .args(["build", "--bins", "-p", "istio-cni", "--target", triple])
+        .args(release.then_some("--release"))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    crate::run(cargo)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(target.join(triple).join(profile).join("istio-cni"))
+}
+
+/// Builds, checks and packages; returns the release directory. `cargo` makes a fresh
+/// cargo command.
+pub fn run(target: &Path, cargo: impl Fn() -> Command) -> anyhow::Result<PathBuf> {
+    let mut zt = cargo();
+    zt.args(["build", "--release", "--bins", "-p", "ztunnel"]);
+    crate::run(zt)?;
+    let cni = static_agent(target, cargo(), true)?;
+    let paths = [target.join("release/ztunnel"), cni];
     let elf =
         std::fs::read(&paths[1]).with_context(|| format!("reading {}", paths[1].display()))?;
     if !is_static(&elf)? {

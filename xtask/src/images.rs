@@ -19,23 +19,34 @@ pub struct Options {
     pub tag: String,
 }
 
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options, String> {
-        let mut opts = Options {
+/// The value after flag `name` on a command line (not empty, not another flag).
+pub fn flag_value<'a>(
+    it: &mut impl Iterator<Item = &'a String>,
+    name: &str,
+) -> Result<String, String> {
+    it.next()
+        .filter(|v| !v.is_empty() && !v.starts_with("--"))
+        .cloned()
+        .ok_or_else(|| format!("{name} needs a value"))
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
             hub: DEFAULT_HUB.into(),
             tag: env!("CARGO_PKG_VERSION").into(),
-        };
+        }
+    }
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let mut opts = Options::default();
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            let mut value = |name: &str| {
-                it.next()
-                    .filter(|v| !v.is_empty() && !v.starts_with("--"))
-                    .cloned()
-                    .ok_or_else(|| format!("{name} needs a value"))
-            };
             match a.as_str() {
-                "--hub" => opts.hub = value("--hub")?,
-                "--tag" => opts.tag = value("--tag")?,
+                "--hub" => opts.hub = flag_value(&mut it, a)?,
+                "--tag" => opts.tag = flag_value(&mut it, a)?,
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }

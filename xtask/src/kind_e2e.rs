@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::images::{self, probe};
+use crate::images::{self, flag_value, probe};
 use crate::setup::Problem;
 
 /// Istio's official Helm repository.
@@ -33,36 +33,24 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
-        let mut cluster = DEFAULT_CLUSTER.to_string();
-        let mut istio_version = DEFAULT_ISTIO.to_string();
-        let mut keep = false;
-        let mut image_args = Vec::new();
+        let mut opts = Options {
+            cluster: DEFAULT_CLUSTER.into(),
+            istio_version: DEFAULT_ISTIO.into(),
+            keep: false,
+            images: images::Options::default(),
+        };
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            let mut value = |name: &str| {
-                it.next()
-                    .filter(|v| !v.is_empty() && !v.starts_with("--"))
-                    .cloned()
-                    .ok_or_else(|| format!("{name} needs a value"))
-            };
             match a.as_str() {
-                "--cluster" => cluster = value("--cluster")?,
-                "--istio-version" => istio_version = value("--istio-version")?,
-                "--keep" => keep = true,
-                "--hub" | "--tag" => {
-                    let v = value(a)?;
-                    image_args.push(a.clone());
-                    image_args.push(v);
-                }
+                "--cluster" => opts.cluster = flag_value(&mut it, a)?,
+                "--istio-version" => opts.istio_version = flag_value(&mut it, a)?,
+                "--keep" => opts.keep = true,
+                "--hub" => opts.images.hub = flag_value(&mut it, a)?,
+                "--tag" => opts.images.tag = flag_value(&mut it, a)?,
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
-        Ok(Options {
-            cluster,
-            istio_version,
-            keep,
-            images: images::Options::parse(&image_args)?,
-        })
+        Ok(opts)
     }
 
     /// kubectl's context for the kind cluster.

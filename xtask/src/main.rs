@@ -88,31 +88,15 @@ fn setup_tests() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the agent as releases ship it: linked statically for the host (it is also
-/// the CNI plugin, which runs on the node's C library; see `dist.rs`). Returns it.
-fn build_static_agent() -> anyhow::Result<std::path::PathBuf> {
-    let rustc = Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .context("running rustc -vV")?;
-    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
-    let triple = dist::host_triple(&rustc).context("rustc -vV names no host")?;
-    let mut build = cargo();
-    build
-        .args(["build", "--bins", "-p", "istio-cni", "--target", triple])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
-    run(build)?;
-    Ok(target_dir().join(triple).join("debug/istio-cni"))
-}
-
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup_tests()?;
     // The e2e tests start the real ztunnel binary: build it first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build)?;
-    // ... and the agent as it ships, statically linked.
-    let agent = build_static_agent()?;
+    // ... and the agent as it ships: linked statically (it is also the CNI plugin,
+    // which runs on the node's C library; see `dist.rs`).
+    let agent = dist::static_agent(&target_dir(), cargo(), false)?;
     let mut cmd = cargo();
     cmd.env("E2E_AGENT_BIN", &agent);
     if has_nextest() {

@@ -220,6 +220,14 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `apt-get install`s `pkgs`, refreshing the package lists first only if that fails
+/// (quick when they are recent).
+pub fn apt_install(pkgs: &[&str]) -> bool {
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(pkgs);
+    apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install))
+}
+
 fn apt_get(args: &[&str]) -> bool {
     Command::new("apt-get")
         .args(args)
@@ -258,11 +266,7 @@ pub fn ensure(who: For) -> Result<(), Problem> {
         who.needs(),
         list(&before)
     );
-    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(&pkgs);
-    // Without a refresh first: quick when the package lists are recent.
-    let installed = apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install));
-    if !installed {
+    if !apt_install(&pkgs) {
         return Err(Problem(format!(
             "apt-get could not install {}: see its output above; install them and run \
              this again",

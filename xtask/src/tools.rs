@@ -105,27 +105,22 @@ fn validate(tools: &Path) -> Result<(), Problem> {
     }
     eprintln!("xtask: installing {VALIDATE_PYPI} (PyPI) for the chart checks");
     let _ = std::fs::remove_dir_all(&venv);
-    let make_venv = || ran(Command::new("python3").arg("-m").arg("venv").arg(&venv), "");
+    let make_venv = || {
+        ran(
+            Command::new("python3").arg("-m").arg("venv").arg(&venv),
+            "making a virtualenv",
+        )
+    };
     if make_venv().is_err() {
         // Debian keeps venv in a package of its own.
         eprintln!("xtask: python3 cannot make a virtualenv; installing python3-venv");
         let _ = std::fs::remove_dir_all(&venv);
-        ran(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-qq",
-                    "--no-install-recommends",
-                    "python3-venv",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-            "installing python3-venv",
-        )?;
-        ran(
-            Command::new("python3").arg("-m").arg("venv").arg(&venv),
-            "making a virtualenv",
-        )?;
+        if !crate::setup::apt_install(&["python3-venv"]) {
+            return Err(Problem(
+                "apt-get could not install python3-venv: see its output above".into(),
+            ));
+        }
+        make_venv()?;
     }
     ran(
         Command::new(venv.join("bin/pip")).args(["install", "-q", VALIDATE_PYPI]),

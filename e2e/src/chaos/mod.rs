@@ -483,10 +483,10 @@ impl World {
                     now.extra_over(before)
                 ));
             }
-            if let Some(now) = now.filter(|n| n.api_connections() > API_CONNECTIONS) {
+            if let Some(now) = now.filter(|n| n.api_connections > API_CONNECTIONS) {
                 out.push(format!(
                     "{} connections to the Kubernetes API (at most {API_CONNECTIONS})",
-                    now.api_connections()
+                    now.api_connections
                 ));
             }
         }
@@ -533,16 +533,17 @@ impl World {
 
 /// A process's open fds by kind ("socket", "pipe", "anon_inode:[eventfd]", a path),
 /// so that a leak says what leaked. Its TCP connections to the Kubernetes API server
-/// are a kind of their own: the API client keeps a pool of them, and a connection
-/// that went idle when a watch restarted stays there until the pool's idle timeout
-/// (90 s), which is not a leak; those are bounded instead (see [`API_CONNECTIONS`]).
+/// are counted apart: the API client keeps a pool of them, and a connection that went
+/// idle when a watch restarted stays there until the pool's idle timeout (90 s),
+/// which is not a leak; those are bounded instead (see [`API_CONNECTIONS`]).
 #[derive(Clone, Debug, Default)]
-struct Fds(BTreeMap<String, usize>);
+struct Fds {
+    kinds: BTreeMap<String, usize>,
+    api_connections: usize,
+}
 
-/// The kind of the agent's connections to the API server.
-const API: &str = "Kubernetes API connection";
-/// At most this many: the two watches, and a pool of idle connections the size of
-/// the client's concurrency.
+/// At most this many connections to the API server: the two watches, and a pool of
+/// idle connections the size of the client's concurrency.
 const API_CONNECTIONS: usize = 4;
 
 /// Socket inodes of TCP connections whose remote port is `port`, from the process's
@@ -557,10 +558,8 @@ fn tcp_inodes_to(pid: u32, port: u16) -> BTreeSet<String> {
                 .get(2)
                 .and_then(|r| r.rsplit(':').next())
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if remote_port == Some(port) {
-                if let Some(inode) = cols.get(9) {
-                    out.insert(inode.to_string());
-                }
+            if let (Some(true), Some(inode)) = (remote_port.map(|p| p == port), cols.get(9)) {
+                out.insert(inode.to_string());
             }
         }
     }
@@ -571,7 +570,7 @@ impl Fds {
     fn of(pid: u32, api_port: u16) -> Option<Fds> {
         let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
         let api = tcp_inodes_to(pid, api_port);
-        let mut kinds = BTreeMap::new();
+        let mut fds = Fds::default();
         for entry in dir.flatten() {
             let target = std::fs::read_link(entry.path())
                 .map(|t| t.to_string_lossy().into_owned())
@@ -579,37 +578,29 @@ impl Fds {
             // "socket:[123]" and "pipe:[456]" differ only by inode.
             let kind = match target.split_once(":[") {
                 Some(("socket", inode)) if api.contains(inode.trim_end_matches(']')) => {
-                    API.to_string()
+                    fds.api_connections += 1;
+                    continue;
                 }
                 Some((k, _)) if !target.starts_with('/') => k.to_string(),
                 _ => target,
             };
-            *kinds.entry(kind).or_insert(0) += 1;
+            *fds.kinds.entry(kind).or_insert(0) += 1;
         }
-        Some(Fds(kinds))
-    }
-
-    fn api_connections(&self) -> usize {
-        self.0.get(API).copied().unwrap_or(0)
+        Some(fds)
     }
 
     /// Every fd but the pooled API connections.
     fn len(&self) -> usize {
-        self.0
-            .iter()
-            .filter(|(k, _)| *k != API)
-            .map(|(_, n)| n)
-            .sum()
+        self.kinds.values().sum()
     }
 
     /// "+1 socket, +1 pipe": the kinds this holds more of than `before`.
     fn extra_over(&self, before: &Fds) -> String {
         let extra: Vec<String> = self
-            .0
+            .kinds
             .iter()
-            .filter(|(k, _)| *k != API)
             .filter_map(|(k, n)| {
-                let was = before.0.get(k).copied().unwrap_or(0);
+                let was = before.kinds.get(k).copied().unwrap_or(0);
                 (*n > was).then(|| format!("+{} {k}", n - was))
             })
             .collect();

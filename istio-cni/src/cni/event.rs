@@ -73,10 +73,15 @@ impl Response {
     }
 }
 
+/// Whether this build speaks plugin-event `version` (every one from 1 to its own).
+fn speaks(version: u32) -> bool {
+    (1..=EVENT_VERSION).contains(&version)
+}
+
 /// The plugin's check of the agent's answer: an agent answers in the request's
 /// version, so a newer one means an agent that does not (or a stray server).
 pub fn check_answer_version(version: u32) -> Result<(), String> {
-    if version == 0 || version > EVENT_VERSION {
+    if !speaks(version) {
         return Err(format!(
             "the agent answered in plugin-event version {version}, this plugin speaks only \
              up to {EVENT_VERSION}: the plugin binary is older than the agent (the agent \
@@ -88,7 +93,7 @@ pub fn check_answer_version(version: u32) -> Result<(), String> {
 
 /// The agent's check of a request's version.
 pub fn check_version(version: u32) -> Result<(), String> {
-    if version == 0 || version > EVENT_VERSION {
+    if !speaks(version) {
         return Err(format!(
             "the plugin speaks plugin-event version {version}, this agent only up to {EVENT_VERSION}: upgrade the agent"
         ));
