@@ -20,13 +20,7 @@ fn env_count(name: &str, default: usize) -> usize {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    e2e::bench::procfs::rss_bytes(pid).map_or(0, |b| b / 1024)
 }
 
 fn workload(i: usize, services: usize) -> xwl::Workload {

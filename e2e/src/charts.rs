@@ -69,7 +69,8 @@ pub fn documents(yaml: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The golden rendering of chart `name` with its default values, as reviewed.
+/// The reviewed golden rendering of chart `name` with `variant` values (`default`,
+/// `custom`).
 pub fn golden_path(name: &str, variant: &str) -> PathBuf {
     chart_dir(name).join(format!("tests/golden-{variant}.yaml"))
 }

@@ -171,12 +171,25 @@ impl Kubectl {
 /// Requests from sleep to httpbin every `gap` while running: how many, how many failed.
 pub struct Prober {
     stop: Arc<AtomicBool>,
-    pub attempted: Arc<AtomicU64>,
-    pub failed: Arc<AtomicU64>,
+    attempted: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The request the prober and the mTLS check make, from sleep.
+/// One request from sleep to httpbin (the prober's and the mTLS check's): `Err` says
+/// what went wrong, kubectl's failure or an HTTP status other than 200.
+pub fn request(k: &Kubectl, sleep_pod: &str) -> Result<(), String> {
+    let args = curl_args(sleep_pod);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let code = k.run(&args)?;
+    if code.trim() == "200" {
+        Ok(())
+    } else {
+        Err(format!("HTTP {code}"))
+    }
+}
+
+/// kubectl's arguments for [`request`].
 pub fn curl_args(sleep_pod: &str) -> Vec<String> {
     [
         "exec",
@@ -206,11 +219,9 @@ impl Prober {
         let failed = Arc::new(AtomicU64::new(0));
         let (s, a, f) = (stop.clone(), attempted.clone(), failed.clone());
         let thread = std::thread::spawn(move || {
-            let args = curl_args(&sleep_pod);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             while !s.load(Ordering::Relaxed) {
                 a.fetch_add(1, Ordering::Relaxed);
-                if kubectl.run(&args).map(|code| code.trim() == "200") != Ok(true) {
+                if request(&kubectl, &sleep_pod).is_err() {
                     f.fetch_add(1, Ordering::Relaxed);
                 }
                 std::thread::sleep(gap);

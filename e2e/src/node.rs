@@ -360,15 +360,18 @@ impl TestPod {
         sh("ip", &full)
     }
 
+    /// Runs a command inside the pod's netns with `input` on its stdin; stdout.
+    pub fn exec_with_input(&self, args: &[&str], input: &str) -> String {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns_name]).args(args);
+        crate::output(&mut cmd, Some(input)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// `ss -ntlp` rows as (port, process) pairs.
     pub fn listening(&self) -> Vec<(u16, String)> {
-        self.exec(&["ss", "-ntlpH"])
-            .lines()
-            .filter_map(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                let port = cols.get(3)?.rsplit(':').next()?.parse().ok()?;
-                Some((port, cols.get(5).copied().unwrap_or("").to_string()))
-            })
+        crate::observe::listeners(&self.exec(&["ss", "-ntlpH"]))
+            .into_iter()
+            .map(|(port, process)| (port, process.to_string()))
             .collect()
     }
 

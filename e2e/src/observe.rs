@@ -9,21 +9,31 @@ use crate::node::normalize_save;
 
 /// The specification's in-pod ruleset (IPv4), as `iptables-save` prints it.
 pub const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
+/// Its IPv6 counterpart, as `ip6tables-save` prints it.
+pub const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
 /// ztunnel's ports in every enrolled pod: outbound, inbound plaintext, inbound HBONE.
 pub const INPOD_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-/// The ports in LISTEN state in `ss -ntl[p]` output (with or without its header).
-pub fn listening_ports(ss: &str) -> BTreeSet<u16> {
+/// The LISTEN rows of `ss -ntl[p]` output (with or without its header) as (port,
+/// process column: empty without `-p`).
+pub fn listeners(ss: &str) -> Vec<(u16, &str)> {
     ss.lines()
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            // "LISTEN 0 128 *:15001 *:*": the local address is the 4th column.
+            // "LISTEN 0 128 *:15001 *:* users:((…))": the local address is the 4th
+            // column, the process the 6th.
             if cols.first() != Some(&"LISTEN") {
                 return None;
             }
-            cols.get(3)?.rsplit(':').next()?.parse().ok()
+            let port = cols.get(3)?.rsplit(':').next()?.parse().ok()?;
+            Some((port, cols.get(5).copied().unwrap_or("")))
         })
         .collect()
+}
+
+/// The ports in LISTEN state in `ss -ntl[p]` output.
+pub fn listening_ports(ss: &str) -> BTreeSet<u16> {
+    listeners(ss).into_iter().map(|(port, _)| port).collect()
 }
 
 /// ztunnel's three listeners are open in the pod.

@@ -26,9 +26,7 @@ pub type AgentProcess = Process;
 pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
     let caps = crate::charts::agent_setpriv_args();
     let Some(rootfs) = rootfs else {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(caps).arg(crate::bin_path("istio-cni"));
-        return cmd;
+        return setpriv(caps, crate::bin_path("istio-cni"));
     };
     let bin = rootfs.join("usr/local/bin/istio-cni");
     std::fs::copy(crate::bin_path("istio-cni"), &bin).expect("copy the agent into the rootfs");
@@ -42,6 +40,13 @@ pub fn agent_command(rootfs: Option<&std::path::Path>) -> Command {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .arg(rootfs);
+    cmd
+}
+
+/// `program` run by `setpriv` with `args` (see [`crate::charts`]).
+fn setpriv(args: Vec<String>, program: PathBuf) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(args).arg(program);
     cmd
 }
 
@@ -123,9 +128,7 @@ impl Process {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         // Another user than the chart's: only the capabilities are the chart's.
-        let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::ztunnel_setpriv_args(false))
-            .arg(bin);
+        let cmd = setpriv(crate::charts::ztunnel_setpriv_args(false), bin);
         Self::spawn_cmd(node, n, cmd, |cmd| {
             cmd.uid(uid).gid(uid).env("PASSTHROUGH_ONLY", "true");
         })
@@ -148,8 +151,7 @@ impl Process {
     /// Runs `bin` as the ztunnel chart runs its container: its group, only its
     /// capabilities.
     fn spawn(node: &TestNode, n: u32, bin: PathBuf, adjust: impl FnOnce(&mut Command)) -> Ztunnel {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(crate::charts::ztunnel_setpriv_args(true)).arg(bin);
+        let cmd = setpriv(crate::charts::ztunnel_setpriv_args(true), bin);
         Self::spawn_cmd(node, n, cmd, adjust)
     }
 

@@ -8,9 +8,7 @@
 use e2e::charts;
 use e2e::cluster::{Cluster, AMBIENT};
 use e2e::node::normalize_save;
-
-const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
-const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
+use e2e::observe::{SPEC6_SAVE, SPEC_SAVE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_in_its_images_root_filesystem_enrolls_and_removes_a_pod() {

@@ -11,10 +11,10 @@ use e2e::capture::Capture;
 use e2e::cluster::{Cluster, AMBIENT};
 use e2e::mesh_files::{identity_of, workload};
 use e2e::node::normalize_save;
+use e2e::observe::SPEC6_SAVE;
 use e2e::{Mesh, TestNode, TestPod, Ztunnel};
 
 const T: Duration = Duration::from_secs(3);
-const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
 
 fn v6(pod: &TestPod) -> IpAddr {
     pod.ip6().expect("an IPv6 address")

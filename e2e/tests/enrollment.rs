@@ -11,11 +11,10 @@ use e2e::app::{echo_server, exchange, seen_peer, EchoServer};
 use e2e::capture::Capture;
 use e2e::cluster::{Cluster, MeshPod, AMBIENT};
 use e2e::node::normalize_save;
+use e2e::observe::{SPEC6_SAVE, SPEC_SAVE};
 use e2e::{AgentProcess, TestPod, Ztunnel};
 
 const T: Duration = Duration::from_secs(3);
-const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
-const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 fn mesh<'a>(pods: &[(&'a str, Vec<IpAddr>)]) -> Vec<MeshPod<'a>> {

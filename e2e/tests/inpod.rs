@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use e2e::app::{echo_server, request, seen_peer};
 use e2e::node::normalize_save;
+use e2e::observe::SPEC_SAVE;
 use e2e::{Mesh, TestNode, Ztunnel};
 use istio_cni::{Agent, EnrollStatus};
 
 const T: Duration = Duration::from_secs(3);
-const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 async fn enrolled(agent: &Agent, pod: &e2e::TestPod) {

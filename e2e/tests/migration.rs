@@ -15,21 +15,8 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster::{Cluster, AMBIENT};
 use e2e::node::normalize_save;
+use e2e::observe::{INPOD_PORTS, SPEC6_SAVE, SPEC_SAVE};
 use serde_json::json;
-
-const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
-const SPEC6_SAVE: &str = include_str!("../../istio-cni/testdata/ip6tables-save.txt");
-
-/// Runs `program args` in netns `ns` with `input` on stdin.
-fn in_netns(ns: &str, program: &str, args: &[&str], input: &str) {
-    e2e::output(
-        Command::new("ip")
-            .args(["netns", "exec", ns, program])
-            .args(args),
-        Some(input),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-}
 
 /// The rule Istio's agent adds with DNS capture on, which ours does not install.
 const DNS_CAPTURE: &str = "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p udp -m udp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053";
@@ -45,7 +32,6 @@ const CAPTURE: [&str; 3] = [
 /// setting may have), the policy routes, and the annotation.
 fn enrolled_by_istio(cluster: &Cluster, name: &str, extra: &[&str]) -> e2e::cluster::KubePod {
     let pod = cluster.run_pod("demo", name);
-    let ns = pod.netns_name.clone();
     let mut v4 = String::new();
     for line in SPEC_SAVE.lines() {
         if line.contains("--to-ports 15001") {
@@ -57,13 +43,11 @@ fn enrolled_by_istio(cluster: &Cluster, name: &str, extra: &[&str]) -> e2e::clus
         v4.push_str(line);
         v4.push('\n');
     }
-    in_netns(&ns, "iptables-restore", &[], &v4);
-    in_netns(&ns, "ip6tables-restore", &[], SPEC6_SAVE);
+    pod.exec_with_input(&["iptables-restore"], &v4);
+    pod.exec_with_input(&["ip6tables-restore"], SPEC6_SAVE);
     for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        in_netns(
-            &ns,
-            "ip",
-            &[family, "-batch", "-"],
+        pod.exec_with_input(
+            &["ip", family, "-batch", "-"],
             &format!(
                 "rule add fwmark 0x111/0xfff pref 32764 lookup 100\n\
                  route replace local {any} dev lo table 100\n"
@@ -125,7 +109,7 @@ async fn pods_enrolled_by_istios_agent_are_adopted_with_no_duplicate_and_no_gap(
     for pod in [&same, &other] {
         loop {
             let ports: Vec<u16> = pod.listening().into_iter().map(|(p, _)| p).collect();
-            if [15001, 15006, 15008].iter().all(|p| ports.contains(p)) {
+            if INPOD_PORTS.iter().all(|p| ports.contains(p)) {
                 break;
             }
             assert!(

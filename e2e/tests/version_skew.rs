@@ -143,10 +143,7 @@ async fn ztunnel_says_when_an_agent_refuses_its_version_nacks_newer_messages_and
         .expect("snapshot sent");
     let ack = Ack::decode(conn.recv_timeout(WAIT).await.expect("an ack")).expect("ack");
     assert_eq!(ack, Ack::Ok);
-    let listeners = pod.exec(&["ss", "-Htnl"]);
-    for port in ["15001", "15006", "15008"] {
-        assert!(listeners.contains(&format!(":{port}")), "{listeners}");
-    }
+    e2e::observe::check_listeners(&pod.exec(&["ss", "-Htnl"])).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Sends a raw plugin-event request to the agent and returns its JSON answer.

@@ -66,12 +66,13 @@ struct Prerequisite {
     how: &'static str,
 }
 
+/// A check that runs `program args` and takes its answer as its version.
 fn version_of(
-    program: &'static str,
+    program: impl AsRef<std::ffi::OsStr> + 'static,
     args: &'static [&'static str],
 ) -> Box<dyn Fn() -> Result<String, String>> {
     Box::new(move || {
-        let mut cmd = Command::new(program);
+        let mut cmd = Command::new(&program);
         cmd.args(args);
         probe(cmd, Duration::from_secs(10))
     })
@@ -106,11 +107,7 @@ fn prerequisites(helm: PathBuf) -> Vec<Prerequisite> {
         },
         Prerequisite {
             what: "helm",
-            check: Box::new(move || {
-                let mut cmd = Command::new(&helm);
-                cmd.arg("version");
-                probe(cmd, Duration::from_secs(10))
-            }),
+            check: version_of(helm, &["version"]),
             how: "`cargo xtask setup` installs it, or install helm",
         },
     ]

@@ -29,21 +29,21 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context};
 use setup::For;
 
+/// The variables `cargo xtask` runs us with that describe xtask's own package: build
+/// scripts that watch them (ring's does) would see them change and rebuild on every
+/// call, so the cargo we run does not get them.
+const XTASK_PACKAGE_VARS: [&str; 4] = [
+    "CARGO_PKG_",
+    "CARGO_MANIFEST_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+];
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    // `cargo xtask` runs us with xtask's own package variables set; build scripts that
-    // watch those (ring's does) would see them change and rebuild on every call.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
-        if [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| key.starts_with(p))
-        {
+        if XTASK_PACKAGE_VARS.iter().any(|p| key.starts_with(p)) {
             cmd.env_remove(key.as_ref());
         }
     }

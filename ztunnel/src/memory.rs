@@ -28,6 +28,6 @@ pub fn release_now() {
     // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes
     // no pointer from us and is safe to call from any thread at any time.
     unsafe {
-        libc::malloc_trim(0);
+        nix::libc::malloc_trim(0);
     }
 }

@@ -107,37 +107,32 @@ pub fn client(
         if let Some(cpu) = cpu {
             procfs::pin_current_thread(Some(&[cpu]))?;
         }
-        let timeout = Some(Duration::from_secs(10));
+        let connect = || -> std::io::Result<TcpStream> {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(s)
+        };
         let msg = [0x5au8; MESSAGE];
         let mut buf = [0u8; MESSAGE];
         let mut out = Vec::with_capacity(samples);
-        match mode {
-            Mode::RoundTrip => {
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-                s.set_nodelay(true)?;
-                s.set_read_timeout(timeout)?;
-                for i in 0..warmup + samples {
-                    let start = Instant::now();
-                    s.write_all(&msg)?;
-                    s.read_exact(&mut buf).context("reading the answer")?;
-                    if i >= warmup {
-                        out.push(start.elapsed().as_secs_f64() * 1e6);
-                    }
-                }
+        // Round trips keep one connection (made in the first, untimed, warm-up
+        // operation); connection setup makes one per operation and closes it before
+        // the clock stops.
+        let mut kept: Option<TcpStream> = None;
+        for i in 0..warmup + samples {
+            let start = Instant::now();
+            let s = match &mut kept {
+                Some(s) => s,
+                none => none.insert(connect()?),
+            };
+            s.write_all(&msg)?;
+            s.read_exact(&mut buf).context("reading the answer")?;
+            if mode == Mode::Connect {
+                kept = None;
             }
-            Mode::Connect => {
-                for i in 0..warmup + samples {
-                    let start = Instant::now();
-                    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(timeout)?;
-                    s.write_all(&msg)?;
-                    s.read_exact(&mut buf).context("reading the answer")?;
-                    drop(s);
-                    if i >= warmup {
-                        out.push(start.elapsed().as_secs_f64() * 1e6);
-                    }
-                }
+            if i >= warmup {
+                out.push(start.elapsed().as_secs_f64() * 1e6);
             }
         }
         Ok(out)

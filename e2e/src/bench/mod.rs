@@ -61,9 +61,7 @@ impl Options {
     fn runs(&self, part: &str) -> bool {
         self.only.as_deref().is_none_or(|o| o == part)
     }
-}
 
-impl Options {
     pub fn full(out_dir: PathBuf) -> Options {
         Options {
             short: false,
@@ -188,10 +186,7 @@ impl Pairs {
     }
 
     fn medians(&self) -> (f64, f64) {
-        (
-            median(&self.direct).unwrap_or(f64::NAN),
-            median(&self.ours).unwrap_or(f64::NAN),
-        )
+        (median(&self.direct), median(&self.ours))
     }
 }
 
@@ -201,18 +196,14 @@ struct Throughput {
     cpu_per_gb: Pairs,
 }
 
-fn throughput(
-    opts: &Options,
-    paths: [&Path; 2],
-    ztunnel: u32,
-    streams: u32,
-) -> anyhow::Result<Throughput> {
+fn throughput(opts: &Options, dp: &DataPath, streams: u32) -> anyhow::Result<Throughput> {
+    let ztunnel = dp.ztunnel();
     let mut t = Throughput {
         gbps: Pairs::default(),
         cpu_per_gb: Pairs::default(),
     };
     for round in 0..opts.rounds {
-        for (i, path) in paths.iter().enumerate() {
+        for (i, path) in dp.paths().iter().enumerate() {
             let machine = procfs::machine_cpu_seconds()?;
             let zt = procfs::cpu_seconds(ztunnel)?;
             let r = iperf::client(
@@ -248,13 +239,8 @@ struct Latency {
     cpu_per_op: Vec<f64>,
 }
 
-fn latency(
-    opts: &Options,
-    paths: [&Path; 2],
-    ztunnel: u32,
-    mode: Mode,
-    pinned: bool,
-) -> anyhow::Result<Latency> {
+fn latency(opts: &Options, dp: &DataPath, mode: Mode, pinned: bool) -> anyhow::Result<Latency> {
+    let ztunnel = dp.ztunnel();
     let cpu = pinned.then_some(0usize);
     let samples = match mode {
         Mode::RoundTrip => opts.rr_samples,
@@ -271,16 +257,13 @@ fn latency(
     };
     let result = (|| -> anyhow::Result<()> {
         for round in 0..opts.rounds {
-            for (i, path) in paths.iter().enumerate() {
+            for (i, path) in dp.paths().iter().enumerate() {
                 let _server = latency::Server::start(path.server.netns(), LATENCY_PORT, cpu)?;
                 let to = SocketAddr::new(path.server.ip, LATENCY_PORT);
                 let zt = procfs::cpu_seconds(ztunnel)?;
                 let lat = latency::client(path.client.netns(), to, mode, warmup, samples, cpu)?;
                 let zt_cpu = procfs::cpu_seconds(ztunnel)? - zt;
-                let (p50, p99) = (
-                    percentile(&lat, 50.0).unwrap_or(f64::NAN),
-                    percentile(&lat, 99.0).unwrap_or(f64::NAN),
-                );
+                let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
                 out.p50.of(i).push(p50);
                 out.p99.of(i).push(p99);
                 if i == 1 {
@@ -436,39 +419,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
 
 async fn datapath(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let dp = DataPath::start().await?;
-    let (paths, all_pods, zt) = (dp.paths(), dp.pods(), dp.ztunnel());
-    let (direct, ours) = (&paths[0], &paths[1]);
-    let paths = [direct, ours];
-
-    let run = Run {
-        opts,
-        paths,
-        zt,
-        all_pods: &all_pods,
-    };
     if opts.runs("throughput") {
-        throughput_rows(&run, rows)?;
+        throughput_rows(opts, &dp, rows)?;
     }
     if opts.runs("latency") {
-        latency_rows(&run, rows)?;
+        latency_rows(opts, &dp, rows)?;
     }
-    drop(dp);
     Ok(())
 }
 
-/// The run's parts need the same things: the two paths, the pods, ztunnel's pid.
-struct Run<'a> {
-    opts: &'a Options,
-    paths: [&'a Path<'a>; 2],
-    zt: u32,
-    all_pods: &'a [&'a TestPod],
-}
-
-fn throughput_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let (opts, paths, zt) = (run.opts, run.paths, run.zt);
-    let one = tokio::task::block_in_place(|| throughput(opts, paths, zt, 1))?;
-    drain_time_wait(run.all_pods, opts.drain_limit);
-    let four = tokio::task::block_in_place(|| throughput(opts, paths, zt, 4))?;
+fn throughput_rows(opts: &Options, dp: &DataPath, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let one = tokio::task::block_in_place(|| throughput(opts, dp, 1))?;
+    drain_time_wait(&dp.pods(), opts.drain_limit);
+    let four = tokio::task::block_in_place(|| throughput(opts, dp, 4))?;
     let (d1, o1) = one.gbps.medians();
     let (d4, o4) = four.gbps.medians();
     rows.push(
@@ -504,8 +467,7 @@ fn throughput_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn latency_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    let (opts, paths, zt) = (run.opts, run.paths, run.zt);
+fn latency_rows(opts: &Options, dp: &DataPath, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // (what, its name, the pinned p50's target over direct)
     let tests = [
         (Mode::RoundTrip, "request/response 64 B", 2.5),
@@ -513,8 +475,8 @@ fn latency_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ];
     for (mode, name, target) in tests {
         for pinned in [false, true] {
-            drain_time_wait(run.all_pods, opts.drain_limit);
-            let m = tokio::task::block_in_place(|| latency(opts, paths, zt, mode, pinned))?;
+            drain_time_wait(&dp.pods(), opts.drain_limit);
+            let m = tokio::task::block_in_place(|| latency(opts, dp, mode, pinned))?;
             let how = if pinned {
                 "pinned to one CPU"
             } else {
@@ -539,7 +501,7 @@ fn latency_rows(run: &Run, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                     "ztunnel CPU per connection (both ends)",
                     "µs",
                     None,
-                    median(&m.cpu_per_op).unwrap_or(f64::NAN),
+                    median(&m.cpu_per_op),
                 ));
             }
         }
@@ -624,7 +586,7 @@ async fn footprint(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             ),
             "ms",
             None,
-            median(&s.add_ack_ms).unwrap_or(f64::NAN),
+            median(&s.add_ack_ms),
         )
         .target(Bound::AtMost(0.2), On::Value),
     );
@@ -633,7 +595,7 @@ async fn footprint(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             "ZDS Add → ack, p99",
             "ms",
             None,
-            percentile(&s.add_ack_ms, 99.0).unwrap_or(f64::NAN),
+            percentile(&s.add_ack_ms, 99.0),
         )
         .target(Bound::AtMost(2.0), On::Value),
     );
@@ -651,14 +613,14 @@ async fn cni_add(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         "ms",
         None,
-        median(&adds.enrolled).unwrap_or(f64::NAN),
+        median(&adds.enrolled),
     ));
     rows.push(
         Row::new(
             "CNI ADD → enrolled, p99",
             "ms",
             None,
-            percentile(&adds.enrolled, 99.0).unwrap_or(f64::NAN),
+            percentile(&adds.enrolled, 99.0),
         )
         .target(Bound::AtMost(10.0), On::Value),
     );
@@ -669,7 +631,7 @@ async fn cni_add(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         ),
         "ms",
         None,
-        median(&adds.outside).unwrap_or(f64::NAN),
+        median(&adds.outside),
     ));
 
     Ok(())

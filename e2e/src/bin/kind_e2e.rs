@@ -11,7 +11,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use e2e::kind::{curl_args, Kubectl, Prober, APPS, NAMESPACE};
+use e2e::kind::{request, Kubectl, Prober, APPS, NAMESPACE};
 use e2e::observe;
 
 const ISTIO_NS: &str = "istio-system";
@@ -28,9 +28,9 @@ fn eventually<T>(within: Duration, mut f: impl FnMut() -> Result<T, String>) -> 
     }
 }
 
-fn checks(k: &Kubectl, debug_image: &str) -> Vec<(&'static str, Result<String, String>)> {
+fn checks(k: &Kubectl, debug_image: &str) -> Vec<(String, Result<String, String>)> {
     let mut results = Vec::new();
-    let mut step = |name: &'static str, r: Result<String, String>| {
+    let mut step = |name: &str, r: Result<String, String>| {
         println!(
             "{} {name}{}",
             if r.is_ok() { "ok  " } else { "FAIL" },
@@ -41,7 +41,7 @@ fn checks(k: &Kubectl, debug_image: &str) -> Vec<(&'static str, Result<String, S
             }
         );
         let ok = r.is_ok();
-        results.push((name, r));
+        results.push((name.to_string(), r));
         ok
     };
     let ns_yaml = format!(
@@ -114,15 +114,10 @@ fn checks(k: &Kubectl, debug_image: &str) -> Vec<(&'static str, Result<String, S
         )
         .and_then(|save| observe::check_rules(&save).map(|()| String::new())),
     );
-    let curl = curl_args(&sleep);
-    let curl: Vec<&str> = curl.iter().map(String::as_str).collect();
     step(
         "sleep -> httpbin answers 200",
         eventually(Duration::from_secs(30), || {
-            let code = k.run(&curl)?;
-            (code.trim() == "200")
-                .then(String::new)
-                .ok_or(format!("HTTP {code}"))
+            request(k, &sleep).map(|()| String::new())
         }),
     );
     let (src, dst) = (
@@ -135,7 +130,7 @@ fn checks(k: &Kubectl, debug_image: &str) -> Vec<(&'static str, Result<String, S
             observe::check_mtls_access_log(&ztunnel_log()?, &src, &dst).map(|()| String::new())
         }),
     );
-    for ds in ["ztunnel", "istio-cni-node"] {
+    for (ds, component) in [("ztunnel", "ztunnel"), ("istio-cni-node", "istio-cni")] {
         let prober = Prober::start(k.clone(), sleep.clone(), Duration::from_millis(200));
         let restarted = k
             .run(&["rollout", "restart", "-n", ISTIO_NS, &format!("ds/{ds}")])
@@ -151,13 +146,8 @@ fn checks(k: &Kubectl, debug_image: &str) -> Vec<(&'static str, Result<String, S
             });
         std::thread::sleep(Duration::from_secs(5));
         let (attempted, failed) = prober.stop();
-        let name = if ds == "ztunnel" {
-            "ztunnel rollout restart: no request failed"
-        } else {
-            "istio-cni rollout restart: no request failed"
-        };
         step(
-            name,
+            &format!("{component} rollout restart: no request failed"),
             restarted.and_then(|_| {
                 if attempted > 0 && failed == 0 {
                     Ok(format!("{attempted} requests"))

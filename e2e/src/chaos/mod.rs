@@ -22,12 +22,11 @@ use crate::capture::Capture;
 use crate::cluster::{Cluster, KubePod, AMBIENT};
 use crate::controlplane::{workload_of, ControlPlane, ADDRESS_TYPE};
 use crate::node::normalize_save;
+use crate::observe::{SPEC6_SAVE, SPEC_SAVE};
 use crate::{AgentProcess, Ztunnel};
 use prober::{addr_of, Flow, Prober, SECRET};
 use report::Row;
 
-const SPEC_SAVE: &str = include_str!("../../../istio-cni/testdata/spec-iptables-save.txt");
-const SPEC_SAVE6: &str = include_str!("../../../istio-cni/testdata/ip6tables-save.txt");
 /// Workload certificates live this long, so that the control plane can be down for
 /// longer than a certificate's remaining life within the run.
 const CERT_TTL: Duration = Duration::from_secs(6);
@@ -458,7 +457,7 @@ impl World {
         }
         for p in [&self.client, &self.server] {
             if p.iptables_save() != normalize_save(SPEC_SAVE)
-                || p.ip6tables_save() != normalize_save(SPEC_SAVE6)
+                || p.ip6tables_save() != normalize_save(SPEC6_SAVE)
             {
                 out.push(format!(
                     "rules of {} differ from the specification's",

@@ -1,5 +1,6 @@
 //! The real [`ProxyFactory`]: for each pod the agent hands over, the mesh side (its
-//! workload, identity and certificate), its netns and the three listeners. The in-pod state manager decides when; this decides how.
+//! workload, identity and certificate), its netns and the three listeners. The in-pod
+//! state manager decides when; this decides how.
 
 use std::sync::Arc;
 

@@ -281,7 +281,8 @@ impl PodProxy {
     /// The pod's one task: accepts on its three listeners (outbound, inbound
     /// plaintext, HBONE), each connection becoming a task of its own, and on every
     /// mesh state change re-checks the pod's live inbound connections, closing those
-    /// the new policies deny (also while they drain, until the drain closes them).
+    /// the new policies deny (also while they drain). It ends when listening has
+    /// stopped and the pod's last connection is gone, so it never outlives the pod.
     /// One task rather than four per pod: fewer spawns on the way to the ZDS ack and
     /// less memory per idle pod.
     fn serve(&self, [out, plain, hbone]: [TcpListener; 3]) {
@@ -333,11 +334,12 @@ impl PodProxy {
                 }
             }
             // The ports close now; connections still in flight keep their policy
-            // re-checks until the drain is over.
+            // re-checks until the last one is gone (the tracker is closed by the
+            // drain, or when the proxy is dropped).
             drop((out, plain, hbone));
             while let Some(rx) = changes.as_mut() {
                 tokio::select! {
-                    _ = close.cancelled() => break,
+                    _ = tracker.wait() => break,
                     changed = rx.changed() => match changed {
                         Ok(()) => recheck_policies(&ctx),
                         Err(_) => break,
@@ -362,10 +364,6 @@ impl PodProxy {
                 close.cancel();
                 tracker.wait().await;
             }
-            // Ends the pod's task, which re-checks policies while connections drain:
-            // without this it lived on after a clean drain, holding the pod's context
-            // (found by `cargo xtask bench`: 5 kB per departed pod never came back).
-            close.cancel();
             debug!(%uid, "pod proxy drained");
             crate::memory::release_soon();
         }
@@ -389,7 +387,10 @@ fn recheck_policies(ctx: &PodContext) {
 }
 
 impl Drop for PodProxy {
+    /// Stops listening; connections in flight run to their end, and the pod's task
+    /// with the last of them.
     fn drop(&mut self) {
         self.stop_listening.cancel();
+        self.connections.close();
     }
 }
