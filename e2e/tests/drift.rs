@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster::{Cluster, AMBIENT};
 use e2e::node::normalize_save;
+use e2e::observe::SPEC_SAVE;
 use e2e::prom;
 use e2e::AgentProcess;
-
-const SPEC_SAVE: &str = include_str!("../../istio-cni/testdata/spec-iptables-save.txt");
 
 async fn metrics(agent: &AgentProcess) -> String {
     let addr = agent.listening_addr("monitoring endpoint listening").await;
@@ -80,38 +79,50 @@ async fn rules_and_routes_changed_by_hand_are_restored_within_an_interval_logged
     assert_eq!(value(&text, "istio_cni_install_ready", &[]), 0.0, "{text}");
     assert_eq!(value(&text, "istio_cni_rule_drift_found_total", &[]), 0.0);
 
-    // Someone deletes the outbound redirect and the policy route inside the pod.
+    // Someone deletes the outbound redirect inside the pod, and then the policy
+    // route. One edit at a time: a check that ran between two quick edits would find
+    // them in two rounds, or find one and repair both (each round reads the rules,
+    // then the routes).
+    let found = "istio_cni_rule_drift_found_total";
+    let repaired = "istio_cni_rule_drift_repaired_total";
     let rule = a.delete_outbound_redirect();
-    a.delete_policy_route();
     assert_ne!(a.iptables_save(), normalize_save(SPEC_SAVE));
-
-    let text = scrape_until(&agent, "the drift repaired", |t| {
-        value(t, "istio_cni_rule_drift_repaired_total", &[]) == 1.0
+    let text = scrape_until(&agent, "the rule's drift repaired", |t| {
+        value(t, repaired, &[]) == 1.0
     })
     .await;
-    assert_eq!(value(&text, "istio_cni_rule_drift_found_total", &[]), 1.0);
+    assert_eq!(value(&text, found, &[]), 1.0);
+    assert_eq!(a.iptables_save(), normalize_save(SPEC_SAVE));
+
+    a.delete_policy_route();
+    assert_ne!(a.policy_routing(), routing);
+    let text = scrape_until(&agent, "the route's drift repaired", |t| {
+        value(t, repaired, &[]) == 2.0
+    })
+    .await;
+    assert_eq!(value(&text, found, &[]), 2.0);
     assert_eq!(a.iptables_save(), normalize_save(SPEC_SAVE));
     assert_eq!(a.policy_routing(), routing);
-    // The log names what was missing.
+    // The log names what was missing, each time.
     let drifted = agent.lines(&["redirection drifted"]);
-    assert_eq!(drifted.len(), 1, "{}", agent.logs());
+    assert_eq!(drifted.len(), 2, "{}", agent.logs());
     assert!(
-        drifted[0].contains(&format!("IPv4 missing: nat: -A {rule}"))
-            && drifted[0].contains("IPv4 missing: ip route local 0.0.0.0/0 dev lo table 100"),
+        drifted[0].contains(&format!("IPv4 missing: nat: -A {rule}")),
         "{}",
         drifted[0]
     );
-    agent.wait_for(&["redirection repaired"], 1).await;
+    assert!(
+        drifted[1].contains("IPv4 missing: ip route local 0.0.0.0/0 dev lo table 100"),
+        "{}",
+        drifted[1]
+    );
+    agent.wait_for(&["redirection repaired"], 2).await;
 
     // Intact rules are not counted (nor rewritten) by the next rounds.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let text = metrics(&agent).await;
-    assert_eq!(
-        value(&text, "istio_cni_rule_drift_found_total", &[]),
-        1.0,
-        "{text}"
-    );
-    assert_eq!(agent.count(&["redirection drifted"]), 1);
+    assert_eq!(value(&text, found, &[]), 2.0, "{text}");
+    assert_eq!(agent.count(&["redirection drifted"]), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
