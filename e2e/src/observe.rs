@@ -68,8 +68,14 @@ pub fn check_rules(iptables_save: &str) -> Result<(), String> {
     ))
 }
 
-/// ztunnel's log shows in-pod mode and `pods` pods handed over and proxied.
+/// ztunnel's log shows in-pod mode and `pods` pods handed over and proxied, in lines a
+/// log pipeline can read (no terminal escape codes).
 pub fn check_inpod_log(log: &str, pods: usize) -> Result<(), String> {
+    if let Some(line) = log.lines().find(|l| l.contains('\u{1b}')) {
+        return Err(format!(
+            "ztunnel's log carries terminal escape codes, which hide its fields from log pipelines: {line:?}"
+        ));
+    }
     for line in [
         "inpod_enabled: true",
         "ztunnel::inpod::workloadmanager: handling new stream",
@@ -159,6 +165,10 @@ inpod_uds: /var/run/ztunnel/ztunnel.sock
 ";
         assert!(check_inpod_log(log, 1).is_ok());
         assert!(check_inpod_log(log, 2).unwrap_err().contains("1 pod"));
+        let coloured = log.replace(" INFO ", " \u{1b}[32m INFO\u{1b}[0m ");
+        assert!(check_inpod_log(&coloured, 1)
+            .unwrap_err()
+            .contains("escape codes"));
         assert!(check_inpod_log("", 0).is_err());
     }
 

@@ -80,7 +80,8 @@ impl Process {
             .env("MONITORING_ADDR", "127.0.0.1:0")
             .env("UNINSTALL_CNI_ON_EXIT", "true")
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            // As a DaemonSet runs it: no NO_COLOR, stdout a file.
+            .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);
@@ -173,7 +174,8 @@ impl Process {
             .env("CONNECT_TIMEOUT", "2s")
             .env("NODE_NAME", node.node_name())
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            // As a DaemonSet runs it: no NO_COLOR, stdout a file.
+            .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);

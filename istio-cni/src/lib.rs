@@ -19,6 +19,7 @@ pub mod fswatch;
 pub mod http;
 pub mod istio_env;
 pub mod k8s;
+pub mod logging;
 pub mod metrics;
 pub mod rules;
 pub mod zds_server;

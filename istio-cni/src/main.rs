@@ -265,7 +265,15 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        use std::io::IsTerminal;
+        let ansi = istio_cni::logging::colours(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        );
+        tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init();
     }
     let backend = match args.iptables_backend.as_str() {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
