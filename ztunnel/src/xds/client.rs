@@ -23,6 +23,12 @@ use crate::proto::envoy::service::discovery::v3::{
 };
 use crate::state::Sources;
 
+/// The Istio release whose control-plane protocols this ztunnel follows, sent to
+/// istiod as node metadata `ISTIO_VERSION` (istiod gates version-dependent
+/// configuration on it and warns about every proxy that sends none). Istio's ztunnel
+/// image sets it through `ISTIO_META_ISTIO_VERSION`, which overrides this one here too.
+pub const ISTIO_VERSION: &str = "1.31.0";
+
 /// Who this ztunnel is, for istiod.
 #[derive(Clone, Debug)]
 pub struct NodeIdentity {
@@ -38,8 +44,8 @@ pub struct NodeIdentity {
 
 impl NodeIdentity {
     /// `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.<cluster domain>`, and metadata
-    /// `NAME`, `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME`, `CLUSTER_ID` and the
-    /// `ISTIO_META_*` values.
+    /// `NAME`, `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME`, `CLUSTER_ID`,
+    /// `ISTIO_VERSION` and the `ISTIO_META_*` values (which win).
     pub fn node(&self) -> Node {
         let id = format!(
             "ztunnel~{}~{}.{}~{}.svc.{}",
@@ -63,6 +69,7 @@ impl NodeIdentity {
         put("INSTANCE_IPS", &self.instance_ip);
         put("NODE_NAME", &self.node_name);
         put("CLUSTER_ID", &self.cluster_id);
+        put("ISTIO_VERSION", ISTIO_VERSION);
         for (k, v) in &self.meta {
             put(k, v);
         }
@@ -331,5 +338,21 @@ mod tests {
         assert_eq!(get("NODE_NAME"), "node-1");
         assert_eq!(get("INSTANCE_IPS"), "10.0.0.5");
         assert_eq!(get("ENABLE_HBONE"), "true");
+        // Without it istiod warns on every connection and assumes the newest release.
+        assert_eq!(get("ISTIO_VERSION"), ISTIO_VERSION);
+        let overridden = NodeIdentity {
+            instance_ip: "10.0.0.5".into(),
+            pod_name: "z".into(),
+            pod_namespace: "istio-system".into(),
+            cluster_domain: "cluster.local".into(),
+            node_name: "n".into(),
+            cluster_id: "Kubernetes".into(),
+            meta: vec![("ISTIO_VERSION".into(), "1.29.1".into())],
+        }
+        .node();
+        assert_eq!(
+            overridden.metadata.unwrap().fields["ISTIO_VERSION"].kind,
+            Some(Kind::StringValue("1.29.1".into()))
+        );
     }
 }
