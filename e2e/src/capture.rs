@@ -38,7 +38,9 @@ impl Capture {
         Self::start(cmd, &format!("{}-host", pod.netns_name), filter, dir)
     }
 
-    fn start(mut cmd: Command, name: &str, filter: &str, dir: &std::path::Path) -> Capture {
+    /// Starts capturing `filter` with `cmd` (a tcpdump command naming its interface),
+    /// into `<dir>/<name>.pcap`; returns once tcpdump listens.
+    pub fn start(mut cmd: Command, name: &str, filter: &str, dir: &std::path::Path) -> Capture {
         let file = dir.join(format!("{name}.pcap"));
         let log = dir.join(format!("{name}.tcpdump.log"));
         let child = cmd

@@ -15,7 +15,7 @@ pub mod charts;
 pub mod cluster;
 pub mod cni;
 pub mod controlplane;
-pub mod kind;
+pub mod incluster;
 pub mod kube_api;
 pub mod mesh;
 pub mod mesh_files;
@@ -23,6 +23,7 @@ pub mod node;
 pub mod observe;
 pub mod process;
 pub mod prom;
+pub mod realcluster;
 pub mod waypoint;
 
 pub use mesh::Mesh;

