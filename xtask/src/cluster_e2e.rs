@@ -1,5 +1,5 @@
-//! `cargo xtask cluster-e2e [--keep] [--down] [--release] [--nodes <n>]`: the system on
-//! a real Kubernetes cluster on this machine, beside Istio's istiod.
+//! `cargo xtask cluster-e2e [--keep] [--down] [--release]`: the system on a real
+//! Kubernetes cluster on this machine, beside Istio's istiod.
 //!
 //! 1. Sets the machine up (containerd, runc and umoci from Debian; the suite's tools;
 //!    the Debian root filesystems of the images).
@@ -9,8 +9,8 @@
 //! 3. Assembles every image (`images.rs`): Kubernetes' and Istio's, cached beside the
 //!    components; ours, every run.
 //! 4. Runs `e2e/src/bin/cluster_e2e.rs`, which brings the cluster up (etcd, the API
-//!    server, the controller manager and the scheduler on the host; `--nodes` worker
-//!    nodes, default 2, each with containerd and a kubelet in namespaces of its own),
+//!    server, the controller manager and the scheduler on the host; two worker
+//!    nodes, each with containerd and a kubelet in namespaces of its own),
 //!    installs Istio's charts and ours with helm, makes the checks, collects
 //!    diagnostics into `target/cluster-e2e/` on failure and removes the cluster.
 //!
@@ -29,12 +29,13 @@ pub struct Options {
     pub keep: bool,
     pub down: bool,
     pub release: bool,
-    pub nodes: u8,
     pub root: PathBuf,
 }
 
-/// Where the cluster lives (`AMBIENT_CLUSTER_DIR` overrides it); the e2e crate's
-/// default is the same.
+/// Where the cluster lives (`AMBIENT_CLUSTER_DIR` overrides it): on disk (containerd's
+/// images are there), outside any checkout, and outside the paths a node overlays
+/// (`/etc`, `/opt`, `/var/lib`: containerd's overlay snapshots cannot live on an
+/// overlay).
 pub const DEFAULT_ROOT: &str = "/var/tmp/ambient-inpod-cluster";
 
 impl Options {
@@ -43,25 +44,15 @@ impl Options {
             keep: false,
             down: false,
             release: false,
-            nodes: 2,
             root: std::env::var_os("AMBIENT_CLUSTER_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| DEFAULT_ROOT.into()),
         };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
+        for a in args {
             match a.as_str() {
                 "--keep" => opts.keep = true,
                 "--down" => opts.down = true,
                 "--release" => opts.release = true,
-                "--nodes" => {
-                    let v = images::flag_value(&mut it, a)?;
-                    opts.nodes = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=4).contains(n))
-                        .ok_or_else(|| format!("--nodes takes 1 to 4, not {v:?}"))?;
-                }
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -238,7 +229,6 @@ pub fn run(
             "containerd": probe_version("containerd", &["--version"]),
             "runc": probe_version("runc", &["--version"]),
         },
-        "nodes": opts.nodes,
     });
     let dir = target.join("cluster-e2e");
     std::fs::create_dir_all(&dir)?;
@@ -283,14 +273,10 @@ mod tests {
     #[test]
     fn arguments_are_parsed_and_bad_ones_refused() {
         let o = Options::parse(&[]).unwrap();
-        assert_eq!(
-            (o.keep, o.down, o.release, o.nodes),
-            (false, false, false, 2)
-        );
-        let o = Options::parse(&args(&["--keep", "--release", "--nodes", "1"])).unwrap();
-        assert_eq!((o.keep, o.release, o.nodes), (true, true, 1));
+        assert_eq!((o.keep, o.down, o.release), (false, false, false));
+        let o = Options::parse(&args(&["--keep", "--release"])).unwrap();
+        assert_eq!((o.keep, o.release), (true, true));
         assert!(Options::parse(&args(&["--nodes", "9"])).is_err());
-        assert!(Options::parse(&args(&["--nodes"])).is_err());
         assert!(Options::parse(&args(&["--docker"])).is_err());
     }
 }

@@ -225,10 +225,10 @@ tasks:
   images [--hub <hub>] [--tag <tag>]
                 both container images (release builds) as one OCI archive in
                 target/images/<tag>/, assembled with umoci: no engine needed
-  cluster-e2e [--keep] [--down] [--release] [--nodes <n>]
+  cluster-e2e [--keep] [--down] [--release]
                 a real Kubernetes cluster on this machine (etcd, kube-apiserver,
-                controller manager, scheduler; n nodes with containerd and a kubelet,
-                default 2), built from the Go modules cluster/go.mod pins, with Istio's
+                controller manager, scheduler; two nodes with containerd and a
+                kubelet), built from the Go modules cluster/go.mod pins, with Istio's
                 istiod and our charts installed by helm; sleep and httpbin; the
                 specification's checks, mTLS, policy, rollout restarts under a
                 prober; diagnostics in target/cluster-e2e/ on failure (root)

@@ -6,7 +6,7 @@
 //!   user, then checks what the specification's "Observing" section checks and more,
 //!   printing each check with its evidence; on failure it collects diagnostics into
 //!   `--out`; then it removes the cluster (unless `--keep`) and checks nothing is left.
-//! - `cluster_e2e down [--root <dir>]`: removes a cluster an earlier run kept.
+//! - `cluster_e2e down --root <dir>`: removes a cluster an earlier run kept.
 //!
 //! Exit code 0 when every check passed, 1 when one failed, 2 on bad arguments.
 
@@ -114,82 +114,48 @@ fn install(m: &Manifest, cluster: &Cluster, report: &mut Report) -> bool {
     };
     let istio = |p: &str| m.istio_charts.join(p).display().to_string();
     let ours = |p: &str| m.charts.join(p).display().to_string();
-    let wait = ["--namespace", ISTIO_NS, "--wait", "--timeout", "5m"];
-    let steps: Vec<(String, Vec<String>)> = vec![
-        (
-            "helm install istio-base (Istio's base chart)".into(),
-            [
-                &[
-                    "install",
-                    "istio-base",
-                    &istio("base"),
-                    "--create-namespace",
-                ][..],
-                &wait,
-            ]
-            .concat()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+    let step = |name: &str, args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(
+            ["--namespace", ISTIO_NS, "--wait", "--timeout", "5m"]
+                .iter()
+                .map(|a| a.to_string()),
+        );
+        (name.to_string(), all)
+    };
+    let (base, istiod) = (istio("base"), istio("istio-control/istio-discovery"));
+    let (cni, ztunnel) = (ours("istio-cni"), ours("ztunnel"));
+    let (istio_hub, istio_tag) = (
+        format!("global.hub={istio_hub}"),
+        format!("global.tag={istio_tag}"),
+    );
+    let (hub, tag) = (format!("hub={hub}"), format!("tag={tag}"));
+    let steps = [
+        step(
+            "helm install istio-base (Istio's base chart)",
+            &["install", "istio-base", &base, "--create-namespace"],
         ),
-        (
-            "helm install istiod (Istio's istio-discovery chart, ambient profile)".into(),
-            [
-                &[
-                    "install",
-                    "istiod",
-                    &istio("istio-control/istio-discovery"),
-                    "--set",
-                    "profile=ambient",
-                    "--set",
-                    &format!("global.hub={istio_hub}"),
-                    "--set",
-                    &format!("global.tag={istio_tag}"),
-                ][..],
-                &wait,
-            ]
-            .concat()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        step(
+            "helm install istiod (Istio's istio-discovery chart, ambient profile)",
+            &[
+                "install",
+                "istiod",
+                &istiod,
+                "--set",
+                "profile=ambient",
+                "--set",
+                &istio_hub,
+                "--set",
+                &istio_tag,
+            ],
         ),
-        (
-            "helm install istio-cni (our chart)".into(),
-            [
-                &[
-                    "install",
-                    "istio-cni",
-                    &ours("istio-cni"),
-                    "--set",
-                    &format!("hub={hub}"),
-                    "--set",
-                    &format!("tag={tag}"),
-                ][..],
-                &wait,
-            ]
-            .concat()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        step(
+            "helm install istio-cni (our chart)",
+            &["install", "istio-cni", &cni, "--set", &hub, "--set", &tag],
         ),
-        (
-            "helm install ztunnel (our chart)".into(),
-            [
-                &[
-                    "install",
-                    "ztunnel",
-                    &ours("ztunnel"),
-                    "--set",
-                    &format!("hub={hub}"),
-                    "--set",
-                    &format!("tag={tag}"),
-                ][..],
-                &wait,
-            ]
-            .concat()
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        step(
+            "helm install ztunnel (our chart)",
+            &["install", "ztunnel", &ztunnel, "--set", &hub, "--set", &tag],
         ),
     ];
     for (name, args) in steps {
@@ -1044,7 +1010,7 @@ fn run(manifest: &Path, keep: bool, out: &Path) -> ExitCode {
 }
 
 const USAGE: &str = "usage: cluster_e2e run --manifest <file> [--keep] [--out <dir>]
-       cluster_e2e down [--root <dir>]";
+       cluster_e2e down --root <dir>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1069,9 +1035,9 @@ fn main() -> ExitCode {
             keep,
             &out.unwrap_or_else(|| PathBuf::from("target/cluster-e2e")),
         ),
-        (Some("down"), _) => {
+        (Some("down"), _) if root.is_some() => {
             let mut report = Report::new();
-            let layout = Layout::new(root.unwrap_or_else(|| realcluster::DEFAULT_ROOT.into()));
+            let layout = Layout::new(root.unwrap_or_default());
             down(&layout, &mut report);
             if report.failed() == 0 {
                 ExitCode::SUCCESS

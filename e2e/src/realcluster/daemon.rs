@@ -33,9 +33,10 @@ pub fn spawn(layout: &Layout, name: &str, mut cmd: Command) -> Result<u32> {
         .spawn()
         .map_err(|e| Error::Setup(format!("starting {name} ({cmd:?}): {e}")))?;
     let pid = child.id();
-    // Not waited for here: the daemon is reaped by whoever outlives it (init, when
-    // this process exits first) and stopped by teardown.
-    std::mem::forget(child);
+    // Not waited for here (dropping the handle leaves the process running): the
+    // daemon is stopped by teardown, which reaps it, or reaped by init once this
+    // process has exited.
+    drop(child);
     let pidfile = pids.join(format!("{name}.pid"));
     std::fs::write(&pidfile, pid.to_string()).map_err(|e| Error::io(&pidfile, e))?;
     Ok(pid)

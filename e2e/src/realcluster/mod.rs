@@ -72,10 +72,6 @@ impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The default root: outside any checkout, on disk (containerd's images live there),
-/// and outside the paths a node overlays (`/etc`, `/opt`, `/var/lib`).
-pub const DEFAULT_ROOT: &str = "/var/tmp/ambient-inpod-cluster";
-
 /// Names and addresses of the cluster's network.
 pub const NET_NS: &str = "ambk-net";
 pub const BRIDGE: &str = "ambk-br";
@@ -216,7 +212,6 @@ pub struct Manifest {
     pub charts: PathBuf,
     pub helm: PathBuf,
     pub versions: BTreeMap<String, String>,
-    pub nodes: u8,
 }
 
 impl Manifest {
@@ -233,10 +228,10 @@ impl Manifest {
             .ok_or_else(|| Error::Setup(format!("the manifest names no image {name:?}")))
     }
 
+    /// The worker nodes: two, so that pods' traffic crosses from one to the other as
+    /// in Istio's own kind tests.
     pub fn node_specs(&self) -> Vec<NodeSpec> {
-        (1..=self.nodes.max(1))
-            .map(|i| NodeSpec::worker(CLUSTER_NAME, i))
-            .collect()
+        (1..=2).map(|i| NodeSpec::worker(CLUSTER_NAME, i)).collect()
     }
 }
 

@@ -228,6 +228,42 @@ pub fn start(
     pause_image: &str,
 ) -> Result<Node> {
     let dir = layout.node(spec);
+    write_files(spec, &dir, creds, pause_image)?;
+    for h in cgroup_hierarchies() {
+        let d = h.join(spec.netns());
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    let holder = start_holder(layout, spec, &dir)?;
+    start_containerd(layout, spec, &dir, holder, images)?;
+    let mut kubelet = in_node(holder, components.bin("kubelet")?);
+    kubelet
+        .arg("--config")
+        .arg(dir.join("kubelet.yaml"))
+        .arg("--kubeconfig")
+        .arg(dir.join("kubelet.kubeconfig"))
+        .arg("--root-dir")
+        .arg(dir.join("kubelet"))
+        .arg("--cert-dir")
+        .arg(dir.join("kubelet/pki"))
+        .args(["--hostname-override", &spec.name])
+        .args(["--node-ip", &spec.ip().to_string()]);
+    daemon::spawn(layout, &format!("{}-kubelet", spec.name), kubelet)?;
+    Ok(Node {
+        spec: spec.clone(),
+        dir,
+        holder,
+    })
+}
+
+/// The node's directory: its CNI plugins and config, containerd's and the kubelet's
+/// configuration, and the kubelet's certificates (client, as `system:node:<name>`;
+/// serving, for its address) with its kubeconfig.
+fn write_files(
+    spec: &NodeSpec,
+    dir: &Path,
+    creds: &controlplane::Credentials,
+    pause_image: &str,
+) -> Result<()> {
     mkdirs(&[
         dir.join("cni-conf"),
         dir.join("cni-bin"),
@@ -246,14 +282,14 @@ pub fn start(
     )?;
     write(
         &dir.join("containerd.toml"),
-        &containerd_config(&dir, pause_image),
+        &containerd_config(dir, pause_image),
     )?;
     // Pods that ask for the node's DNS (CoreDNS itself) get a resolver that answers
     // nothing: no name outside the cluster resolves, and none leaves the machine.
     write(&dir.join("resolv.conf"), &format!("nameserver {HOST_IP}\n"))?;
     write(
         &dir.join("kubelet.yaml"),
-        &kubelet_config(spec, &dir, &creds.ca.cert_path()),
+        &kubelet_config(spec, dir, &creds.ca.cert_path()),
     )?;
     let user = format!("system:node:{}", spec.name);
     let client = creds.ca.issue(&CertSpec::client(
@@ -281,18 +317,19 @@ pub fn start(
             &user,
             &client,
         ),
-    )?;
-    for h in cgroup_hierarchies() {
-        let d = h.join(spec.netns());
-        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-    }
+    )
+}
 
+/// Starts the holder of the node's mount namespace; its pid once the node's mounts
+/// are in place.
+fn start_holder(layout: &Layout, spec: &NodeSpec, dir: &Path) -> Result<u32> {
+    let name = format!("{}-holder", spec.name);
     let mut holder = Command::new("nsenter");
     holder
         .arg(format!("--net=/run/netns/{}", spec.netns()))
         .args(["--", "unshare", "--mount", "--propagation", "slave"])
-        .args(["sh", "-c", &holder_script(&dir)]);
-    let holder = daemon::spawn(layout, &format!("{}-holder", spec.name), holder)?;
+        .args(["sh", "-c", &holder_script(dir)]);
+    let pid = daemon::spawn(layout, &name, holder)?;
     wait_for(
         &format!("{}'s mount namespace", spec.name),
         Duration::from_secs(10),
@@ -300,18 +337,24 @@ pub fn start(
         || {
             if dir.join("holder.ready").exists() {
                 Ok(())
-            } else if !daemon::alive(holder) {
-                Err(daemon::log_tail(
-                    layout,
-                    &format!("{}-holder", spec.name),
-                    5,
-                ))
+            } else if !daemon::alive(pid) {
+                Err(daemon::log_tail(layout, &name, 5))
             } else {
                 Err("not yet".into())
             }
         },
     )?;
+    Ok(pid)
+}
 
+/// Starts the node's containerd and imports `images` into it (the CRI's namespace).
+fn start_containerd(
+    layout: &Layout,
+    spec: &NodeSpec,
+    dir: &Path,
+    holder: u32,
+    images: &[PathBuf],
+) -> Result<()> {
     let mut containerd = in_node(holder, "containerd");
     containerd.arg("--config").arg(dir.join("containerd.toml"));
     daemon::spawn(layout, &format!("{}-containerd", spec.name), containerd)?;
@@ -339,25 +382,7 @@ pub fn start(
             &mut import,
         )?;
     }
-
-    let mut kubelet = in_node(holder, components.bin("kubelet")?);
-    kubelet
-        .arg("--config")
-        .arg(dir.join("kubelet.yaml"))
-        .arg("--kubeconfig")
-        .arg(dir.join("kubelet.kubeconfig"))
-        .arg("--root-dir")
-        .arg(dir.join("kubelet"))
-        .arg("--cert-dir")
-        .arg(dir.join("kubelet/pki"))
-        .args(["--hostname-override", &spec.name])
-        .args(["--node-ip", &spec.ip().to_string()]);
-    daemon::spawn(layout, &format!("{}-kubelet", spec.name), kubelet)?;
-    Ok(Node {
-        spec: spec.clone(),
-        dir,
-        holder,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -95,9 +95,41 @@ pub fn in_cluster_cgroup(cgroup: &str) -> bool {
     })
 }
 
-/// Every process of the cluster rooted at `root` (never this process).
+/// The programs the cluster starts on the host with its root in their arguments (the
+/// control plane, the nodes' runtimes and kubelets, the tools that enter a node).
+const DAEMONS: [&str; 9] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "containerd",
+    "nsenter",
+    "unshare",
+    "sh",
+];
+
+/// This process and its ancestors: never the cluster's, whatever their arguments say.
+fn ancestry() -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    let mut pid = std::process::id() as i32;
+    while pid > 1 && out.insert(pid) {
+        pid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// Every process of the cluster rooted at `root` (never this process or its
+/// ancestors): in a node's network namespace or cgroups, or one of [`DAEMONS`]
+/// naming the root.
 fn members(root: &Path) -> Vec<Member> {
-    let me = std::process::id() as i32;
+    let mine = ancestry();
     let netns: BTreeSet<u64> = cluster_netns().into_iter().map(|(_, ino)| ino).collect();
     let root_text = root.to_string_lossy().into_owned();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -112,7 +144,7 @@ fn members(root: &Path) -> Vec<Member> {
         else {
             continue;
         };
-        if pid == me {
+        if mine.contains(&pid) {
             continue;
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -124,7 +156,14 @@ fn members(root: &Path) -> Vec<Member> {
             .is_ok_and(|c| in_cluster_cgroup(&c))
         {
             "in a node's cgroup"
-        } else if !root_text.is_empty() && cmdline.contains(&root_text) {
+        } else if !root_text.is_empty()
+            && cmdline.contains(&root_text)
+            && cmdline
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.rsplit('/').next())
+                .is_some_and(|p| DAEMONS.contains(&p))
+        {
             "naming the cluster's root"
         } else {
             continue;
