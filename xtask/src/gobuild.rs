@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::setup::Problem;
+use crate::tools::ran;
 
 /// Build flags, part of the cache key: static binaries (the images carry no C
 /// library for them), no paths of this machine inside, no symbol tables.
@@ -94,25 +95,11 @@ fn go(module: &Path) -> Command {
     cmd
 }
 
-fn output(mut cmd: Command, what: &str) -> Result<String, Problem> {
-    let out = cmd
-        .output()
-        .map_err(|e| Problem(format!("{what}: cannot run {cmd:?}: {e}")))?;
-    if !out.status.success() {
-        return Err(Problem(format!(
-            "{what}: {cmd:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// (version, source directory) of module `path` as `cluster/go.mod` resolves it.
 fn module(module_dir: &Path, path: &str) -> Result<(String, PathBuf), Problem> {
     let mut cmd = go(module_dir);
     cmd.args(["mod", "download", "-json", path]);
-    let text = output(cmd, &format!("finding the module {path}"))?;
+    let text = ran(&mut cmd, &format!("finding the module {path}"))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Problem(format!("go mod download -json {path}: {e}")))?;
     match (v["Version"].as_str(), v["Dir"].as_str()) {
@@ -138,7 +125,7 @@ fn key(module_dir: &Path) -> Result<String, Problem> {
     }
     let mut version = Command::new("go");
     version.arg("version");
-    input.extend(output(version, "go version")?.into_bytes());
+    input.extend(ran(&mut version, "go version")?.trim().as_bytes());
     input.extend(format!("{RECIPE} {GO_FLAGS:?} {ISTIO_TAGS}").into_bytes());
     let digest = crate::dist::sha256(&input)
         .map_err(|e| Problem(format!("hashing the build's inputs: {e}")))?;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::setup::Problem;
-use crate::tools;
+use crate::tools::{self, ran};
 
 /// The charts' default hub.
 pub const DEFAULT_HUB: &str = "localhost/ambient-inpod";
@@ -273,21 +273,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \\
     out
 }
 
-fn ran(mut cmd: Command, what: &str) -> Result<String, Problem> {
-    let out = cmd
-        .output()
-        .map_err(|e| Problem(format!("{what}: cannot run {cmd:?}: {e}")))?;
-    if !out.status.success() {
-        return Err(Problem(format!(
-            "{what}: {cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Problem + '_ {
     move |e| Problem(format!("{}: {e}", path.display()))
 }
@@ -319,20 +304,20 @@ impl Layout {
         };
         let mut init = layout.umoci(&["init", "--layout"]);
         init.arg(dir);
-        ran(init, "umoci init")?;
+        ran(&mut init, "umoci init")?;
         Ok(layout)
     }
 
     /// Tag `tag`: an image whose one layer is `layer` (an uncompressed tar).
     fn base(&self, tag: &str, layer: Option<&Path>) -> Result<(), Problem> {
         ran(
-            self.umoci(&["new", "--image", &self.image(tag)]),
+            &mut self.umoci(&["new", "--image", &self.image(tag)]),
             "umoci new",
         )?;
         if let Some(layer) = layer {
             let mut add = self.umoci(&["raw", "add-layer", "--image", &self.image(tag)]);
             add.arg(layer);
-            ran(add, "umoci raw add-layer")?;
+            ran(&mut add, "umoci raw add-layer")?;
         }
         Ok(())
     }
@@ -340,14 +325,17 @@ impl Layout {
     /// Image `def` from base tag `base`, its program taken from `programs`.
     fn derive(&self, base: &str, def: &ImageDef, programs: &Path) -> Result<(), Problem> {
         ran(
-            self.umoci(&["tag", "--image", &self.image(base), def.name]),
+            &mut self.umoci(&["tag", "--image", &self.image(base), def.name]),
             "umoci tag",
         )?;
         let image = self.image(def.name);
         if let Some((file, path)) = def.program {
             let mut insert = self.umoci(&["insert", "--image", &image]);
             insert.arg(programs.join(file)).arg(path);
-            ran(insert, &format!("adding {file} to the {} image", def.name))?;
+            ran(
+                &mut insert,
+                &format!("adding {file} to the {} image", def.name),
+            )?;
         }
         let mut config = self.umoci(&[
             "config",
@@ -363,7 +351,7 @@ impl Layout {
         if let (true, Some((_, path))) = (def.entrypoint, def.program) {
             config.args(["--config.entrypoint", path]);
         }
-        ran(config, &format!("configuring the {} image", def.name))?;
+        ran(&mut config, &format!("configuring the {} image", def.name))?;
         Ok(())
     }
 
@@ -404,7 +392,7 @@ impl Layout {
             .args(["index.json", "oci-layout", "-C"])
             .arg(&self.dir)
             .arg("blobs");
-        ran(tar, "writing the image archive")?;
+        ran(&mut tar, "writing the image archive")?;
         let _ = std::fs::remove_dir_all(&staging);
         Ok(())
     }
@@ -412,7 +400,7 @@ impl Layout {
     fn gc(&self) -> Result<(), Problem> {
         let mut gc = self.umoci(&["gc", "--layout"]);
         gc.arg(&self.dir);
-        ran(gc, "umoci gc").map(|_| ())
+        ran(&mut gc, "umoci gc").map(|_| ())
     }
 }
 
@@ -506,7 +494,7 @@ fn cc_layer(rootfs: &Path, work: &Path) -> Result<PathBuf, Problem> {
         .arg("-C")
         .arg(&extra)
         .args(["etc", "tmp"]);
-    ran(tar, "the cc base layer")?;
+    ran(&mut tar, "the cc base layer")?;
     Ok(layer)
 }
 
@@ -523,7 +511,7 @@ fn debian_layer(rootfs: &Path, name: &str, work: &Path) -> Result<PathBuf, Probl
         "--exclude=./.packages",
         ".",
     ]);
-    ran(tar, &format!("the {name} base layer"))?;
+    ran(&mut tar, &format!("the {name} base layer"))?;
     Ok(layer)
 }
 

@@ -43,12 +43,14 @@ pub fn dir() -> PathBuf {
     cache.join("ambient-inpod/tools")
 }
 
-fn ran(cmd: &mut Command, what: &str) -> Result<(), Problem> {
+/// Runs `cmd`; its standard output, or a [`Problem`] saying `what` failed, with what
+/// the command printed. (Every command xtask runs for its output goes through here.)
+pub fn ran(cmd: &mut Command, what: &str) -> Result<String, Problem> {
     let out = cmd
         .output()
         .map_err(|e| Problem(format!("{what}: cannot run {cmd:?}: {e}")))?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(Problem(format!(
         "{what}: {cmd:?} failed ({}):\n{}{}",
@@ -98,7 +100,7 @@ fn helm(tools: &Path) -> Result<(), Problem> {
     std::fs::rename(work.join("helm/helm"), &helm)
         .map_err(|e| Problem(format!("{}: {e}", helm.display())))?;
     let _ = std::fs::remove_dir_all(&work);
-    ran(Command::new(&helm).arg("version"), "checking helm")
+    ran(Command::new(&helm).arg("version"), "checking helm").map(|_| ())
 }
 
 fn validate(tools: &Path) -> Result<(), Problem> {
@@ -134,6 +136,7 @@ fn validate(tools: &Path) -> Result<(), Problem> {
         Command::new(&bin).arg("--version"),
         "checking kubernetes-validate",
     )
+    .map(|_| ())
 }
 
 /// Root filesystem `name` with `packages`, remade when the package list changes.
