@@ -19,7 +19,6 @@ pub mod fswatch;
 pub mod http;
 pub mod istio_env;
 pub mod k8s;
-pub mod logging;
 pub mod metrics;
 pub mod rules;
 pub mod zds_server;

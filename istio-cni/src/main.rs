@@ -265,13 +265,8 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             .with_env_filter(filter)
             .init();
     } else {
-        use std::io::IsTerminal;
-        let ansi = istio_cni::logging::colours(
-            std::io::stdout().is_terminal(),
-            std::env::var_os("NO_COLOR"),
-        );
         tracing_subscriber::fmt()
-            .with_ansi(ansi)
+            .with_ansi(protocol::logging::colours_here())
             .with_env_filter(filter)
             .init();
     }

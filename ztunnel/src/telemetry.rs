@@ -18,14 +18,6 @@ pub struct LogLevels {
     current: Mutex<String>,
 }
 
-/// Whether plain log lines carry terminal colour codes: only when stdout is a terminal
-/// and `NO_COLOR` is unset or empty. In a container stdout is a pipe or a file, which
-/// log pipelines parse: escape codes there would hide the fields (tracing-subscriber
-/// colours whenever it is allowed to, terminal or not).
-pub fn colours(stdout_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
-    stdout_is_terminal && no_color.is_none_or(|v| v.is_empty())
-}
-
 /// Installs the global subscriber (`json`: one JSON object per line) and returns the
 /// handle on its levels.
 pub fn init(json: bool) -> Arc<LogLevels> {
@@ -40,13 +32,8 @@ pub fn init(json: bool) -> Arc<LogLevels> {
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .init();
     } else {
-        use std::io::IsTerminal;
-        let ansi = colours(
-            std::io::stdout().is_terminal(),
-            std::env::var_os("NO_COLOR"),
-        );
         registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .with(tracing_subscriber::fmt::layer().with_ansi(protocol::logging::colours_here()))
             .init();
     }
     Arc::new(LogLevels {
@@ -132,18 +119,7 @@ impl LogLevels {
 
 #[cfg(test)]
 mod tests {
-    use super::{colours, merge};
-
-    #[test]
-    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
-        // A container's stdout (a pipe or a file): never, whatever NO_COLOR says.
-        assert!(!colours(false, None));
-        assert!(!colours(false, Some("".into())));
-        // A terminal: unless NO_COLOR is set to something.
-        assert!(colours(true, None));
-        assert!(colours(true, Some("".into())));
-        assert!(!colours(true, Some("1".into())));
-    }
+    use super::merge;
 
     #[test]
     fn directives_merge_by_target_and_bad_ones_are_refused() {
