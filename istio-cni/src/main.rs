@@ -63,6 +63,10 @@ struct Args {
         value_delimiter = ','
     )]
     excluded_namespaces: Vec<String>,
+    /// The agent's own namespace, which is ztunnel's (both charts install into one
+    /// release namespace): only there does `app=ztunnel` mean ztunnel.
+    #[arg(long, env = "POD_NAMESPACE", default_value = istio_cni::k8s::selection::DEFAULT_SYSTEM_NAMESPACE)]
+    pod_namespace: String,
     /// Where the CNI plugin reaches the agent.
     #[arg(long, env = "PLUGIN_EVENT_SOCKET", default_value = istio_cni::cni::event::DEFAULT_SOCKET)]
     plugin_event_socket: PathBuf,
@@ -302,6 +306,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         "excluded_namespaces: {}",
         args.excluded_namespaces.join(",")
     );
+    println!("ztunnel_namespace: {}", args.pod_namespace);
     println!("host_probe_set: {}", args.host_probe_set);
     println!("ambient_ipv6: {}", args.ambient_ipv6);
     println!(
@@ -382,6 +387,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             node_name: node,
             selection: Selection {
                 excluded_namespaces: args.excluded_namespaces.clone(),
+                ztunnel_namespace: args.pod_namespace.clone(),
                 ..Selection::default()
             },
             workers: 2,
@@ -514,6 +520,7 @@ fn install_cni(
                 "kubeconfig": plugin_kubeconfig,
                 "agent_socket": args.plugin_event_socket,
                 "exclude_namespaces": args.excluded_namespaces,
+                "pod_namespace": args.pod_namespace,
             }),
         },
         metrics,

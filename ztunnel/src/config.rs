@@ -102,6 +102,8 @@ pub struct Config {
     pub cluster_id: String,
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// The trust domain of the local file's workloads that name none (xDS workloads
+    /// without one are in Istio's default, `cluster.local`, as istiod means them).
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
     /// This ztunnel's pod IP, name and namespace (its xDS node identity).

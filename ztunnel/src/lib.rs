@@ -106,13 +106,14 @@ fn start_mesh(cfg: &Config, readiness: &Arc<Readiness>) -> anyhow::Result<Option
     let store = Store::new(state::MeshState::default());
     let sources = Sources::new(node, store.clone());
     if let Some(path) = local {
-        let (objects, warnings) = state::watch::load(&path)?;
+        let (objects, warnings) = state::watch::load(&path, &cfg.trust_domain)?;
         for w in warnings {
             tracing::warn!(path = %path.display(), "{w}");
         }
         sources.set_local(objects);
         tokio::spawn(state::watch::watch(
             path,
+            cfg.trust_domain.clone(),
             sources.clone(),
             cfg.local_xds_poll,
         ));

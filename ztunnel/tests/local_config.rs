@@ -448,3 +448,27 @@ fn every_local_config_example_in_the_readme_loads() {
         }
     }
 }
+
+/// `TRUST_DOMAIN` is the trust domain of the file's workloads that name none; one
+/// that names its own keeps it.
+#[test]
+fn workloads_without_a_trust_domain_take_ztunnels() {
+    use ztunnel::state::watch::load_objects;
+    let yaml = "workloads:
+- {uid: u1, name: a, namespace: n, serviceAccount: sa, workloadIps: [\"10.0.0.1\"], services: {}}
+- {uid: u2, name: b, namespace: n, serviceAccount: sa, trustDomain: other.org, workloadIps: [\"10.0.0.2\"], services: {}}
+";
+    let (objects, _) = load_objects("t.yaml", yaml, "example.org").expect("loads");
+    let ids: Vec<String> = objects
+        .workloads
+        .iter()
+        .map(|w| w.workload.identity().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://example.org/ns/n/sa/sa",
+            "spiffe://other.org/ns/n/sa/sa"
+        ]
+    );
+}

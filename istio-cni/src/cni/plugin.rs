@@ -62,6 +62,9 @@ struct Config {
     agent_socket: PathBuf,
     #[serde(default = "default_excluded")]
     exclude_namespaces: Vec<String>,
+    /// ztunnel's namespace (Istio's name for the field).
+    #[serde(default = "default_system_namespace")]
+    pod_namespace: String,
     #[serde(default = "default_timeout")]
     timeout_seconds: u64,
     #[serde(rename = "prevResult", default)]
@@ -70,6 +73,10 @@ struct Config {
 
 fn default_socket() -> PathBuf {
     event::DEFAULT_SOCKET.into()
+}
+
+fn default_system_namespace() -> String {
+    crate::k8s::selection::DEFAULT_SYSTEM_NAMESPACE.into()
 }
 
 fn default_excluded() -> Vec<String> {
@@ -292,6 +299,7 @@ async fn ask_api(cfg: &Config, namespace: &str, name: &str) -> Result<Option<Pod
     let ns = ns.map_err(|e| unreachable(&e))?;
     let selection = Selection {
         excluded_namespaces: cfg.exclude_namespaces.clone(),
+        ztunnel_namespace: cfg.pod_namespace.clone(),
         ..Selection::default()
     };
     Ok((selection.decide(&pod, ns.as_ref()) == Verdict::Enroll).then_some(pod))

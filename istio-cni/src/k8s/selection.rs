@@ -3,7 +3,9 @@
 //! A pod is enrolled when it or its namespace carries `istio.io/dataplane-mode=ambient`,
 //! unless the pod says `istio.io/dataplane-mode=none`. Never enrolled: pods that have
 //! terminated (phase Succeeded or Failed), hostNetwork pods, pods with an Istio
-//! sidecar, the ztunnel pods themselves, and pods in excluded namespaces.
+//! sidecar, the ztunnel pods themselves (labelled `app=ztunnel` in ztunnel's own
+//! namespace, as Istio tells them: the label alone is an ordinary one that any
+//! application may carry), and pods in excluded namespaces.
 //!
 //! A pod being deleted (a deletion timestamp, its grace period running) stays: its
 //! containers still run and still talk, and must not fall back to plaintext or accept
@@ -24,13 +26,20 @@ pub struct Selection {
     pub excluded_namespaces: Vec<String>,
     /// `app` label value of ztunnel's own pods.
     pub ztunnel_app: String,
+    /// The namespace ztunnel runs in (the agent's own, `POD_NAMESPACE`: both charts
+    /// install into one release namespace).
+    pub ztunnel_namespace: String,
 }
+
+/// Where ztunnel runs when the agent is not told.
+pub const DEFAULT_SYSTEM_NAMESPACE: &str = "istio-system";
 
 impl Default for Selection {
     fn default() -> Self {
         Selection {
             excluded_namespaces: vec!["kube-system".into()],
             ztunnel_app: "ztunnel".into(),
+            ztunnel_namespace: DEFAULT_SYSTEM_NAMESPACE.into(),
         }
     }
 }
@@ -67,10 +76,12 @@ impl Selection {
         {
             return Verdict::Skip("has a sidecar");
         }
-        if label(meta.labels.as_ref(), "app") == Some(self.ztunnel_app.as_str()) {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        if ns == self.ztunnel_namespace
+            && label(meta.labels.as_ref(), "app") == Some(self.ztunnel_app.as_str())
+        {
             return Verdict::Skip("is ztunnel");
         }
-        let ns = meta.namespace.as_deref().unwrap_or_default();
         if self.excluded_namespaces.iter().any(|e| e == ns) {
             return Verdict::Skip("namespace excluded");
         }
@@ -158,10 +169,20 @@ mod tests {
             s.decide(&sidecar, Some(&ambient)),
             Verdict::Skip("has a sidecar")
         );
+        // An application labelled app=ztunnel in an ambient namespace is an
+        // application: enrolled like any other.
         assert_eq!(
             s.decide(&pod(&[("app", "ztunnel")]), Some(&ambient)),
-            Verdict::Skip("is ztunnel")
+            Verdict::Enroll
         );
+        let mut ztunnel = pod(&[("app", "ztunnel"), AMBIENT]);
+        ztunnel.metadata.namespace = Some("istio-system".into());
+        assert_eq!(s.decide(&ztunnel, Some(&ambient)), Verdict::Skip("is ztunnel"));
+        let elsewhere = Selection {
+            ztunnel_namespace: "mesh-system".into(),
+            ..Selection::default()
+        };
+        assert_eq!(elsewhere.decide(&ztunnel, Some(&ambient)), Verdict::Enroll);
         let mut system = pod(&[AMBIENT]);
         system.metadata.namespace = Some("kube-system".into());
         assert_eq!(s.decide(&system, None), Verdict::Skip("namespace excluded"));

@@ -127,9 +127,10 @@ impl MeshState {
         })
     }
 
-    /// The workload of a pod the agent enrolled: this node's workload with the pod's
-    /// namespace, name and service account (any service account if the agent gave
-    /// none), as Istio matches them.
+    /// The workload of a pod the agent enrolled: this node's workload with exactly the
+    /// pod's namespace, name and service account, as Istio matches them. An empty
+    /// service account matches no workload: it would otherwise lend the pod whichever
+    /// identity the workload of that name carries.
     pub fn pod_workload(
         &self,
         namespace: &str,
@@ -142,7 +143,7 @@ impl MeshState {
             .find(|w| {
                 w.namespace == namespace
                     && w.name == name
-                    && (service_account.is_empty() || w.service_account == service_account)
+                    && w.service_account == service_account
             })
     }
 
@@ -331,7 +332,7 @@ mod tests {
             protocol: Protocol::Hbone,
             ..Workload::default()
         }
-        .with_defaults()
+        .with_defaults(workload::DEFAULT_TRUST_DOMAIN)
     }
 
     fn entry(w: Arc<Workload>, eps: Vec<(NamespacedHostname, Endpoint)>) -> WorkloadEntry {
@@ -383,8 +384,8 @@ mod tests {
             "the service account must match"
         );
         assert!(
-            s.pod_workload("ns", "a", "").is_some(),
-            "no service account given: any"
+            s.pod_workload("ns", "a", "").is_none(),
+            "no service account given: no identity lent"
         );
         assert!(
             s.pod_workload("ns", "b", "default").is_none(),

@@ -33,16 +33,20 @@ fn at(location: &str) -> impl Fn(String) -> Invalid + '_ {
 }
 
 /// Translates `cfg` into domain objects, checked for consistency on their own (keys
-/// unique, VIPs unshared). Returns the warnings worth an operator's attention (things
-/// that load, but cannot mean what they seem to).
-pub fn translate(cfg: LocalConfig) -> Result<(Objects, Vec<String>), Invalid> {
+/// unique, VIPs unshared); workloads without a trust domain get `trust_domain`
+/// (ztunnel's `TRUST_DOMAIN`). Returns the warnings worth an operator's attention
+/// (things that load, but cannot mean what they seem to).
+pub fn translate(
+    cfg: LocalConfig,
+    trust_domain: &str,
+) -> Result<(Objects, Vec<String>), Invalid> {
     let mut check = StateBuilder::new(None);
     let mut objects = Objects::default();
     let mut warnings = Vec::new();
     for (i, w) in cfg.workloads.into_iter().enumerate() {
         let loc = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
         let (workload, endpoints) = workload(w).map_err(at(&loc))?;
-        let entry = WorkloadEntry::new(workload.with_defaults(), endpoints);
+        let entry = WorkloadEntry::new(workload.with_defaults(trust_domain), endpoints);
         check
             .workload(entry.clone())
             .map_err(|e| at(&loc)(explain(e)))?;

@@ -15,8 +15,9 @@ use super::{translate, MeshState};
 /// The largest local config file read: far above any real mesh's, far below memory.
 const MAX_FILE: u64 = 64 << 20;
 
-/// Reads, validates and translates the file. Warnings come back with the objects.
-pub fn load(path: &Path) -> Result<(Objects, Vec<String>), ConfigError> {
+/// Reads, validates and translates the file (workloads without a trust domain get
+/// `trust_domain`). Warnings come back with the objects.
+pub fn load(path: &Path, trust_domain: &str) -> Result<(Objects, Vec<String>), ConfigError> {
     use std::io::Read;
     let name = path.display().to_string();
     let read_err = |source| ConfigError::Read {
@@ -33,26 +34,31 @@ pub fn load(path: &Path) -> Result<(Objects, Vec<String>), ConfigError> {
             format!("larger than {MAX_FILE} bytes"),
         )));
     }
-    load_objects(&name, &text)
+    load_objects(&name, &text, trust_domain)
 }
 
 /// Parses, validates and translates `text`; `name` names it in errors.
-pub fn load_objects(name: &str, text: &str) -> Result<(Objects, Vec<String>), ConfigError> {
+pub fn load_objects(
+    name: &str,
+    text: &str,
+    trust_domain: &str,
+) -> Result<(Objects, Vec<String>), ConfigError> {
     let cfg = LocalConfig::parse(name, text)?;
-    translate::translate(cfg).map_err(|e| ConfigError::Invalid {
+    translate::translate(cfg, trust_domain).map_err(|e| ConfigError::Invalid {
         path: name.to_string(),
         location: e.location,
         message: e.message,
     })
 }
 
-/// [`load_objects`], built into a snapshot as ztunnel on `node` would see it.
+/// [`load_objects`] with Istio's default trust domain, built into a snapshot as
+/// ztunnel on `node` would see it.
 pub fn load_str(
     name: &str,
     text: &str,
     node: Option<&str>,
 ) -> Result<(MeshState, Vec<String>), ConfigError> {
-    let (objects, warnings) = load_objects(name, text)?;
+    let (objects, warnings) = load_objects(name, text, super::workload::DEFAULT_TRUST_DOMAIN)?;
     let mut b = StateBuilder::new(node.map(str::to_string));
     let built = b.add(&objects).and_then(|()| b.build());
     let state = built.map_err(|e| ConfigError::Invalid {
@@ -73,7 +79,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Polls `path` every `every` and swaps the store's snapshot when the file changed
 /// (content time or inode, so editors that write a new file and rename are seen).
-pub async fn watch(path: PathBuf, sources: Arc<Sources>, every: Duration) {
+pub async fn watch(path: PathBuf, trust_domain: String, sources: Arc<Sources>, every: Duration) {
     let mut last = stamp(&path);
     loop {
         tokio::time::sleep(every).await;
@@ -82,7 +88,7 @@ pub async fn watch(path: PathBuf, sources: Arc<Sources>, every: Duration) {
             continue;
         }
         last = now;
-        match load(&path) {
+        match load(&path, &trust_domain) {
             Ok((objects, warnings)) => {
                 for w in warnings {
                     warn!(path = %path.display(), "{w}");

@@ -250,12 +250,17 @@ impl Default for Workload {
     }
 }
 
+/// The trust domain of a workload istiod sends without one (Istio's default mesh
+/// trust domain, which istiod leaves out).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 impl Workload {
-    /// Istio's defaults, applied by every source: an empty trust domain is
-    /// `cluster.local`, an empty service account `default`.
-    pub fn with_defaults(mut self) -> Workload {
+    /// The defaults every source applies: an empty trust domain is `trust_domain`
+    /// (from xDS, Istio's [`DEFAULT_TRUST_DOMAIN`]; from the local file, ztunnel's
+    /// `TRUST_DOMAIN`), an empty service account `default`.
+    pub fn with_defaults(mut self, trust_domain: &str) -> Workload {
         if self.trust_domain.is_empty() {
-            self.trust_domain = "cluster.local".into();
+            self.trust_domain = trust_domain.into();
         }
         if self.service_account.is_empty() {
             self.service_account = "default".into();

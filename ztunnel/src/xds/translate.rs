@@ -231,7 +231,7 @@ pub fn workload(w: xwl::Workload, shared: &mut Interner) -> Result<(Workload, En
         services,
         capacity: w.capacity.unwrap_or(1),
     }
-    .with_defaults();
+    .with_defaults(crate::state::workload::DEFAULT_TRUST_DOMAIN);
     Ok((workload, endpoints))
 }
 
