@@ -472,3 +472,27 @@ fn workloads_without_a_trust_domain_take_ztunnels() {
         ]
     );
 }
+
+/// An IPv4 address or range written as IPv6 (`::ffff:…`) is refused, naming the form
+/// to write: connections carry IPv4, so it would never match.
+#[test]
+fn ipv4_written_as_ipv6_is_refused_with_the_form_to_write() {
+    let err = load_one(
+        "workloads",
+        "- {uid: u1, name: a, namespace: n, workloadIps: [\"::ffff:10.0.0.1\"], services: {}}",
+    )
+    .unwrap_err();
+    assert!(err.contains("write 10.0.0.1"), "{err}");
+    let err = load_one(
+        "services",
+        "- {name: s, namespace: n, hostname: s.n.svc.cluster.local, vips: [\"/::ffff:10.96.0.1\"], ports: {80: 80}}",
+    )
+    .unwrap_err();
+    assert!(err.contains("write 10.96.0.1"), "{err}");
+    let err = load_one(
+        "policies",
+        &format!("{P}, rules: [[[{{sourceIps: [\"::ffff:10.0.0.0/104\"]}}]]]}}"),
+    )
+    .unwrap_err();
+    assert!(err.contains("write 10.0.0.0/8"), "{err}");
+}

@@ -177,7 +177,10 @@ mod tests {
         );
         let mut ztunnel = pod(&[("app", "ztunnel"), AMBIENT]);
         ztunnel.metadata.namespace = Some("istio-system".into());
-        assert_eq!(s.decide(&ztunnel, Some(&ambient)), Verdict::Skip("is ztunnel"));
+        assert_eq!(
+            s.decide(&ztunnel, Some(&ambient)),
+            Verdict::Skip("is ztunnel")
+        );
         let elsewhere = Selection {
             ztunnel_namespace: "mesh-system".into(),
             ..Selection::default()

@@ -11,6 +11,7 @@
 //!   hold no lock while they use it.
 //! - [`watch`]: reloads the local file when it changes.
 
+pub mod addr;
 pub mod builder;
 pub mod index;
 pub mod localconfig;
@@ -141,9 +142,7 @@ impl MeshState {
             .get(&index::pod_key(namespace, name))?
             .iter()
             .find(|w| {
-                w.namespace == namespace
-                    && w.name == name
-                    && w.service_account == service_account
+                w.namespace == namespace && w.name == name && w.service_account == service_account
             })
     }
 

@@ -36,10 +36,7 @@ fn at(location: &str) -> impl Fn(String) -> Invalid + '_ {
 /// unique, VIPs unshared); workloads without a trust domain get `trust_domain`
 /// (ztunnel's `TRUST_DOMAIN`). Returns the warnings worth an operator's attention
 /// (things that load, but cannot mean what they seem to).
-pub fn translate(
-    cfg: LocalConfig,
-    trust_domain: &str,
-) -> Result<(Objects, Vec<String>), Invalid> {
+pub fn translate(cfg: LocalConfig, trust_domain: &str) -> Result<(Objects, Vec<String>), Invalid> {
     let mut check = StateBuilder::new(None);
     let mut objects = Objects::default();
     let mut warnings = Vec::new();
@@ -125,7 +122,11 @@ fn workload(w: LocalWorkload) -> Result<(Workload, Endpoints), String> {
         trust_domain: w.trust_domain,
         service_account: w.service_account,
         network: w.network,
-        ips: w.workload_ips,
+        ips: w
+            .workload_ips
+            .into_iter()
+            .map(|ip| super::addr::refuse_mapped_ip("workloadIps", ip))
+            .collect::<Result<_, _>>()?,
         waypoint: gateway(w.waypoint, "waypoint")?.map(Box::new),
         network_gateway: gateway(w.network_gateway, "networkGateway")?.map(Box::new),
         protocol: w.protocol,
@@ -166,6 +167,10 @@ fn service(s: LocalService) -> Result<Service, String> {
         .map(|v| {
             v.parse::<NetworkAddress>()
                 .map_err(|e| format!("vips: {e}"))
+                .and_then(|a| {
+                    super::addr::refuse_mapped_ip("vips", a.address)?;
+                    Ok(a)
+                })
         })
         .collect::<Result<_, _>>()?;
     Ok(Service {
@@ -232,6 +237,7 @@ fn nets(field: &str, v: Vec<String>) -> Result<Vec<IpNet>, String> {
                     ),
                     Err(_) => format!("{field}: {s:?} is not a CIDR"),
                 })
+                .and_then(|net| super::addr::refuse_mapped_net(field, net))
         })
         .collect()
 }

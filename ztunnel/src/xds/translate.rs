@@ -87,12 +87,14 @@ impl Interner {
     }
 }
 
+/// An address from istiod, in its canonical form (an IPv4-mapped IPv6 address as
+/// IPv4, the form connections carry).
 fn ip(bytes: &[u8], field: &str) -> Result<IpAddr, String> {
     match bytes.len() {
         4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).map_err(|_| field)?)),
-        16 => Ok(IpAddr::from(
+        16 => Ok(crate::state::addr::canonical_ip(IpAddr::from(
             <[u8; 16]>::try_from(bytes).map_err(|_| field)?,
-        )),
+        ))),
         n => Err(format!(
             "{field}: an address of {n} bytes (4 or 16 expected)"
         )),
@@ -313,10 +315,17 @@ fn string_matches(v: &[xsec::StringMatch], field: &str) -> Result<Vec<StringMatc
 fn nets(v: &[xsec::Address], field: &str) -> Result<Vec<IpNet>, String> {
     v.iter()
         .map(|a| {
-            let addr = ip(&a.address, field)?;
+            // The address as sent (a mapped range's prefix counts its 96 bits), then
+            // the range made canonical.
+            let addr = match a.address.len() {
+                16 => IpAddr::from(<[u8; 16]>::try_from(a.address.as_slice()).map_err(|_| field)?),
+                _ => ip(&a.address, field)?,
+            };
             let len =
                 u8::try_from(a.length).map_err(|_| format!("{field}: prefix /{}", a.length))?;
-            IpNet::new(addr, len).map_err(|_| format!("{field}: {addr}/{len} is not a CIDR"))
+            IpNet::new(addr, len)
+                .map(crate::state::addr::canonical_net)
+                .map_err(|_| format!("{field}: {addr}/{len} is not a CIDR"))
         })
         .collect()
 }
@@ -387,6 +396,17 @@ pub fn policy(a: &xsec::Authorization) -> Result<Policy, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy_with(m: xsec::Match) -> xsec::Authorization {
+        xsec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            rules: vec![xsec::Rule {
+                clauses: vec![xsec::Clause { matches: vec![m] }],
+            }],
+            ..Default::default()
+        }
+    }
 
     fn wl() -> xwl::Workload {
         xwl::Workload {
@@ -464,14 +484,6 @@ mod tests {
             .unwrap_err()
             .contains("tunnel_protocol"));
 
-        let policy_with = |m: xsec::Match| xsec::Authorization {
-            name: "p".into(),
-            namespace: "ns".into(),
-            rules: vec![xsec::Rule {
-                clauses: vec![xsec::Clause { matches: vec![m] }],
-            }],
-            ..Default::default()
-        };
         let err = policy(&policy_with(xsec::Match {
             source_ips: vec![xsec::Address {
                 address: vec![10, 0, 0, 0],
@@ -507,6 +519,26 @@ mod tests {
         .unwrap();
         assert_eq!(ok.rules[0][0][0].source_ips[0].to_string(), "10.0.0.0/8");
         assert_eq!(ok.key().to_string(), "ns/p");
+    }
+
+    /// IPv4 sent in its IPv6-mapped form is kept as IPv4, the form connections carry:
+    /// otherwise the workload is unknown (plaintext) and the range never matches.
+    #[test]
+    fn ipv4_mapped_addresses_and_ranges_are_made_ipv4() {
+        let mapped = |a: &str| a.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+        let mut w = wl();
+        w.addresses = vec![mapped("::ffff:10.0.0.7")];
+        let (w, _) = workload(w, &mut Interner::default()).unwrap();
+        assert_eq!(w.ips, ["10.0.0.7".parse::<IpAddr>().unwrap()]);
+        let p = policy(&policy_with(xsec::Match {
+            source_ips: vec![xsec::Address {
+                address: mapped("::ffff:10.0.0.0"),
+                length: 104,
+            }],
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(p.rules[0][0][0].source_ips[0].to_string(), "10.0.0.0/8");
     }
 
     #[test]
