@@ -235,10 +235,17 @@ impl Process {
         self.readiness_body().await.0
     }
 
-    /// The status and body of `GET /healthz/ready`.
+    /// The status and body of `GET /healthz/ready` (the probe's port: Istio's terse
+    /// answer).
     pub async fn readiness_body(&self) -> (u16, String) {
         let addr = self.readiness_addr().await;
         crate::http_get(addr, "/healthz/ready").await
+    }
+
+    /// The status and body of the admin endpoint's `/healthz/ready`: readiness with
+    /// how each pod, certificate and the xDS stream stand.
+    pub async fn readiness_detail(&self) -> (u16, String) {
+        crate::http_get(self.admin_addr().await, "/healthz/ready").await
     }
 
     /// ztunnel's `/config_dump` (admin endpoint).

@@ -240,7 +240,7 @@ async fn a_malformed_resource_is_nacked_by_name_and_everything_else_keeps_servin
     assert_eq!(seen_peer(&to_c), Some(a.ip));
     let to_b = request(&a, server_b.addr, T).await.expect("a -> b still");
     assert_eq!(seen_peer(&to_b), Some(a.ip));
-    let (_, body) = zt.readiness_body().await;
+    let (_, body) = zt.readiness_detail().await;
     assert!(
         body.contains("1 NACKs") && body.contains("garbage"),
         "{body}"
@@ -322,7 +322,7 @@ async fn a_ca_outage_past_expiry_refuses_new_mtls_and_recovers_when_the_ca_retur
     tokio::time::sleep(Duration::from_secs(6)).await;
     refused(&a, server.addr, T).await;
     zt.wait_for(&["expired", "could not be renewed"], 1).await;
-    let (status, body) = zt.readiness_body().await;
+    let (status, body) = zt.readiness_detail().await;
     assert_eq!(
         status, 200,
         "a node with failing certificates stays ready: {body}"
@@ -567,7 +567,7 @@ async fn istiods_certificate_must_chain_to_the_root_and_carry_the_name_dialled()
     async fn body_with(zt: &Ztunnel, needle: &str) -> (u16, String) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (status, body) = zt.readiness_body().await;
+            let (status, body) = zt.readiness_detail().await;
             if body.contains(needle) {
                 return (status, body);
             }
@@ -581,7 +581,7 @@ async fn istiods_certificate_must_chain_to_the_root_and_carry_the_name_dialled()
         (&wrong_root, "invalid peer certificate"),
     ] {
         let (status, body) = body_with(zt, why).await;
-        assert_eq!(status, 503, "{body}");
+        assert_eq!(status, 500, "{body}");
         assert!(body.contains("xds: DISCONNECTED"), "{body}");
     }
     assert_eq!(

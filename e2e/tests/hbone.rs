@@ -183,12 +183,15 @@ async fn a_pod_whose_workload_arrives_late_is_enrolled_and_its_connections_wait_
     // known yet; the node stays ready, the body says what a waits for.
     agent.enrollment().enroll(&a.pod()).await.expect("acked");
     assert_eq!(a.ports_of("ztunnel"), [15001, 15006, 15008]);
-    let (status, body) = zt.readiness_body().await;
+    let (status, body) = zt.readiness_detail().await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("sleep") && body.contains("WAITING for its workload"),
         "{body}"
     );
+    // The probe's port, open to whoever reaches the pod, says only that it is ready
+    // (the detail above is on the localhost admin endpoint).
+    assert_eq!(zt.readiness_body().await, (200, "ready\n".to_string()));
 
     let capture = Capture::on_host_veth(&a, "tcp", node.dir.path());
     // With no workload at all, the connection waits, then is refused: nothing reaches b.

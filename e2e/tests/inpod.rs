@@ -401,7 +401,7 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
     let node = TestNode::new(19);
     let pod = node.add_pod("sleep");
     let zt = Ztunnel::start(&node, 1);
-    assert_eq!(zt.readiness().await, 503, "not ready before the snapshot");
+    assert_eq!(zt.readiness().await, 500, "not ready before the snapshot");
     let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
     agent.enrollment().zds().wait_for_connections(1).await;
     zt.wait_readiness(200).await;
@@ -421,7 +421,7 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
     );
     // One pod's trouble does not make the node unready (a rolling upgrade would stall
     // on it); the readiness body says what is wrong with which pod.
-    let (status, body) = zt.readiness_body().await;
+    let (status, body) = zt.readiness_detail().await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("/sleep")
@@ -433,7 +433,7 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
     drop(blocker);
     zt.wait_for(&["proxy started on retry"], 1).await;
     assert_eq!(pod.ports_of("ztunnel"), ZTUNNEL_PORTS);
-    let (_, body) = zt.readiness_body().await;
+    let (_, body) = zt.readiness_detail().await;
     assert!(body.contains("proxy running"), "{body}");
 }
 

@@ -1,11 +1,13 @@
 //! What operators look at, with Istio's ports and paths:
 //!
-//! - readiness on 15021 (`/healthz/ready`), with a body saying what the node waits for
-//!   and how each pod and certificate stands;
+//! - readiness on 15021 (`/healthz/ready`), answered as Istio answers it (`ready`, or
+//!   `not ready, pending: <what>`): the port is reachable by anyone who can reach the
+//!   pod, so it says nothing about pods, identities or errors;
 //! - the admin endpoint on `ADMIN_ADDR` (`localhost:15000`): `/config_dump` (the mesh
 //!   state, certificates and pods, in the shape of Istio's, see [`config_dump`]),
 //!   `/logging` (levels shown, changed live, reset), `/quitquitquit` (drain and exit),
-//!   and `/` (the index);
+//!   `/healthz/ready` (readiness with how each pod, certificate and the xDS stream
+//!   stand), and `/` (the index);
 //! - Prometheus metrics on `STATS_ADDR` (15020): `/metrics` and `/stats/prometheus`.
 //!
 //! All are served by [`crate::http`].
@@ -53,20 +55,26 @@ pub struct NodeView {
     pub connections: Arc<ConnectionTable>,
 }
 
+/// Istio's answer to a readiness probe: 200 `ready`, or 500 `not ready, pending:
+/// <components, sorted>`.
+pub fn probe_answer(status: Result<(), Vec<String>>) -> (StatusCode, String) {
+    match status {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(mut pending) => {
+            pending.sort();
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("not ready, pending: {}\n", pending.join(", ")),
+            )
+        }
+    }
+}
+
 impl NodeView {
-    /// `/healthz/ready`: the status, and a body for people.
-    pub async fn readiness_body(&self) -> (bool, String) {
-        let mut body = String::new();
-        let ready = match self.readiness.status() {
-            Ok(()) => {
-                body.push_str("ready\n");
-                true
-            }
-            Err(pending) => {
-                let _ = writeln!(body, "not ready: waiting for {}", pending.join(", "));
-                false
-            }
-        };
+    /// The admin endpoint's `/healthz/ready`: the probe's answer, then for people how
+    /// each pod, certificate and the xDS stream stand.
+    pub async fn readiness_body(&self) -> (StatusCode, String) {
+        let (status, mut body) = probe_answer(self.readiness.status());
         let state = self.mesh.as_ref().map(|m| m.store.get());
         let pods = self.pods.pods().await;
         if !pods.is_empty() {
@@ -128,7 +136,7 @@ impl NodeView {
                     .unwrap_or_default(),
             );
         }
-        (ready, body)
+        (status, body)
     }
 
     /// `/config_dump`.
@@ -196,25 +204,24 @@ impl NodeView {
     }
 }
 
-/// Serves `/healthz/ready` until the task is dropped.
+/// Serves `/healthz/ready` (Istio's answer, nothing more) until the task is dropped.
 pub async fn serve_readiness(listener: TcpListener, limits: Limits, view: NodeView) {
     http::serve(listener, "readiness endpoint", limits, move |req| {
         let view = view.clone();
-        async move { readiness(&req, &view).await }
+        async move {
+            if req.uri().path() != "/healthz/ready" {
+                return http::text(StatusCode::NOT_FOUND, "not found\n");
+            }
+            let (status, body) = probe_answer(view.readiness.status());
+            http::text(status, body)
+        }
     })
     .await
 }
 
-async fn readiness<B>(req: &Request<B>, view: &NodeView) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/healthz/ready" {
-        return http::text(StatusCode::NOT_FOUND, "not found\n");
-    }
-    let (ready, body) = view.readiness_body().await;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+/// The admin endpoint's `/healthz/ready`: with the detail.
+async fn readiness_detail(view: &NodeView) -> Response<Full<Bytes>> {
+    let (status, body) = view.readiness_body().await;
     http::text(status, body)
 }
 
@@ -222,7 +229,7 @@ const ADMIN_INDEX: &[(&str, &str)] = &[
     ("config_dump", "dump the current ztunnel configuration and state (JSON)"),
     ("logging", "GET: the log levels; POST ?level=<level>|<target>:<level>,...: change them; POST ?reset: back to the startup levels"),
     ("quitquitquit", "POST: drain every pod proxy and exit"),
-    ("healthz/ready", "readiness, with what is pending"),
+    ("healthz/ready", "readiness, with how each pod, certificate and xDS stand"),
     ("debug/pprof/profile", "CPU profile: not in this build"),
     ("debug/pprof/heap", "heap profile: not in this build (system allocator)"),
 ];
@@ -297,7 +304,7 @@ pub async fn serve_admin(listener: TcpListener, limits: Limits, view: NodeView) 
                     view.quit.notify_one();
                     http::text(StatusCode::OK, "shutting down: draining every pod proxy\n")
                 }
-                "/healthz/ready" => readiness(&req, &view).await,
+                "/healthz/ready" => readiness_detail(&view).await,
                 "/debug/pprof/profile" | "/debug/pprof/heap" => http::text(
                     StatusCode::NOT_IMPLEMENTED,
                     "profiles are not available in this build (system allocator, no profiler)\n",
@@ -345,4 +352,23 @@ pub async fn serve_stats(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe's answer names components, as Istio's does, and nothing about pods,
+    /// identities or errors (the port is reachable by anyone who reaches the pod).
+    #[test]
+    fn the_probe_is_answered_as_istio_answers_it() {
+        assert_eq!(probe_answer(Ok(())), (StatusCode::OK, "ready\n".into()));
+        assert_eq!(
+            probe_answer(Err(vec!["workload state".into(), "certificates".into()])),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "not ready, pending: certificates, workload state\n".into()
+            )
+        );
+    }
 }
