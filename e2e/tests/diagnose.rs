@@ -36,7 +36,7 @@ struct Run {
 
 async fn diagnose(agent: &AgentProcess, args: &[&str]) -> Run {
     let addr = agent
-        .listening_addr("monitoring endpoint listening")
+        .listening_addr("debug endpoint listening")
         .await
         .to_string();
     let mut cmd = Command::new(e2e::bin_path("istio-cni"));

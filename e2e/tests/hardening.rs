@@ -209,13 +209,28 @@ struct Slowloris {
 
 impl Slowloris {
     async fn start(targets: &[SocketAddr], per_target: usize) -> Slowloris {
+        Self::start_from(None, targets, per_target).await
+    }
+
+    /// Like [`Slowloris::start`], each connection from `source` (another peer than
+    /// the one probing).
+    async fn start_from(
+        source: Option<std::net::IpAddr>,
+        targets: &[SocketAddr],
+        per_target: usize,
+    ) -> Slowloris {
         let open = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for target in targets {
             for _ in 0..per_target {
-                let Ok(Ok(mut stream)) =
-                    tokio::time::timeout(T, tokio::net::TcpStream::connect(target)).await
-                else {
+                let connect = async {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    if let Some(ip) = source {
+                        socket.bind(SocketAddr::new(ip, 0))?;
+                    }
+                    socket.connect(*target).await
+                };
+                let Ok(Ok(mut stream)) = tokio::time::timeout(T, connect).await else {
                     continue; // refused or dropped at once: that is fine too
                 };
                 open.fetch_add(1, Ordering::SeqCst);
@@ -367,4 +382,106 @@ async fn an_agent_out_of_file_descriptors_backs_off_instead_of_spinning() {
     );
     assert!(agent.logs().contains("accept failed"), "{}", agent.logs());
     drop(held);
+}
+
+/// 200 slow clients from one address (a pod trickling its request headers) hold at
+/// most that peer's share of each endpoint: the kubelet's probe, from another address,
+/// is answered while they hang on (with one global cap they took every slot, the probe
+/// was refused and the node went NotReady).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_slow_clients_of_one_peer_cannot_starve_the_readiness_probe() {
+    let cluster = Cluster::new(90, false).await;
+    // A primary network for the agent to chain onto: it is ready once it has.
+    let conf_dir = cluster.node.dir.path().join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::write(
+        conf_dir.join("10-bridge.conflist"),
+        "{\"cniVersion\":\"1.0.0\",\"name\":\"pods\",\"plugins\":[{\"type\":\"bridge\"}]}",
+    )
+    .unwrap();
+    let agent = cluster.start_agent(1);
+    let zt = Ztunnel::start(&cluster.node, 1);
+    let readiness = zt.readiness_addr().await;
+    let readyz = agent
+        .listening_addr("readiness endpoint /readyz listening")
+        .await;
+    zt.wait_readiness(200).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while e2e::http_get(readyz, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the agent never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attacker = "127.0.0.2".parse().unwrap();
+    let attack = Slowloris::start_from(Some(attacker), &[readiness, readyz], 200).await;
+    assert!(attack.open() > 0, "no slow client got in at all");
+    // Within the header deadline (5 s): every slow client still holds its connection.
+    for _ in 0..3 {
+        let probe = tokio::time::timeout(T, e2e::http_get(readiness, "/healthz/ready"));
+        assert_eq!(
+            probe.await.expect("ztunnel's probe answered").0,
+            200,
+            "ztunnel's readiness probe is refused while one peer holds slow connections"
+        );
+        let probe = tokio::time::timeout(T, e2e::http_get(readyz, "/readyz"));
+        assert_eq!(
+            probe.await.expect("the agent's probe answered").0,
+            200,
+            "the agent's readiness probe is refused while one peer holds slow connections"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(attack);
+}
+
+/// The agent runs on the host network: what lists every pod on the node is served on
+/// loopback only (not on the monitoring port, and a non-loopback DEBUG_ADDR is
+/// refused), and a port it cannot bind stops it instead of leaving the kubelet's probe
+/// to ask another program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_pod_inventory_on_loopback_only_and_a_taken_port_stops_it() {
+    let cluster = Cluster::new(91, false).await;
+    let agent = cluster.start_agent(1);
+    let monitoring = agent.listening_addr("monitoring endpoint listening").await;
+    let debug = agent.listening_addr("debug endpoint listening").await;
+    assert!(debug.ip().is_loopback(), "{debug}");
+    assert_eq!(e2e::http_get(monitoring, "/debug/enrollment").await.0, 404);
+    assert_eq!(e2e::http_get(monitoring, "/metrics").await.0, 200);
+    assert_eq!(e2e::http_get(debug, "/debug/enrollment").await.0, 200);
+    drop(agent);
+
+    let exits_with = |mut agent: e2e::AgentProcess| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(code) = agent.exit_code() {
+                return (code, agent.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent kept running: {}",
+                agent.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (code, logs) = exits_with(cluster.start_agent_with(2, |cmd| {
+        cmd.env("DEBUG_ADDR", "0.0.0.0:0");
+    }))
+    .await;
+    assert_eq!(code, 1, "{logs}");
+    assert!(
+        logs.contains("DEBUG_ADDR 0.0.0.0:0 is not a loopback address"),
+        "{logs}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, logs) = exits_with(cluster.start_agent_with(3, |cmd| {
+        cmd.env("AGENT_READINESS_ADDR", format!("127.0.0.1:{port}"));
+    }))
+    .await;
+    assert_eq!(code, 1, "{logs}");
+    assert!(
+        logs.contains(&format!("readiness endpoint /readyz on 127.0.0.1:{port}")),
+        "{logs}"
+    );
 }

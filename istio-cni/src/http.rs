@@ -1,8 +1,11 @@
-//! The agent's one HTTP serving module: `/readyz` (on the host network, `:8000`) and
-//! `/metrics` (the monitoring port, `:15014`). A server built here gives a
-//! client a deadline for its request headers, serves a bounded number of connections
-//! (more are closed on accept), bounds each connection's lifetime, and backs off when
-//! accept fails (EMFILE) instead of spinning.
+//! The agent's one HTTP serving module: `/readyz` (on the host network, `:8000`),
+//! `/metrics` (the monitoring port, `:15014`) and `/debug/enrollment` (loopback only,
+//! `127.0.0.1:15015`). A server built here gives a client a deadline for its request
+//! headers, serves a bounded number of connections (more are closed on accept) and
+//! one peer address only its share of them ([`protocol::limits`]), bounds each
+//! connection's lifetime, and backs off when accept fails (EMFILE) instead of
+//! spinning. Binding is separate from serving, so that a port already taken stops
+//! the agent at startup instead of leaving a probe to ask another program.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -57,16 +61,21 @@ impl Reply {
 /// Paths and what they answer, asked per request (`None`: 404).
 pub type Routes = Arc<dyn Fn(&str) -> Option<Reply> + Send + Sync>;
 
-/// Binds `addr` and serves `routes` until dropped; logs `<name> listening addr=…`.
-pub async fn serve(
-    name: &'static str,
-    addr: SocketAddr,
-    limits: Limits,
-    routes: Routes,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Binds `addr` for endpoint `name`; the error names both. Logs
+/// `<name> listening addr=…`.
+pub async fn bind(name: &'static str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{name} on {addr}: {e}")))?;
     info!(addr = %listener.local_addr()?, "{name} listening");
+    Ok(listener)
+}
+
+/// Serves `routes` on `listener` until dropped.
+pub async fn serve(listener: TcpListener, limits: Limits, routes: Routes) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers =
+        protocol::limits::PeerSlots::new(protocol::limits::per_peer_share(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -75,6 +84,10 @@ pub async fn serve(
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Some(peer_slot) = peers.try_acquire(peer.ip()) else {
+            debug!(%peer, "this peer holds its share of HTTP connections already; closing");
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "{} HTTP connections already open; closing", limits.max_connections);
@@ -101,7 +114,7 @@ pub async fn serve(
             if let Ok(Err(e)) = tokio::time::timeout(limits.max_connection_age, conn).await {
                 debug!(%peer, "HTTP connection: {e}");
             }
-            drop(slot);
+            drop((slot, peer_slot));
         });
     }
 }

@@ -95,9 +95,14 @@ struct Args {
     #[arg(long, env = "AGENT_READINESS_ADDR", default_value = "0.0.0.0:8000")]
     readiness_addr: std::net::SocketAddr,
     /// Address of the Prometheus metrics (`/metrics`; Istio's CNI agent serves them on
-    /// its monitoring port, 15014).
+    /// its monitoring port, 15014). Nothing else is served there.
     #[arg(long, env = "MONITORING_ADDR", default_value = "0.0.0.0:15014")]
     monitoring_addr: std::net::SocketAddr,
+    /// Address of `/debug/enrollment` (every enrolled pod's identity, addresses, netns
+    /// and fds, for `istio-cni diagnose`): a loopback address, as the agent runs on
+    /// the host network; another is refused.
+    #[arg(long, env = "DEBUG_ADDR", default_value = "127.0.0.1:15015")]
+    debug_addr: std::net::SocketAddr,
     /// Seconds between re-verifications of every enrolled pod's rules (jittered by a
     /// tenth); drift is repaired. 0 turns the periodic check off (rules are still
     /// checked on every reconcile).
@@ -143,8 +148,8 @@ struct DiagnoseArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// The agent's monitoring address.
-    #[arg(long, env = "DIAGNOSE_AGENT_ADDR", default_value = "127.0.0.1:15014")]
+    /// The agent's debug address (`DEBUG_ADDR`).
+    #[arg(long, env = "DIAGNOSE_AGENT_ADDR", default_value = "127.0.0.1:15015")]
     agent: std::net::SocketAddr,
     /// ztunnel's admin address; by default the agent's ZDS peer's netns is entered to
     /// reach its localhost:15000.
@@ -262,6 +267,12 @@ fn diagnose(args: &Args, d: DiagnoseArgs) -> std::process::ExitCode {
 
 #[tokio::main]
 async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.debug_addr.ip().is_loopback(),
+        "DEBUG_ADDR {} is not a loopback address: the debug endpoint lists every pod on \
+         the node, and the agent runs on the host network; give it 127.0.0.1:<port>",
+        args.debug_addr
+    );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if args.log_format == "json" {
         tracing_subscriber::fmt()
@@ -315,6 +326,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     );
     println!("readiness_addr: {}", args.readiness_addr);
     println!("monitoring_addr: {}", args.monitoring_addr);
+    println!("debug_addr: {}", args.debug_addr);
     println!("drift_check_interval: {}s", args.drift_check_interval);
     println!(
         "cni_conf_dir: {} (the runtime's: {})",
@@ -326,7 +338,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     }
     let Some(node) = args.node_name.clone() else {
         let agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
-        serve_metrics(&args, agent.enrollment().clone(), None);
+        serve_metrics(&args, agent.enrollment().clone(), None).await?;
         return shutdown_signal().await;
     };
     let client = match &args.kubeconfig {
@@ -418,15 +430,12 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         )),
         _ => None,
     });
-    let (addr, limits) = (args.readiness_addr, args.http_limits());
-    tokio::spawn(async move {
-        if let Err(e) =
-            istio_cni::http::serve("readiness endpoint /readyz", addr, limits, routes).await
-        {
-            tracing::warn!("readiness endpoint: {e}");
-        }
-    });
-    serve_metrics(&args, enrollment.clone(), installer.clone());
+    // Bound before anything is served: a port already taken stops the agent here,
+    // rather than leaving the kubelet's probe to ask another program.
+    let limits = args.http_limits();
+    let listener = istio_cni::http::bind("readiness endpoint /readyz", args.readiness_addr).await?;
+    tokio::spawn(istio_cni::http::serve(listener, limits, routes));
+    serve_metrics(&args, enrollment.clone(), installer.clone()).await?;
     let result = tokio::select! {
         _ = run => Ok(()),
         r = shutdown_signal() => r,
@@ -444,9 +453,14 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     result
 }
 
-/// Serves `/metrics` on the monitoring address: the enrollment's counters, and the
-/// state gauges read from their owners at each scrape.
-fn serve_metrics(args: &Args, enrollment: Enrollment, installer: Option<Arc<Installer>>) {
+/// Serves `/metrics` on the monitoring address (the enrollment's counters, and the
+/// state gauges read from their owners at each scrape), and `/debug/enrollment` on the
+/// loopback debug address. Binding either fails the agent's startup.
+async fn serve_metrics(
+    args: &Args,
+    enrollment: Enrollment,
+    installer: Option<Arc<Installer>>,
+) -> anyhow::Result<()> {
     let pods = enrollment.clone();
     let zds = enrollment.zds().clone();
     let gauges = Gauges {
@@ -462,7 +476,11 @@ fn serve_metrics(args: &Args, enrollment: Enrollment, installer: Option<Arc<Inst
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             body: metrics.encode(&gauges),
         }),
-        // What `istio-cni diagnose` needs to find pods and ztunnel.
+        _ => None,
+    });
+    // What `istio-cni diagnose` needs to find pods and ztunnel: never on the host
+    // network's other addresses.
+    let debug: istio_cni::http::Routes = Arc::new(move |path| match path {
         "/debug/enrollment" => {
             let report = AgentReport {
                 pid: std::process::id(),
@@ -483,12 +501,12 @@ fn serve_metrics(args: &Args, enrollment: Enrollment, installer: Option<Arc<Inst
         }
         _ => None,
     });
-    let (addr, limits) = (args.monitoring_addr, args.http_limits());
-    tokio::spawn(async move {
-        if let Err(e) = istio_cni::http::serve("monitoring endpoint", addr, limits, routes).await {
-            tracing::warn!("monitoring endpoint: {e}");
-        }
-    });
+    let limits = args.http_limits();
+    let listener = istio_cni::http::bind("monitoring endpoint", args.monitoring_addr).await?;
+    tokio::spawn(istio_cni::http::serve(listener, limits, routes));
+    let listener = istio_cni::http::bind("debug endpoint", args.debug_addr).await?;
+    tokio::spawn(istio_cni::http::serve(listener, limits, debug));
+    Ok(())
 }
 
 /// Writes the plugin's kubeconfig (and keeps it current), and installs the plugin

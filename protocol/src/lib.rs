@@ -7,10 +7,12 @@
 //! - [`transport`]: one message per `SOCK_SEQPACKET` datagram over a Unix socket, with
 //!   an optional file descriptor attached, truncation detection and timeouts.
 //! - [`netns`]: a network-namespace handle, the thing the fd on an `AddWorkload` is.
-//! - [`logging`]: how both binaries' log lines look (the one convention they share
-//!   besides the wire and their version line).
+//! - [`logging`] and [`limits`]: how both binaries' log lines look, and how many
+//!   connections one peer may hold on their HTTP endpoints (what they share besides
+//!   the wire and their version line).
 
 pub mod error;
+pub mod limits;
 pub mod logging;
 pub mod message;
 pub mod netns;

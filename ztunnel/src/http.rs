@@ -3,7 +3,9 @@
 //!
 //! - gives a client a deadline to send its request headers (a slowloris is cut off),
 //! - serves a bounded number of connections at once (more are closed on accept, so
-//!   no client can use up ztunnel's file descriptors),
+//!   no client can use up ztunnel's file descriptors), and one peer address only its
+//!   share of them ([`protocol::limits`]: a pod holding slow connections cannot starve
+//!   the kubelet's readiness probe),
 //! - bounds each connection's lifetime (an idle keep-alive cannot stay forever),
 //! - backs off when accept fails (EMFILE) instead of spinning.
 
@@ -84,6 +86,8 @@ where
         info!(%addr, "{name} listening");
     }
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers =
+        protocol::limits::PeerSlots::new(protocol::limits::per_peer_share(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -92,6 +96,11 @@ where
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Some(peer_slot) = peers.try_acquire(peer.ip()) else {
+            debug!(%peer, "{name}: this peer holds its share of connections already; closing");
+            drop(stream);
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "{name}: {} connections already open; closing", limits.max_connections);
@@ -113,7 +122,7 @@ where
                 Err(_) => debug!(%peer, "{name} connection closed at its maximum age"),
                 Ok(Ok(())) => {}
             }
-            drop(slot);
+            drop((slot, peer_slot));
         });
     }
 }

@@ -224,15 +224,16 @@ async fn demo(keep: bool) -> anyhow::Result<()> {
     }
 
     let monitoring = agent.listening_addr("monitoring endpoint listening").await;
+    let debug = agent.listening_addr("debug endpoint listening").await;
     let istio_cni = e2e::bin_path("istio-cni");
     // ztunnel runs in the node's netns here, its admin on a free port: diagnose is
     // told where (in a cluster it enters ztunnel's pod netns to reach localhost:15000).
     let admin = zt.admin_addr().await;
     step(&format!(
-        "$ istio-cni diagnose --agent {monitoring} --ztunnel-admin {admin}   (the quick checks, automated)"
+        "$ istio-cni diagnose --agent {debug} --ztunnel-admin {admin}   (the quick checks, automated)"
     ));
     let out = std::process::Command::new(&istio_cni)
-        .args(["diagnose", "--agent", &monitoring.to_string()])
+        .args(["diagnose", "--agent", &debug.to_string()])
         .args(["--ztunnel-admin", &admin.to_string()])
         .env_remove("CNI_COMMAND")
         .output()
@@ -260,7 +261,7 @@ async fn demo(keep: bool) -> anyhow::Result<()> {
   curl -s http://{stats}/metrics
   # the agent: metrics and the automated quick checks
   curl -s http://{monitoring}/metrics
-  {istio_cni} diagnose --agent {monitoring} --ztunnel-admin {admin}
+  {istio_cni} diagnose --agent {debug} --ztunnel-admin {admin}
   # logs
   tail -f {zt_log} {agent_log}
 
