@@ -390,7 +390,7 @@ async fn an_agent_out_of_file_descriptors_backs_off_instead_of_spinning() {
 /// was refused and the node went NotReady).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_slow_clients_of_one_peer_cannot_starve_the_readiness_probe() {
-    let cluster = Cluster::new(90, false).await;
+    let cluster = Cluster::new(39, false).await;
     // A primary network for the agent to chain onto: it is ready once it has.
     let conf_dir = cluster.node.dir.path().join("net.d");
     std::fs::create_dir_all(&conf_dir).unwrap();
@@ -439,7 +439,7 @@ async fn two_hundred_slow_clients_of_one_peer_cannot_starve_the_readiness_probe(
 /// to ask another program.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_serves_its_pod_inventory_on_loopback_only_and_a_taken_port_stops_it() {
-    let cluster = Cluster::new(91, false).await;
+    let cluster = Cluster::new(47, false).await;
     let agent = cluster.start_agent(1);
     let monitoring = agent.listening_addr("monitoring endpoint listening").await;
     let debug = agent.listening_addr("debug endpoint listening").await;

@@ -533,3 +533,55 @@ async fn many_parallel_connections_share_one_tls_connection() {
         "20 streams should share one connection"
     );
 }
+
+/// A DENY that arrives while ztunnel is still connecting to the app (which can take up
+/// to the connect timeout) applies to that connection: it is registered for policy
+/// re-checks before the connect, not after, so it never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_pushed_while_connecting_to_the_app_applies_to_that_connection() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let node = TestNode::new(48);
+    let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let workloads = mesh_workloads(&[&a, &b]);
+    node.write_mesh_config(&config(&workloads, ""));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&a, &b], &[("CONNECT_TIMEOUT", "10s")]).await;
+    let server = echo_server(&b, 8080).await;
+    // ztunnel's connect to the app hangs: the app's SYNs are dropped for now (TCP
+    // tries again after 1 s and 3 s).
+    let drop_syn = [
+        "INPUT", "-p", "tcp", "--dport", "8080", "--syn", "-j", "DROP",
+    ];
+    b.exec(&[&["iptables", "-I"][..], &drop_syn].concat());
+    let client = async {
+        let stream = e2e::app::connect(&a, server.addr, Duration::from_secs(15))
+            .await
+            .expect("the client's connect to ztunnel");
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(15),
+            BufReader::new(stream).read_line(&mut line),
+        )
+        .await;
+        (read, line)
+    };
+    let control = async {
+        // The CONNECT reaches httpbin's ztunnel, which is now connecting to the app.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let deny = format!(
+            "policies:\n- {{name: deny-8080, namespace: {NAMESPACE}, scope: Namespace, action: Deny, dryRun: false, rules: [[[{{destinationPorts: [8080]}}]]]}}\n"
+        );
+        node.write_mesh_config(&config(&workloads, &deny));
+        zt.wait_for(&["local config reloaded"], 1).await;
+        b.exec(&[&["iptables", "-D"][..], &drop_syn].concat());
+    };
+    let ((read, line), ()) = tokio::join!(client, control);
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection denied while ztunnel connected to the app reached it: {read:?} {line:?}"
+    );
+    zt.wait_for(&["denied by policy ambient-demo/deny-8080"], 1)
+        .await;
+}

@@ -172,6 +172,9 @@ async fn tunnel(
         return status(StatusCode::UNAUTHORIZED);
     }
     drop(state);
+    // Registered before connecting to the app (which may take up to the connect
+    // timeout), as on 15006: a policy pushed meanwhile applies to this connection.
+    let registration = pod.live.register(attrs);
     let upstream = match ctx.connect(target, Some(peer.ip())).await {
         Ok(u) => u,
         Err(e) => {
@@ -179,12 +182,14 @@ async fn tunnel(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    if registration.denied() {
+        flow.deny(&registration.reason());
+        return status(StatusCode::UNAUTHORIZED);
+    }
     let _ = upstream.set_nodelay(true);
     tokio::spawn(async move {
-        let Some(pod) = ctx.mesh.as_ref() else { return };
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
-                let registration = pod.live.register(attrs);
                 flow.relay(TokioIo::new(upgraded), upstream, Some(&registration))
                     .await
             }

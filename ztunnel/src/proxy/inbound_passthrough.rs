@@ -61,6 +61,9 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         Ok(u) => u,
         Err(e) => return flow.connect_failed(&format!("connect {dst}: {e}")),
     };
+    if let Some(r) = registration.as_ref().filter(|r| r.denied()) {
+        return flow.deny(&r.reason());
+    }
     let _ = upstream.set_nodelay(true);
     flow.relay(stream, upstream, registration.as_ref()).await
 }

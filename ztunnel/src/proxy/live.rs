@@ -49,15 +49,22 @@ pub struct LiveConns {
     next: AtomicU64,
 }
 
-/// Registration of one connection; unregisters on drop.
-pub struct Registration<'a> {
-    owner: &'a LiveConns,
+/// Registration of one connection; unregisters on drop. It owns its place in the
+/// table, so a connection is registered before ztunnel connects to the app and a
+/// policy pushed meanwhile is applied to it.
+pub struct Registration {
+    owner: Arc<LiveConns>,
     id: u64,
     pub cancel: CancellationToken,
     reason: Arc<Mutex<String>>,
 }
 
-impl Registration<'_> {
+impl Registration {
+    /// Whether a policy change denied the connection since it was registered.
+    pub fn denied(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
     /// Why the connection was cancelled.
     pub fn reason(&self) -> String {
         self.reason
@@ -67,7 +74,7 @@ impl Registration<'_> {
     }
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.owner
             .conns
@@ -78,7 +85,7 @@ impl Drop for Registration<'_> {
 }
 
 impl LiveConns {
-    pub fn register(&self, attrs: Attrs) -> Registration<'_> {
+    pub fn register(self: &Arc<Self>, attrs: Attrs) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(String::new()));
@@ -91,7 +98,7 @@ impl LiveConns {
             },
         );
         Registration {
-            owner: self,
+            owner: self.clone(),
             id,
             cancel,
             reason,

@@ -74,7 +74,7 @@ pub struct PodMesh {
     /// certificate is renewed (the roots come with it) or the identity changes.
     acceptor: std::sync::Mutex<Option<(Identity, u64, tokio_rustls::TlsAcceptor)>>,
     pub pool: Pool,
-    pub live: LiveConns,
+    pub live: Arc<LiveConns>,
     /// TLS handshakes in progress on the pod's 15008 (see `HboneConfig::max_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
@@ -93,7 +93,7 @@ impl PodMesh {
             info,
             acceptor: std::sync::Mutex::new(None),
             pool: Pool::default(),
-            live: LiveConns::default(),
+            live: Arc::new(LiveConns::default()),
         }
     }
 

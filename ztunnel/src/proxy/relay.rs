@@ -166,7 +166,7 @@ impl Flow {
     /// cancelled (a policy change now denies the connection). A FIN from one side is
     /// passed on as a shutdown of the other side's write half, so half-closed
     /// connections work. Bytes are counted in the metrics as they are copied.
-    pub async fn relay<A, B>(self, downstream: A, upstream: B, live: Option<&Registration<'_>>)
+    pub async fn relay<A, B>(self, downstream: A, upstream: B, live: Option<&Registration>)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
