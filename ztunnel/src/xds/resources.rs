@@ -94,35 +94,76 @@ fn slot(type_url: &str) -> Option<usize> {
     }
 }
 
+/// A resource ztunnel refuses: why, and what takes its place (for an authorization
+/// policy, so that refusing it does not widen access).
+struct Refused {
+    reason: String,
+    stand_in: Option<Change>,
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Refused {
+        Refused {
+            reason,
+            stand_in: None,
+        }
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(reason: &str) -> Refused {
+        Refused::from(reason.to_string())
+    }
+}
+
 fn decode(
     type_url: &str,
     r: &Resource,
     shared: &mut translate::Interner,
-) -> Result<Change, String> {
+) -> Result<Change, Refused> {
     let any = r.resource.as_ref().ok_or("no resource in it")?;
     if any.type_url != type_url {
-        return Err(format!("a {} in a {type_url} response", any.type_url));
+        return Err(format!("a {} in a {type_url} response", any.type_url).into());
     }
     let value = any.value.as_slice();
     if type_url == AUTHORIZATION_TYPE {
         let a = XdsAuthorization::decode(value).map_err(|e| format!("undecodable: {e}"))?;
-        let p = Arc::new(translate::policy(&a)?);
-        return Ok(Change::Policy(p.key(), Some(p)));
+        return match translate::policy(&a) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                Ok(Change::Policy(p.key(), Some(p)))
+            }
+            Err(reason) => {
+                let p = Arc::new(translate::stand_in(&a));
+                let what = match p.action {
+                    crate::state::policy::Action::Allow => "an ALLOW that matches nothing",
+                    crate::state::policy::Action::Deny => "a DENY of every connection",
+                };
+                Err(Refused {
+                    reason: format!(
+                        "{reason}; refused, so {what} stands in for it in its scope (refusing a policy never widens access)"
+                    ),
+                    stand_in: Some(Change::Policy(p.key(), Some(p))),
+                })
+            }
+        };
     }
     let address = XdsAddress::decode(value).map_err(|e| format!("undecodable: {e}"))?;
     match address.r#type {
         Some(AddressType::Workload(w)) => {
-            let (w, eps) = translate::workload(w, shared)?;
+            let (w, eps) = translate::workload(w, shared).map_err(Refused::from)?;
             Ok(Change::Workload(
                 w.uid.clone(),
                 Some(WorkloadEntry::new(w, eps)),
             ))
         }
         Some(AddressType::Service(s)) => {
-            let s = Arc::new(translate::service(&s)?);
+            let s = Arc::new(translate::service(&s).map_err(Refused::from)?);
             Ok(Change::Service(s.key(), Some(s)))
         }
-        None => Err("an Address that is neither a workload nor a service".into()),
+        None => Err(Refused::from(
+            "an Address that is neither a workload nor a service",
+        )),
     }
 }
 
@@ -137,7 +178,7 @@ fn decode_all(
     type_url: &str,
     resources: &[Resource],
     shared: &mut translate::Interner,
-) -> Vec<Result<Change, String>> {
+) -> Vec<Result<Change, Refused>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_DECODE_THREADS);
@@ -207,8 +248,18 @@ impl Resources {
         let decoded = decode_all(type_url, resources, &mut self.shared);
         let held = &mut self.held[i];
         for (r, result) in resources.iter().zip(decoded) {
-            match result {
-                Ok(change) => {
+            let change = match result {
+                Ok(change) => Some(change),
+                Err(refused) => {
+                    applied.rejected.push(Rejected {
+                        name: r.name.clone(),
+                        reason: refused.reason,
+                    });
+                    refused.stand_in
+                }
+            };
+            match change {
+                Some(change) => {
                     let key = key_of(&change);
                     let name: Arc<str> = match &key {
                         // The name is the uid, usually: share the string.
@@ -225,10 +276,7 @@ impl Resources {
                     applied.changes.push(change);
                     applied.updated += 1;
                 }
-                Err(reason) => applied.rejected.push(Rejected {
-                    name: r.name.clone(),
-                    reason,
-                }),
+                None => {}
             }
         }
         for name in removed {
@@ -292,6 +340,63 @@ mod tests {
                 },
             )),
             ..Default::default()
+        }
+    }
+
+    fn authorization(a: crate::proto::istio::security::Authorization) -> Resource {
+        Resource {
+            name: format!("{}/{}", a.namespace, a.name),
+            version: "v1".into(),
+            resource: Some(any(AUTHORIZATION_TYPE, &a)),
+            ..Default::default()
+        }
+    }
+
+    /// A policy ztunnel cannot read is refused (NACKed, named) without widening
+    /// access: a refused ALLOW leaves its scope denying, a refused DENY denies all.
+    #[test]
+    fn a_refused_policy_is_replaced_by_one_that_never_widens_access() {
+        use crate::proto::istio::security as xsec;
+        use crate::state::policy::{Action, Scope};
+        let unreadable = |action: xsec::Action| xsec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            scope: xsec::Scope::Namespace as i32,
+            action: action as i32,
+            rules: vec![xsec::Rule {
+                clauses: vec![xsec::Clause {
+                    matches: vec![xsec::Match {
+                        source_ips: vec![xsec::Address {
+                            address: vec![1, 2, 3],
+                            length: 8,
+                        }],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        for (action, what, rules) in [
+            (xsec::Action::Allow, "an ALLOW that matches nothing", 0),
+            (xsec::Action::Deny, "a DENY of every connection", 1),
+        ] {
+            let mut r = Resources::default();
+            let applied = r.apply(
+                AUTHORIZATION_TYPE,
+                &[authorization(unreadable(action))],
+                &[],
+            );
+            let msg = applied.error_message().unwrap();
+            assert!(msg.starts_with("ns/p: ") && msg.contains(what), "{msg}");
+            let [Change::Policy(key, Some(p))] = &applied.changes[..] else {
+                panic!("no stand-in: {:?}", applied.changes.len());
+            };
+            assert_eq!(key.to_string(), "ns/p");
+            assert_eq!((p.scope, p.rules.len()), (Scope::Namespace, rules));
+            assert_eq!(p.action == Action::Allow, action == xsec::Action::Allow);
+            // Held like any policy: its removal removes the stand-in.
+            let applied = r.apply(AUTHORIZATION_TYPE, &[], &["ns/p".into()]);
+            assert!(matches!(&applied.changes[..], [Change::Policy(_, None)]));
         }
     }
 

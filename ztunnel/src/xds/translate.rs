@@ -360,6 +360,32 @@ fn rbac_match(m: &xsec::Match) -> Result<Match, String> {
     })
 }
 
+/// What takes the place of an Authorization ztunnel refuses (a field it cannot read),
+/// so that refusing it never widens access: in its scope (its namespace's when the
+/// scope itself is unreadable), a refused ALLOW becomes an ALLOW that matches nothing
+/// (the scope denies everything, as if the policy allowed nothing), and a refused DENY
+/// (or one whose action is unreadable) a DENY of everything. The NACK names the
+/// policy and says which stands in.
+pub fn stand_in(a: &xsec::Authorization) -> Policy {
+    let scope = match enum_value::<xsec::Scope>(a.scope, "scope") {
+        Ok(xsec::Scope::Global) => Scope::Global,
+        Ok(xsec::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+        Ok(xsec::Scope::Namespace) | Err(_) => Scope::Namespace,
+    };
+    let (action, rules) = match enum_value::<xsec::Action>(a.action, "action") {
+        Ok(xsec::Action::Allow) => (Action::Allow, Vec::new()),
+        Ok(xsec::Action::Deny) | Err(_) => (Action::Deny, vec![Vec::new()]),
+    };
+    Policy {
+        name: a.name.clone(),
+        namespace: a.namespace.clone(),
+        scope,
+        action,
+        rules,
+        dry_run: a.dry_run,
+    }
+}
+
 pub fn policy(a: &xsec::Authorization) -> Result<Policy, String> {
     let rules = a
         .rules
