@@ -146,6 +146,34 @@ impl Cluster {
 
     /// Starts a pod on the node (netns through CNI, a process in its cgroup) and then
     /// creates its API object, Running, with its IP.
+    /// Sends a raw plugin-event request to the agent (as the CNI plugin does) and
+    /// returns its JSON answer.
+    pub async fn plugin_request(&self, body: serde_json::Value) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let wait = Duration::from_secs(5);
+        let path = self.node.dir.path().join("pluginevent.sock");
+        let deadline = Instant::now() + wait;
+        let mut stream = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "plugin event socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let mut bytes = serde_json::to_vec(&body).expect("json");
+        bytes.push(b'\n');
+        stream.write_all(&bytes).await.expect("write");
+        stream.shutdown().await.expect("shutdown");
+        let mut reply = Vec::new();
+        tokio::time::timeout(wait, stream.read_to_end(&mut reply))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        serde_json::from_slice(&reply).expect("a JSON answer")
+    }
+
     pub fn add_pod(&self, namespace: &str, name: &str, pairs: &[(&str, &str)]) -> KubePod {
         let pod = self.run_pod(namespace, name);
         self.publish(&pod, pairs);

@@ -485,3 +485,101 @@ async fn the_agent_serves_its_pod_inventory_on_loopback_only_and_a_taken_port_st
         "{logs}"
     );
 }
+
+/// A plugin request naming the node's own network namespace (the node's init
+/// process's, or the agent's, which runs on the host network) is refused: no
+/// redirection rules land on the node and ztunnel gets no listeners on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_own_network_namespace_is_never_enrolled() {
+    let cluster = Cluster::new(99, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let agent = cluster.start_agent(1);
+    let _zt = cluster.start_ztunnel(1);
+    agent.wait_for(&["ZDS server listening"], 1).await;
+    // The init process's may not even open for the agent's capabilities: refused
+    // either way; the agent's own opens, and is refused for what it is.
+    for (netns, why) in [
+        ("/proc/1/ns/net", ""),
+        ("/proc/self/ns/net", "the node's own network namespace"),
+    ] {
+        let answer = cluster
+            .plugin_request(serde_json::json!({
+                "version": 1, "command": "add", "podName": "p", "podNamespace": "demo",
+                "podUid": "u-node", "serviceAccount": "sa", "netns": netns,
+            }))
+            .await;
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            !error.is_empty() && error.contains(why),
+            "{netns}: {answer}"
+        );
+    }
+    let host_rules = e2e::sh("iptables-save", &[]);
+    assert!(
+        !host_rules.contains("ISTIO_PRERT") && !host_rules.contains("ISTIO_OUTPUT"),
+        "redirection rules on the node:\n{host_rules}"
+    );
+}
+
+/// The plugin socket is root's (0600) and, whatever its mode lets through, the agent
+/// answers only root or its own user: another user gets no answer and the attempt is
+/// logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::new(100, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    let agent = cluster.start_agent(1);
+    let socket = cluster.node.dir.path().join("pluginevent.sock");
+    e2e::until("the plugin socket exists", || socket.exists()).await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Opened up (a careless hostPath, a changed mode): the peer check still holds.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        cluster.node.dir.path(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    // A client running as nobody (65534): only this thread changes user (the raw
+    // syscall, not libc's wrapper, which would change every thread of the test).
+    let path = socket.clone();
+    let answer = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        // SAFETY: setresuid takes three integers and touches no memory; called
+        // through syscall(2) it changes only this thread's credentials, and this
+        // thread ends right after.
+        let r = unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, 65534, 65534, 65534) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+        s.write_all(
+            br#"{"version":1,"command":"add","podName":"p","podNamespace":"demo","podUid":"u","serviceAccount":"sa","netns":"/proc/self/ns/net"}"#,
+        )?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply)?;
+        Ok(reply)
+    })
+    .join()
+    .expect("the client thread");
+    // Closed without an answer (reset, as the agent never read the request).
+    let refused = match &answer {
+        Ok(reply) => reply.is_empty(),
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    };
+    assert!(refused, "another user got an answer: {answer:?}");
+    agent
+        .wait_for(
+            &[
+                "refusing a plugin request from an unexpected user",
+                "uid=65534",
+            ],
+            1,
+        )
+        .await;
+}

@@ -146,34 +146,6 @@ async fn ztunnel_says_when_an_agent_refuses_its_version_nacks_newer_messages_and
     e2e::observe::check_listeners(&pod.exec(&["ss", "-Htnl"])).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Sends a raw plugin-event request to the agent and returns its JSON answer.
-async fn plugin_request(cluster: &Cluster, body: serde_json::Value) -> serde_json::Value {
-    let path = cluster.node.dir.path().join("pluginevent.sock");
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut stream = loop {
-        match tokio::net::UnixStream::connect(&path).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "plugin event socket: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    let mut bytes = serde_json::to_vec(&body).expect("json");
-    bytes.push(b'\n');
-    stream.write_all(&bytes).await.expect("write");
-    stream.shutdown().await.expect("shutdown");
-    let mut reply = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut reply))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    serde_json::from_slice(&reply).expect("a JSON answer")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_event_versions_ahead_are_refused_clearly_on_both_sides() {
     let cluster = Cluster::new(88, false).await;
@@ -184,14 +156,12 @@ async fn plugin_event_versions_ahead_are_refused_clearly_on_both_sides() {
 
     // A plugin from a newer release: refused, in this agent's version, saying what
     // to do; the agent logs it.
-    let answer = plugin_request(
-        &cluster,
-        serde_json::json!({
+    let answer = cluster
+        .plugin_request(serde_json::json!({
             "version": 2, "command": "add", "podName": "p", "podNamespace": "demo",
             "podUid": "u", "serviceAccount": "sa", "netns": "/proc/self/ns/net",
-        }),
-    )
-    .await;
+        }))
+        .await;
     assert_eq!(answer["version"], 1, "{answer}");
     let error = answer["error"].as_str().unwrap_or_default();
     assert!(

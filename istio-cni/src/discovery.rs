@@ -43,12 +43,22 @@ fn is_uid(s: &str) -> bool {
 /// Scans `proc_root` (normally `/proc`) for the pods in `wanted` (uid -> pod IPs) and
 /// returns the netns of each one found, never one in `exclude` (sandboxes already torn
 /// down). Processes that vanish mid-scan are skipped.
+/// The node's own network namespaces, never a pod's: the agent's (it runs on the host
+/// network) and that of the node's init process (`<proc_root>/1`, the host's /proc).
+pub fn node_netns(proc_root: &Path) -> Vec<NetnsId> {
+    [Netns::current(), Netns::open(&proc_root.join("1/ns/net"))]
+        .into_iter()
+        .filter_map(|n| n.ok().map(|n| n.id()))
+        .collect()
+}
+
 pub fn find_pod_netns(
     proc_root: &Path,
     wanted: &HashMap<String, Vec<IpAddr>>,
     exclude: &HashSet<NetnsId>,
 ) -> io::Result<HashMap<String, Netns>> {
     let host = Netns::current()?.id();
+    let node = node_netns(proc_root);
     let mut found: HashMap<String, Netns> = HashMap::new();
     let mut rejected: HashSet<(String, NetnsId)> = HashSet::new();
     for entry in std::fs::read_dir(proc_root)? {
@@ -74,6 +84,7 @@ pub fn find_pod_netns(
             continue;
         };
         if netns.id() == host
+            || node.contains(&netns.id())
             || exclude.contains(&netns.id())
             || rejected.contains(&(uid.clone(), netns.id()))
         {

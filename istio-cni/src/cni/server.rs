@@ -17,7 +17,9 @@ use crate::enrollment::{EnrollStatus, Enrollment, Pod, PodKey, SandboxDel};
 /// Largest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
-/// Binds the socket (mode 0600, replacing a stale socket but never another file).
+/// Binds the socket, replacing a stale socket but never another file. It is bound
+/// under a temporary name, given its final mode (0600), then renamed into place: it
+/// never exists at `path` with looser permissions.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -29,11 +31,26 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
                 format!("{} exists and is not a socket", path.display()),
             ));
         }
-        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let publish = || {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = publish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(listener)
+}
+
+/// Whether a peer may send plugin events: root (the container runtime runs the
+/// plugin as root) or the agent's own user. Anyone else is refused, whatever the
+/// socket's mode lets through.
+fn trusted_peer(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
 }
 
 /// Plugin requests handled at once; a container runtime starts a few pods at a time.
@@ -58,6 +75,22 @@ pub async fn serve(listener: UnixListener, enrollment: Enrollment) {
                 continue;
             }
         };
+        let own = nix::unistd::geteuid().as_raw();
+        match stream.peer_cred() {
+            Ok(cred) if trusted_peer(cred.uid(), own) => {}
+            Ok(cred) => {
+                warn!(
+                    uid = cred.uid(),
+                    pid = cred.pid(),
+                    "refusing a plugin request from an unexpected user (only root or uid {own} may send one)"
+                );
+                continue;
+            }
+            Err(e) => {
+                warn!("plugin event socket: cannot read the peer's credentials, closing: {e}");
+                continue;
+            }
+        }
         let enrollment = enrollment.clone();
         tokio::spawn(async move {
             let mut body = Vec::new();
@@ -134,5 +167,36 @@ async fn handle(enrollment: &Enrollment, req: Request) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_or_the_agents_user_may_send_plugin_events() {
+        assert!(trusted_peer(0, 1000));
+        assert!(trusted_peer(1000, 1000));
+        assert!(!trusted_peer(65534, 1000));
+        assert!(!trusted_peer(65534, 0));
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_with_its_final_mode_and_replaces_only_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pluginevent.sock");
+        let first = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(first);
+        // A stale socket is replaced; no temporary name is left behind.
+        let _again = bind(&path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "x").unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
     }
 }

@@ -354,14 +354,29 @@ impl Enrollment {
     }
 
     /// Opens the pod's netns from its path.
-    pub fn open(pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
-        Netns::open(&pod.netns_path)
+    pub fn open(&self, pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
+        self.open_pod_netns(&pod.netns_path)
             .map(Arc::new)
             .map_err(|source| EnrollError::Netns {
                 uid: pod.uid.clone(),
                 path: pod.netns_path.clone(),
                 source,
             })
+    }
+
+    /// Opens a pod's netns at `path`, refusing the node's own (the agent's, or the
+    /// node's init process's): a request naming it (a plugin call, an annotation)
+    /// would otherwise put redirection rules on the node and ztunnel's listeners on
+    /// the host.
+    fn open_pod_netns(&self, path: &std::path::Path) -> std::io::Result<Netns> {
+        let netns = Netns::open(path)?;
+        if crate::discovery::node_netns(&self.inner.proc_root).contains(&netns.id()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "it is the node's own network namespace, not a pod's: refusing to redirect the node's traffic",
+            ));
+        }
+        Ok(netns)
     }
 
     /// Finds the netns of each wanted pod (uid → IPs) in /proc, never one in `exclude`.
@@ -552,7 +567,7 @@ impl Enrollment {
     }
 
     async fn enroll_sandbox(&self, pod: &Pod) -> Result<EnrollStatus, EnrollError> {
-        let netns = Self::open(pod)?;
+        let netns = self.open(pod)?;
         let ips = pod.ips.clone();
         let _gate = self.inner.gates.enter(&pod.uid).await;
         let prev = self.entry(&pod.uid);
@@ -782,7 +797,7 @@ impl Enrollment {
         for a in pods {
             let uid = a.info.uid.clone();
             let netns = match &a.locate {
-                Locate::Path(path) => match Netns::open(path) {
+                Locate::Path(path) => match self.open_pod_netns(path) {
                     Ok(ns) => Some(ns),
                     Err(e) => {
                         warn!(%uid, "cannot open {}: {e}", path.display());

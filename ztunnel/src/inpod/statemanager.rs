@@ -85,17 +85,35 @@ pub struct StateManager {
     ready: Arc<watch::Sender<bool>>,
     retry_backoff: (Duration, Duration),
     metrics: InpodMetrics,
+    /// Never a pod's: ztunnel's own network namespace and, when visible, the node's
+    /// init process's.
+    refused: Arc<Vec<NetnsId>>,
 }
 
 impl StateManager {
     pub fn new(factory: Arc<dyn ProxyFactory>) -> Self {
+        let refused = [
+            Netns::current(),
+            Netns::open(std::path::Path::new("/proc/1/ns/net")),
+        ]
+        .into_iter()
+        .filter_map(|n| n.ok().map(|n| n.id()))
+        .collect();
         StateManager {
             state: Arc::default(),
             factory,
             ready: Arc::new(watch::channel(false).0),
             retry_backoff: (Duration::from_millis(200), Duration::from_secs(5)),
             metrics: InpodMetrics::default(),
+            refused: Arc::new(refused),
         }
+    }
+
+    /// Refuses these network namespaces instead (tests, whose fake pods live in the
+    /// test's own).
+    pub fn with_refused_netns(mut self, refused: Vec<NetnsId>) -> Self {
+        self.refused = Arc::new(refused);
+        self
     }
 
     /// Counts proxies in these metrics (exported ones; by default, private ones).
@@ -219,6 +237,17 @@ impl StateManager {
     }
 
     async fn add(&self, uid: WorkloadUid, info: WorkloadInfo, netns: Netns) -> Result<(), String> {
+        // A pod's netns, never ztunnel's or the node's: listeners there would capture
+        // the node's own traffic.
+        if self.refused.contains(&netns.id()) {
+            warn!(
+                ?uid,
+                "refusing an Add whose netns is ztunnel's or the node's own"
+            );
+            return Err(format!(
+                "the netns handed over for pod {uid} is ztunnel's or the node's own, not a pod's: refused"
+            ));
+        }
         let mut st = self.state.lock().await;
         if let Some(seen) = st.snapshot.as_mut() {
             seen.insert(uid.clone());
@@ -427,8 +456,22 @@ mod tests {
     fn manager() -> (StateManager, Arc<Counts>) {
         let counts = Arc::new(Counts::default());
         let sm = StateManager::new(Arc::new(FakeFactory(counts.clone())))
-            .with_retry_backoff(Duration::from_millis(5), Duration::from_millis(20));
+            .with_retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
+            .with_refused_netns(Vec::new());
         (sm, counts)
+    }
+
+    /// An Add carrying ztunnel's own (or the node's) netns is refused: its listeners
+    /// would capture the node's traffic.
+    #[tokio::test]
+    async fn an_add_with_ztunnels_own_netns_is_refused() {
+        let counts = Arc::new(Counts::default());
+        let sm = StateManager::new(Arc::new(FakeFactory(counts.clone())));
+        sm.new_connection().await;
+        let err = sm.handle(add("a")).await.unwrap_err();
+        assert!(err.contains("ztunnel's or the node's own"), "{err}");
+        assert_eq!(counts.started.load(Ordering::SeqCst), 0);
+        assert_eq!(sm.pod_count().await, 0);
     }
 
     fn add(uid: &str) -> Request {
