@@ -24,8 +24,13 @@ impl TestNode {
             config: dir.join("config.yaml"),
         };
         if !files.ca_cert.exists() {
-            ztunnel::create_root("cluster.local", std::time::Duration::from_secs(86400), &dir)
-                .expect("create test root");
+            ztunnel::create_root(
+                "cluster.local",
+                std::time::Duration::from_secs(86400),
+                &dir,
+                false,
+            )
+            .expect("create test root");
         }
         files
     }

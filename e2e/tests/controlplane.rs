@@ -529,8 +529,13 @@ async fn istiods_certificate_must_chain_to_the_root_and_carry_the_name_dialled()
     let node = TestNode::new(98);
     let cp = ControlPlane::start(&node).await;
     let other_root = node.dir.path().join("other-root");
-    ztunnel::create_root("cluster.local", Duration::from_secs(86400), &other_root)
-        .expect("another root");
+    ztunnel::create_root(
+        "cluster.local",
+        Duration::from_secs(86400),
+        &other_root,
+        false,
+    )
+    .expect("another root");
     let port = cp.addr.port();
     let with = |n: u32, changes: Vec<(&str, String)>| {
         let mut env = cp.env();

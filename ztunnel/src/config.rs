@@ -209,6 +209,9 @@ pub enum Command {
         validity: Duration,
         #[arg(long)]
         out_dir: PathBuf,
+        /// Replace an existing ca.crt and ca.key (refused otherwise).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Runs the proxy, as with no subcommand: `proxy ztunnel` is what Istio's ztunnel
     /// chart passes its image.

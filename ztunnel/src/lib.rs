@@ -176,24 +176,45 @@ fn start_mesh(cfg: &Config, readiness: &Arc<Readiness>) -> anyhow::Result<Option
     Ok(Some(Mesh { config, xds, ready }))
 }
 
-/// Writes a new root into `dir`: ca.crt (0644) and ca.key (0600).
+/// Writes a new root into `dir`: ca.crt (0644) and ca.key (0600). An existing
+/// `ca.crt` or `ca.key` is refused unless `overwrite`, and then removed first: the key
+/// is always created anew with its mode, never written through a symlink or into a
+/// file that keeps looser permissions.
 pub fn create_root(
     trust_domain: &str,
     validity: std::time::Duration,
     dir: &std::path::Path,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let (cert, key) = identity::ca::LocalCa::generate_root(trust_domain, validity)?;
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("ca.crt"), cert)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(dir.join("ca.key"))?;
-    f.write_all(key.as_bytes())?;
+    let files = [
+        (dir.join("ca.crt"), cert, 0o644),
+        (dir.join("ca.key"), key, 0o600),
+    ];
+    for (path, _, _) in &files {
+        if std::fs::symlink_metadata(path).is_ok() {
+            anyhow::ensure!(
+                overwrite,
+                "{} exists: a root is never replaced by accident (pass --overwrite to replace it)",
+                path.display()
+            );
+            std::fs::remove_file(path)?;
+        }
+    }
+    for (path, contents, mode) in files {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+    }
     Ok(())
 }
 

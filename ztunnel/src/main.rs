@@ -12,9 +12,10 @@ async fn main() -> anyhow::Result<()> {
         trust_domain,
         validity,
         out_dir,
+        overwrite,
     }) = &cfg.command
     {
-        ztunnel::create_root(trust_domain, *validity, out_dir)?;
+        ztunnel::create_root(trust_domain, *validity, out_dir, *overwrite)?;
         println!("wrote {0}/ca.crt and {0}/ca.key", out_dir.display());
         return Ok(());
     }

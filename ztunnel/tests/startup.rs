@@ -82,6 +82,7 @@ fn mesh_dir(yaml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         "cluster.local",
         std::time::Duration::from_secs(3600),
         dir.path(),
+        false,
     )
     .unwrap();
     let config = dir.path().join("config.yaml");
@@ -122,4 +123,40 @@ fn a_ca_key_readable_by_others_is_refused() {
     ]);
     assert!(!ok);
     assert!(out.contains("mode 644"), "{out}");
+}
+
+/// `create-root` never replaces a root by accident, and with `--overwrite` writes a
+/// new key 0600 in place of the old file (never through a symlink there, never into a
+/// file that keeps looser permissions).
+#[test]
+fn create_root_refuses_an_existing_root_and_overwrites_only_when_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let (code, out) = run(&["create-root", "--out-dir", out_dir], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let key = dir.path().join("ca.key");
+    let first = std::fs::read(&key).unwrap();
+    let (code, out) = run(&["create-root", "--out-dir", out_dir], &[]);
+    assert_ne!(code, Some(0), "a second root replaced the first: {out}");
+    assert!(
+        out.contains("ca.crt exists") && out.contains("--overwrite"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), first, "the key changed");
+
+    // An old key readable by others, then a key that is a link to another file.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = run(&["create-root", "--overwrite", "--out-dir", out_dir], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the new key kept the old file's mode");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::remove_file(&key).unwrap();
+    std::os::unix::fs::symlink(&victim, &key).unwrap();
+    let (code, out) = run(&["create-root", "--overwrite", "--out-dir", out_dir], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(!std::fs::symlink_metadata(&key).unwrap().is_symlink());
 }

@@ -90,23 +90,21 @@ fn read_config(path: &Path) -> Result<Vec<u8>, InstallError> {
     super::read_bounded(path, MAX_CONFIG).map_err(io(path))
 }
 
-/// Writes `bytes` to a temporary file beside `path` with `mode`; returns its path.
+/// The temporary files' suffix.
+const TMP: &str = "istio-cni-tmp";
+
+/// Writes `bytes` to a temporary file beside `path` with `mode` (see
+/// [`super::write_new`]); returns its path.
 fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, InstallError> {
-    let tmp = path.with_file_name(format!(
-        ".{}.istio-cni-tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    let tmp = super::temp_beside(path, TMP);
+    super::write_new(&tmp, bytes, mode).map_err(io(&tmp))?;
     Ok(tmp)
 }
 
-/// Writes `bytes` to `path` atomically, with `mode`.
+/// Writes `bytes` to `path` atomically and durably, with `mode` (see
+/// [`super::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    let tmp = write_temp(path, bytes, mode)?;
-    fs::rename(&tmp, path).map_err(io(path))
+    super::write_atomic(path, bytes, mode, TMP).map_err(io(path))
 }
 
 /// The primary config: lexically first `.conf` or `.conflist`.
@@ -441,6 +439,38 @@ mod tests {
 
     fn read_json(p: &Path) -> Value {
         serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+    }
+
+    /// A file planted where install writes its temporary files (a symlink to a file
+    /// the agent, as root, would overwrite) is removed, never written through; the
+    /// config and the binary land where they belong.
+    #[test]
+    fn install_never_writes_through_a_planted_link() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let victim = d._root.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        fs::create_dir_all(&d.cfg.bin_dir).unwrap();
+        for planted in [
+            super::super::temp_beside(&primary, TMP),
+            super::super::temp_beside(&d.cfg.bin_dir.join(PLUGIN_NAME), TMP),
+        ] {
+            std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        }
+        Installer::new(d.cfg.clone()).install().unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(has_our_plugin(&read_json(&primary)));
+        assert_eq!(
+            fs::read(d.cfg.bin_dir.join(PLUGIN_NAME)).unwrap(),
+            b"#!plugin v1"
+        );
+        let left: Vec<_> = fs::read_dir(&d.cfg.conf_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "temporary files left: {left:?}");
     }
 
     #[test]

@@ -9,8 +9,6 @@
 //! symlink at its path is replaced, never followed.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -295,10 +293,8 @@ pub fn render(creds: &Credentials) -> Result<Rendered, KubeconfigError> {
     })
 }
 
-/// Writes `bytes` to `path` with mode 0600: a private temporary file (created
-/// exclusively, never through a symlink), then a rename over `path`, which replaces
-/// whatever is there (a symlink included) without following it. Returns whether the
-/// file changed.
+/// Writes `bytes` to `path` with mode 0600, atomically and durably, never through a
+/// symlink (see [`super::write_atomic`]). Returns whether the file changed.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<bool, KubeconfigError> {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = fs::symlink_metadata(path) {
@@ -311,23 +307,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<bool, KubeconfigError>
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{}.tmp", name.unwrap_or_default()));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&tmp)(e)),
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
+    super::write_atomic(path, bytes, 0o600, "tmp").map_err(io(path))?;
     Ok(true)
 }
 
