@@ -143,13 +143,79 @@ pub enum HboneError {
     Request(hyper::http::Error),
 }
 
+/// One opener at a time per key, so that a burst of first requests shares one new
+/// connection instead of each opening its own. A turn is given back when its holder is
+/// done, fails or is cancelled, and the key's entry goes with its last user: nothing
+/// is kept per key ever dialled. A waiter waits at most `within` (about one attempt's
+/// length) for its turn, so behind a peer that never answers the k-th waiter does not
+/// wait k attempts.
+struct Gates<K: std::hash::Hash + Eq + Clone> {
+    map: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Gates<K> {
+    fn default() -> Self {
+        Gates {
+            map: Mutex::default(),
+        }
+    }
+}
+
+/// A key's turn; given back on drop.
+struct Turn<'a, K: std::hash::Hash + Eq + Clone> {
+    gates: &'a Gates<K>,
+    key: K,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Gates<K> {
+    /// `key`'s turn, or `None` after waiting `within`.
+    async fn enter(&self, key: K, within: Duration) -> Option<Turn<'_, K>> {
+        let gate = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        match tokio::time::timeout(within, gate.lock_owned()).await {
+            Ok(held) => Some(Turn {
+                gates: self,
+                key,
+                held: Some(held),
+            }),
+            Err(_) => {
+                self.tidy(&key);
+                None
+            }
+        }
+    }
+
+    /// Drops `key`'s entry if nobody else holds or awaits it.
+    fn tidy(&self, key: &K) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(key).is_some_and(|g| Arc::strong_count(g) == 1) {
+            map.remove(key);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Turn<'_, K> {
+    fn drop(&mut self) {
+        drop(self.held.take());
+        self.gates.tidy(&self.key);
+    }
+}
+
 /// The pod's HBONE connections.
 #[derive(Default)]
 pub struct Pool {
     conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
-    /// One opener at a time per key, so a burst of first requests shares one new
-    /// connection instead of each opening its own.
-    opening: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    opening: Gates<Key>,
     /// Connections opened so far (observability and tests).
     pub opened: AtomicUsize,
 }
@@ -178,25 +244,18 @@ impl Pool {
         let conn = match self.reuse(&key, cfg, cert.generation()) {
             Some(c) => c,
             None => {
-                let gate = self
-                    .opening
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(key.clone())
-                    .or_default()
-                    .clone();
-                let _opening = gate.lock().await;
-                let conn = match self.reuse(&key, cfg, cert.generation()) {
+                // About as long as one attempt may take (the connect, then the TLS
+                // handshake).
+                let within = ctx.cfg.connect_timeout + cfg.handshake_timeout;
+                let Some(_turn) = self.opening.enter(key.clone(), within).await else {
+                    return Err(HboneError::Timeout(
+                        "another attempt to open a connection to this peer",
+                    ));
+                };
+                match self.reuse(&key, cfg, cert.generation()) {
                     Some(c) => c,
                     None => self.open(ctx, mesh, cert, key.clone()).await?,
-                };
-                // The connection is pooled now, so later callers find it without the
-                // gate; drop the gate rather than keep one per key ever dialled.
-                self.opening
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
-                conn
+                }
             }
         };
         let guard = StreamGuard(conn.clone());
@@ -238,6 +297,11 @@ impl Pool {
             }
             true
         });
+        if list.is_empty() {
+            // Nothing is kept for a peer whose connections are all gone.
+            conns.remove(key);
+            return None;
+        }
         let c = list
             .iter()
             .find(|c| c.has_room(cfg.max_streams_per_connection))?
@@ -335,5 +399,40 @@ impl Pool {
             .or_default()
             .push(conn.clone());
         Ok(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A turn is given back and its entry dropped when its holder is done, fails or is
+    /// cancelled; a waiter behind a holder that never finishes waits its bound, not
+    /// the sum of everyone's.
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_is_never_leaked_and_every_wait_is_bounded() {
+        let gates: Gates<u8> = Gates::default();
+        let bound = Duration::from_secs(10);
+        // Done, or failed: the same drop.
+        drop(gates.enter(1, bound).await.unwrap());
+        assert_eq!(gates.len(), 0);
+        // Cancelled while waiting for the key: nothing left once the holder is done.
+        let holder = gates.enter(2, bound).await.unwrap();
+        let waiting = gates.enter(2, bound);
+        tokio::select! {
+            _ = waiting => panic!("got the turn of a key held by another"),
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+        drop(holder);
+        assert_eq!(gates.len(), 0);
+        // A holder that never finishes (a peer that never answers): five waiters each
+        // give up after one bound, together in one bound's time.
+        let _stuck = gates.enter(3, bound).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let w = || gates.enter(3, bound);
+        let turns = tokio::join!(w(), w(), w(), w(), w());
+        assert!(turns.0.is_none() && turns.1.is_none() && turns.2.is_none());
+        assert!(turns.3.is_none() && turns.4.is_none());
+        assert_eq!(start.elapsed(), bound, "the waiters waited in turn");
     }
 }
