@@ -583,3 +583,74 @@ async fn the_plugin_socket_refuses_other_users() {
         )
         .await;
 }
+
+/// One pod may hold at most POD_MAX_CONNECTIONS proxied connections: the next is
+/// refused at once (closed), logged with the setting's name and counted; a closed
+/// connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_over_its_connection_cap_is_refused_and_the_refusal_logged_and_counted() {
+    use tokio::io::AsyncBufReadExt;
+    let node = TestNode::new(101);
+    let (sleep, httpbin) = (node.add_pod("sleep"), node.add_pod("httpbin"));
+    let workloads: String = [&sleep, &httpbin]
+        .iter()
+        .map(|p| workload(p, "HBONE", ""))
+        .collect();
+    node.write_mesh_config(&format!("workloads:\n{workloads}"));
+    let Mesh {
+        agent: _agent,
+        ztunnel: zt,
+    } = Mesh::start_in_mesh(&node, &[&sleep, &httpbin], &[("POD_MAX_CONNECTIONS", "3")]).await;
+    let echo = echo_server(&httpbin, 8080).await;
+    // Each held connection has its greeting: it reached the app.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let s = connect(&sleep, echo.addr, T).await.expect("connect");
+        let mut s = tokio::io::BufReader::new(s);
+        let mut line = String::new();
+        s.read_line(&mut line).await.expect("greeting");
+        assert!(line.starts_with("peer="), "{line:?}");
+        held.push(s);
+    }
+    // The fourth from the pod is refused: accepted by the kernel, closed by ztunnel.
+    let fourth = connect(&sleep, echo.addr, T).await.expect("connect");
+    let mut fourth = tokio::io::BufReader::new(fourth);
+    let mut line = String::new();
+    let read = tokio::time::timeout(T, fourth.read_line(&mut line)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a fourth connection was proxied: {read:?} {line:?}"
+    );
+    zt.wait_for(
+        &[
+            "refused: the pod has 3 proxied connections open",
+            "POD_MAX_CONNECTIONS",
+        ],
+        1,
+    )
+    .await;
+    let metrics = zt.metrics().await;
+    assert!(
+        metrics.contains("workload_manager_connections_refused_total 1"),
+        "{metrics}"
+    );
+    // One closed: its place is free again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = connect(&sleep, echo.addr, T).await.expect("connect");
+        let mut s = tokio::io::BufReader::new(s);
+        let mut line = String::new();
+        if matches!(
+            tokio::time::timeout(T, s.read_line(&mut line)).await,
+            Ok(Ok(n)) if n > 0
+        ) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed place was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -184,6 +184,12 @@ pub struct Config {
     /// request headers.
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub http_header_read_timeout: Duration,
+    /// Proxied connections one pod may have open at once (each CONNECT on 15008 counts
+    /// as one); more are refused, logged and counted
+    /// (`workload_manager_connections_refused_total`). The node's one ztunnel serves
+    /// every pod: the cap keeps one pod from growing its memory without bound.
+    #[arg(long, env = "POD_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_max_connections: u32,
     /// Connections each HTTP endpoint serves at once; more are closed at once.
     #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub http_max_connections: u32,
@@ -299,6 +305,7 @@ impl Config {
             format!("admin_addr: {}", self.admin_addr),
             format!("stats_addr: {}", self.stats_addr),
             format!("pod_drain_grace: {:?}", self.pod_drain_grace),
+            format!("pod_max_connections: {}", self.pod_max_connections),
             format!("zds_timeout: {:?}", self.zds_timeout),
             format!("connect_timeout: {:?}", self.connect_timeout),
             format!(

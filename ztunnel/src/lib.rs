@@ -246,6 +246,7 @@ pub async fn run(
         mesh: mesh.as_ref().map(|m| m.config.clone()),
         metrics: metrics.clone(),
         connections: connections.clone(),
+        max_connections_per_pod: cfg.pod_max_connections as usize,
     });
     let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }))
         .with_metrics(metrics.inpod.clone());

@@ -9,6 +9,7 @@
 //!   CPU per connection;
 //! - ztunnel's footprint per enrolled pod (RSS, fds, threads) at 100 and 1000 pods,
 //!   after they leave and over add/delete cycles, and ZDS Add → ack ([`scale`]);
+//! - ztunnel's RSS with 1,000 and 10,000 idle connections through it ([`idle`]);
 //! - CNI ADD → enrolled through the real plugin and agent ([`cni`]).
 //!
 //! The data path runs on one node: a bridge, four pods (a direct pair, a mesh pair
@@ -16,6 +17,7 @@
 //! mesh pods.
 
 pub mod cni;
+pub mod idle;
 pub mod iperf;
 pub mod latency;
 pub mod procfs;
@@ -49,11 +51,13 @@ pub struct Options {
     pub cycles: usize,
     pub cycle_pods: usize,
     pub cni_pods: usize,
+    /// Idle connections at each RSS reading (cumulative).
+    pub idle_steps: Vec<usize>,
     /// Longest wait for the pods' TIME_WAIT sockets to drain between tests.
     pub drain_limit: Duration,
     pub out_dir: PathBuf,
-    /// Only this part: `throughput`, `latency`, `footprint` or `cni` (all when
-    /// `None`).
+    /// Only this part: `throughput`, `latency`, `footprint`, `idle` or `cni` (all
+    /// when `None`).
     pub only: Option<String>,
 }
 
@@ -73,6 +77,7 @@ impl Options {
             cycles: 10,
             cycle_pods: 100,
             cni_pods: 150,
+            idle_steps: vec![1000, 10_000],
             drain_limit: Duration::from_secs(70),
             out_dir,
             only: None,
@@ -92,6 +97,7 @@ impl Options {
             cycles: 2,
             cycle_pods: 10,
             cni_pods: 8,
+            idle_steps: vec![100, 300],
             drain_limit: Duration::from_secs(5),
             out_dir,
             only: None,
@@ -365,6 +371,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     if opts.runs("footprint") {
         footprint(opts, &mut rows).await?;
     }
+    if opts.runs("idle") {
+        idle_rows(opts, &mut rows).await?;
+    }
     if opts.runs("cni") {
         cni_add(opts, &mut rows).await?;
     }
@@ -505,6 +514,33 @@ fn latency_rows(opts: &Options, dp: &DataPath, rows: &mut Vec<Row>) -> anyhow::R
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+async fn idle_rows(opts: &Options, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    progress("idle connections: opening HBONE streams into a pod");
+    let r = idle::run(&opts.idle_steps, &progress).await?;
+    for (n, rss) in &r.loaded {
+        rows.push(Row::new(
+            &format!(
+                "ztunnel RSS with {n} idle connections ({:.0} MB), over none ({:.0} MB)",
+                rss / 1e6,
+                r.base_rss / 1e6
+            ),
+            "×",
+            None,
+            rss / r.base_rss,
+        ));
+        rows.push(
+            Row::new(
+                &format!("RSS per idle connection ({n})"),
+                "kB",
+                None,
+                (rss - r.base_rss) / *n as f64 / 1e3,
+            )
+            .target(Bound::AtMost(16.0), On::Value),
+        );
     }
     Ok(())
 }

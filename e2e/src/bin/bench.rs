@@ -25,12 +25,13 @@ fn main() -> ExitCode {
             "--profile" => profile = true,
             "--only" => match args.next() {
                 Some(part)
-                    if ["throughput", "latency", "footprint", "cni"].contains(&part.as_str()) =>
+                    if ["throughput", "latency", "footprint", "idle", "cni"]
+                        .contains(&part.as_str()) =>
                 {
                     only = Some(part)
                 }
                 _ => {
-                    eprintln!("--only takes one of: throughput, latency, footprint, cni");
+                    eprintln!("--only takes one of: throughput, latency, footprint, idle, cni");
                     return ExitCode::from(2);
                 }
             },
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!("unknown argument {other:?}; usage: bench [--short] [--profile] [--only throughput|latency|footprint|cni] [--out <dir>]");
+                eprintln!("unknown argument {other:?}; usage: bench [--short] [--profile] [--only throughput|latency|footprint|idle|cni] [--out <dir>]");
                 return ExitCode::from(2);
             }
         }

@@ -7,7 +7,8 @@
 //!   Istio's ztunnel labels them; bytes are counted as they flow;
 //! - the in-pod proxies ([`InpodMetrics`]): `workload_manager_active_proxy_count`,
 //!   `workload_manager_pending_proxy_count`, `workload_manager_proxies_started_total`,
-//!   `workload_manager_proxies_stopped_total`;
+//!   `workload_manager_proxies_stopped_total`, and
+//!   `workload_manager_connections_refused_total` (over a pod's connection cap);
 //! - `istio_build{component="ztunnel",tag=<version>,zds_version="V1"}`;
 //! - the process ([`process`]): fds, memory, CPU, start time, read at each scrape.
 
@@ -47,6 +48,8 @@ pub struct Metrics {
     registry: Registry,
     pub traffic: TrafficMetrics,
     pub inpod: InpodMetrics,
+    /// Connections refused because their pod had as many open as it may.
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -73,6 +76,7 @@ impl Metrics {
             istio.register("build", "Istio component build info", build);
         }
         let inpod = InpodMetrics::default();
+        let connections_refused = Counter::default();
         {
             let wm = registry.sub_registry_with_prefix("workload_manager");
             wm.register(
@@ -95,12 +99,18 @@ impl Metrics {
                 "The number of in-pod proxies stopped",
                 inpod.stopped.clone(),
             );
+            wm.register(
+                "connections_refused",
+                "The number of connections refused because their pod had POD_MAX_CONNECTIONS open",
+                connections_refused.clone(),
+            );
         }
         registry.register_collector(Box::new(process::ProcessCollector::new()));
         Metrics {
             registry,
             traffic,
             inpod,
+            connections_refused,
         }
     }
 

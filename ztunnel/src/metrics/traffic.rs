@@ -41,6 +41,8 @@ pub enum ResponseFlags {
     Deny,
     /// No upstream connection could be made.
     Connect,
+    /// Refused: the pod has as many connections open as it may.
+    Overflow,
 }
 
 impl EncodeLabelValue for ResponseFlags {
@@ -50,6 +52,7 @@ impl EncodeLabelValue for ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::Deny => "DENY",
             ResponseFlags::Connect => "CONNECT",
+            ResponseFlags::Overflow => "OVERFLOW",
         })
     }
 }

@@ -67,6 +67,7 @@ impl ProxyFactory for InpodProxyFactory {
                 uid,
                 info,
                 netns,
+                budget: super::budget::Budget::new(cfg.max_connections_per_pod),
                 cfg,
                 mesh,
             };

@@ -172,6 +172,9 @@ async fn tunnel(
         return status(StatusCode::UNAUTHORIZED);
     }
     drop(state);
+    let Some(share) = ctx.take_share(&flow) else {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
     // Registered before connecting to the app (which may take up to the connect
     // timeout), as on 15006: a policy pushed meanwhile applies to this connection.
     let registration = pod.live.register(attrs);
@@ -188,6 +191,7 @@ async fn tunnel(
     }
     let _ = upstream.set_nodelay(true);
     tokio::spawn(async move {
+        let _share = share;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 flow.relay(TokioIo::new(upgraded), upstream, Some(&registration))

@@ -7,7 +7,9 @@
 //! | 15006 | [`inbound_passthrough`] | plaintext from non-mesh clients (TPROXY)      |
 //! | 15008 | [`inbound`]             | HBONE from mesh peers (TPROXY)                |
 
+pub mod budget;
 pub mod connections;
+pub mod copy;
 pub mod factory;
 pub mod headers;
 pub mod inbound;
@@ -180,6 +182,8 @@ pub struct ProxyConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The node's live connections (admin `workloadState`).
     pub connections: Arc<connections::ConnectionTable>,
+    /// Proxied connections one pod may have open at once (see [`budget`]).
+    pub max_connections_per_pod: usize,
 }
 
 /// What a connection handler knows about its pod.
@@ -189,9 +193,21 @@ pub struct PodContext {
     pub netns: InpodNetns,
     pub cfg: Arc<ProxyConfig>,
     pub mesh: Option<PodMesh>,
+    /// The pod's open proxied connections, against its cap.
+    pub budget: Arc<budget::Budget>,
 }
 
 impl PodContext {
+    /// A share of the pod's connection budget, or the refusal: logged, counted.
+    pub fn take_share(&self, flow: &relay::Flow) -> Option<budget::Share> {
+        let share = self.budget.take();
+        if share.is_none() {
+            self.cfg.metrics.connections_refused.inc();
+            flow.overflow(&self.budget.refusal());
+        }
+        share
+    }
+
     /// Connects to `dest` from inside the pod's netns, with the mark (and, with
     /// `source`, from that address, transparently).
     pub async fn connect(
@@ -309,8 +325,22 @@ impl PodProxy {
                 match accepted {
                     Ok((stream, peer)) => {
                         let (ctx, peer) = (ctx.clone(), canonical(peer));
+                        // One share per proxied connection; on 15008 one per CONNECT
+                        // (a peer's connection carries many), taken in `inbound`.
+                        let share = match direction {
+                            Direction::InboundHbone => None,
+                            _ => {
+                                let local = stream.local_addr().map(canonical).unwrap_or(peer);
+                                let flow = relay::Flow::new(&ctx, direction.name(), peer, local);
+                                match ctx.take_share(&flow) {
+                                    Some(s) => Some(s),
+                                    None => continue,
+                                }
+                            }
+                        };
                         let close = close.clone();
                         tracker.spawn(async move {
+                            let _share = share;
                             let work = async {
                                 match direction {
                                     Direction::Outbound => outbound::handle(ctx, stream, peer).await,
@@ -376,6 +406,16 @@ enum Direction {
     Outbound,
     InboundPlaintext,
     InboundHbone,
+}
+
+impl Direction {
+    /// The access log's `direction`.
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::InboundPlaintext | Direction::InboundHbone => "inbound",
+        }
+    }
 }
 
 /// Re-checks the pod's live inbound connections against the current policies.

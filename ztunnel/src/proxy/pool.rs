@@ -199,6 +199,7 @@ impl<K: std::hash::Hash + Eq + Clone> Gates<K> {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
