@@ -1,7 +1,7 @@
 //! `istio-cni diagnose [POD]`: the specification's quick checks, automated. Run on a
 //! node (or in the agent's pod) as root: for one enrolled pod or all of them, it
 //!
-//! 1. asks the agent (`/debug/enrollment` on its monitoring port) what it holds;
+//! 1. asks the agent (`/debug/enrollment` on its loopback debug port) what it holds;
 //! 2. enters the pod's netns through the descriptor the agent holds
 //!    (`/proc/<agent>/fd/<n>`), compares its live rules and policy route with the
 //!    expected ones (both families), and lists its listeners on 15001/15006/15008 and
@@ -36,7 +36,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiagnoseError {
-    #[error("cannot ask the agent at {addr} (is istio-cni running on this node? pass --agent ADDR if its monitoring port is elsewhere): {reason}")]
+    #[error("cannot ask the agent at {addr} (is istio-cni running on this node? pass --agent ADDR if its debug address (DEBUG_ADDR) is elsewhere): {reason}")]
     Agent { addr: SocketAddr, reason: String },
     #[error("no enrolled pod matches {0:?} (give namespace/name, name or uid)")]
     NoSuchPod(String),

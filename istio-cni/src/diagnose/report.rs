@@ -1,5 +1,5 @@
 //! What the agent tells `istio-cni diagnose` about itself and its pods
-//! (`/debug/enrollment` on the monitoring port): enough to find each pod's netns (the
+//! (`/debug/enrollment` on the loopback debug port): enough to find each pod's netns (the
 //! descriptor the agent holds, opened through `/proc/<agent>/fd/<n>`) and ztunnel (the
 //! pid of each ZDS peer).
 
