@@ -536,6 +536,40 @@ fn checks(m: &Manifest, cluster: &Cluster, report: &mut Report, out: &Path) {
                 .join("\n"))
         }),
     );
+    report.check(
+        "istio-cni diagnose in the agent's pod: the sleep pod is healthy",
+        k.run(&[
+            "get",
+            "pod",
+            "-n",
+            ISTIO_NS,
+            "-l",
+            "k8s-app=istio-cni-node",
+            "--field-selector",
+            &format!("spec.nodeName={}", nodes[0].name),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+        .and_then(|agent| {
+            k.run(&[
+                "exec",
+                "-n",
+                ISTIO_NS,
+                agent.trim(),
+                "--",
+                "istio-cni",
+                "diagnose",
+                &format!("{NAMESPACE}/{sleep}"),
+            ])
+        })
+        .and_then(|out| {
+            if out.contains("HEALTHY") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        }),
+    );
     let (Ok(sleep_ip), Ok(httpbin_ip)) = (pod_ip(k, &sleep), pod_ip(k, &httpbin)) else {
         report.check("pod addresses", Err("no podIP".into()));
         return;

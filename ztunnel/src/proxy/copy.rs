@@ -95,9 +95,25 @@ impl Half {
                 }
             }
             while self.pos < self.end {
-                let n = ready!(writer
+                let written = writer
                     .as_mut()
-                    .poll_write(cx, &self.buf[self.pos..self.end]))?;
+                    .poll_write(cx, &self.buf[self.pos..self.end]);
+                let Poll::Ready(written) = written else {
+                    // The writer is busy: read into the room left meanwhile, so that
+                    // its next write is larger (as tokio's copy does).
+                    if !self.read_done && self.end < self.buf.len() {
+                        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+                        if let Poll::Ready(r) = reader.as_mut().poll_read(cx, &mut read) {
+                            r?;
+                            match read.filled().len() {
+                                0 => self.read_done = true,
+                                n => self.end += n,
+                            }
+                        }
+                    }
+                    return Poll::Pending;
+                };
+                let n = written?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
