@@ -43,6 +43,36 @@ fn is_uid(s: &str) -> bool {
 /// Scans `proc_root` (normally `/proc`) for the pods in `wanted` (uid -> pod IPs) and
 /// returns the netns of each one found, never one in `exclude` (sandboxes already torn
 /// down). Processes that vanish mid-scan are skipped.
+/// The pid of the process behind `pidfd` as the procfs at `proc_root` numbers it (its
+/// `fdinfo` says so in that procfs's PID namespace): how the agent, in a pod, names
+/// ztunnel (in another pod) and itself for `istio-cni diagnose` on the node.
+pub fn pid_in(proc_root: &Path, pidfd: &impl std::os::fd::AsRawFd) -> Option<i32> {
+    let info = std::fs::read_to_string(
+        proc_root
+            .join("self/fdinfo")
+            .join(pidfd.as_raw_fd().to_string()),
+    )
+    .ok()?;
+    parse_fdinfo_pid(&info)
+}
+
+/// The `Pid:` of a pidfd's fdinfo (positive: -1 or 0 mean gone or not visible).
+fn parse_fdinfo_pid(info: &str) -> Option<i32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|p: &i32| *p > 0)
+}
+
+/// This process's pid as the procfs at `proc_root` numbers it (`<proc_root>/self`).
+pub fn own_pid_in(proc_root: &Path) -> Option<i32> {
+    std::fs::read_link(proc_root.join("self"))
+        .ok()?
+        .to_str()?
+        .parse()
+        .ok()
+}
+
 /// The node's own network namespaces, never a pod's: the agent's (it runs on the host
 /// network) and that of the node's init process (`<proc_root>/1`, the host's /proc).
 pub fn node_netns(proc_root: &Path) -> Vec<NetnsId> {
@@ -127,6 +157,22 @@ pub fn netns_in_use(proc_root: &Path) -> io::Result<HashSet<NetnsId>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pidfds_pid_is_read_in_the_procfs_asked() {
+        assert_eq!(
+            parse_fdinfo_pid("pos:\t0\nflags:\t02000002\nPid:\t4242\nNSpid:\t4242\t1\n"),
+            Some(4242)
+        );
+        // A process gone, or not visible from that procfs.
+        assert_eq!(parse_fdinfo_pid("Pid:\t-1\n"), None);
+        assert_eq!(parse_fdinfo_pid("Pid:\t0\n"), None);
+        assert_eq!(parse_fdinfo_pid("garbage"), None);
+        assert_eq!(
+            own_pid_in(Path::new("/proc")),
+            Some(std::process::id() as i32)
+        );
+    }
 
     const UID: &str = "1e054806-e667-4109-a5af-08b3e6ba0c42";
 

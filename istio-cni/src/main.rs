@@ -480,11 +480,16 @@ async fn serve_metrics(
     });
     // What `istio-cni diagnose` needs to find pods and ztunnel: never on the host
     // network's other addresses.
+    let proc_root = args.proc_root.clone();
     let debug: istio_cni::http::Routes = Arc::new(move |path| match path {
         "/debug/enrollment" => {
+            // Pids as the node's procfs numbers them: diagnose on the node (or in
+            // this pod, through the same mount) opens the agent's fds and enters
+            // ztunnel's netns by them.
             let report = AgentReport {
-                pid: std::process::id(),
-                ztunnel_pids: enrollment.zds().ztunnel_pids(),
+                pid: istio_cni::discovery::own_pid_in(&proc_root)
+                    .map_or(std::process::id(), |p| p as u32),
+                ztunnel_pids: enrollment.zds().ztunnel_pids(&proc_root),
                 families: enrollment
                     .redirection()
                     .families()

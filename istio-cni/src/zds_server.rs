@@ -81,8 +81,12 @@ struct Job {
 struct ConnHandle {
     id: u64,
     jobs: mpsc::UnboundedSender<Job>,
-    /// The ztunnel process on the other end (SO_PEERCRED).
+    /// The ztunnel process on the other end (SO_PEERCRED): 0 when it runs in a PID
+    /// namespace this agent cannot see (its pod).
     pid: i32,
+    /// A pidfd of it, which names it in any PID namespace (see
+    /// [`crate::discovery::pid_in`]).
+    pidfd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 #[derive(Default)]
@@ -171,9 +175,19 @@ impl ZdsServer {
         *self.inner.connected.borrow()
     }
 
-    /// The process ids of the connected ztunnels, oldest connection first.
-    pub fn ztunnel_pids(&self) -> Vec<i32> {
-        self.state().conns.iter().map(|c| c.pid).collect()
+    /// The process ids of the connected ztunnels, oldest connection first, as the
+    /// procfs at `proc_root` numbers them (the node's, for `istio-cni diagnose`).
+    pub fn ztunnel_pids(&self, proc_root: &std::path::Path) -> Vec<i32> {
+        self.state()
+            .conns
+            .iter()
+            .map(|c| {
+                c.pidfd
+                    .as_ref()
+                    .and_then(|fd| crate::discovery::pid_in(proc_root, fd))
+                    .unwrap_or(c.pid)
+            })
+            .collect()
     }
 
     /// Ticks when the number of connected ztunnels changes.
@@ -241,6 +255,7 @@ impl ZdsServer {
                 id,
                 jobs: tx,
                 pid: peer.pid(),
+                pidfd: conn.peer_pidfd().ok().map(Arc::new),
             });
             id
         };

@@ -98,6 +98,34 @@ impl SeqpacketConn {
             .map_err(|e| Error::io("SO_PEERCRED")(e.into()))
     }
 
+    /// A pidfd of the process at the other end (`SO_PEERPIDFD`, Linux 6.5 and later):
+    /// unlike SO_PEERCRED's pid, which is 0 when the peer runs in a PID namespace the
+    /// caller cannot see (ztunnel's pod, seen from the agent's), it names the process
+    /// whatever namespace it is in.
+    pub fn peer_pidfd(&self) -> Result<OwnedFd, Error> {
+        /// `SO_PEERPIDFD` (the same on every architecture this builds for).
+        const SO_PEERPIDFD: nix::libc::c_int = 77;
+        let mut fd: nix::libc::c_int = -1;
+        let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `fd`, an int that lives
+        // across the call, and stores the length it wrote in `len`; the socket fd is
+        // valid for the duration (borrowed from `self`).
+        let r = unsafe {
+            nix::libc::getsockopt(
+                self.fd.get_ref().as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&mut fd as *mut nix::libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || fd < 0 {
+            return Err(Error::io("SO_PEERPIDFD")(io::Error::last_os_error()));
+        }
+        // SAFETY: the kernel just created this fd for us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
     /// Sends one datagram, with `fd` attached when given.
     pub async fn send(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
         let fds: Vec<RawFd> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -400,6 +428,16 @@ mod tests {
         assert_eq!(server.recv().await.unwrap().bytes, b"\x08\x01");
         let cred = server.peer_credentials().unwrap();
         assert_eq!(cred.pid(), std::process::id() as i32);
+        // The peer's pidfd names the same process (its fdinfo says which).
+        let pidfd = server.peer_pidfd().unwrap();
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap();
+        assert!(
+            info.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                    == ["Pid:", &std::process::id().to_string()]),
+            "{info}"
+        );
         drop(listener);
         assert!(!path.exists(), "listener left its socket behind");
     }
