@@ -258,26 +258,22 @@ impl Resources {
                     refused.stand_in
                 }
             };
-            match change {
-                Some(change) => {
-                    let key = key_of(&change);
-                    let name: Arc<str> = match &key {
-                        // The name is the uid, usually: share the string.
-                        Key::Workload(uid) if *uid.0 == *r.name => uid.0.clone(),
-                        _ => r.name.as_str().into(),
-                    };
-                    if let Some((_, old)) =
-                        held.insert(name, (r.version.as_str().into(), key.clone()))
-                    {
-                        if old != key {
-                            applied.changes.push(old.removal());
-                        }
-                    }
-                    applied.changes.push(change);
-                    applied.updated += 1;
+            let Some(change) = change else {
+                continue;
+            };
+            let key = key_of(&change);
+            let name: Arc<str> = match &key {
+                // The name is the uid, usually: share the string.
+                Key::Workload(uid) if *uid.0 == *r.name => uid.0.clone(),
+                _ => r.name.as_str().into(),
+            };
+            if let Some((_, old)) = held.insert(name, (r.version.as_str().into(), key.clone())) {
+                if old != key {
+                    applied.changes.push(old.removal());
                 }
-                None => {}
             }
+            applied.changes.push(change);
+            applied.updated += 1;
         }
         for name in removed {
             if let Some((_, key)) = held.remove(name.as_str()) {
