@@ -140,20 +140,39 @@ impl Kubectl {
 
     /// The name of the first pod labelled `app=<app>` in `namespace`.
     pub fn pod_of(&self, namespace: &str, app: &str) -> Result<String, String> {
-        let name = self.run(&[
-            "get",
-            "pod",
-            "-n",
-            namespace,
-            "-l",
-            &format!("app={app}"),
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])?;
-        if name.trim().is_empty() {
-            Err(format!("no pod app={app} in {namespace}"))
-        } else {
-            Ok(name.trim().to_string())
+        self.first_pod(namespace, &format!("app={app}"), None)
+    }
+
+    /// The name of the first pod matching `selector` in `namespace` that runs on
+    /// `node` (a DaemonSet's pod there).
+    pub fn pod_on_node(
+        &self,
+        namespace: &str,
+        selector: &str,
+        node: &str,
+    ) -> Result<String, String> {
+        self.first_pod(namespace, selector, Some(node))
+    }
+
+    fn first_pod(
+        &self,
+        namespace: &str,
+        selector: &str,
+        node: Option<&str>,
+    ) -> Result<String, String> {
+        let on_node = node.map(|n| format!("spec.nodeName={n}"));
+        let mut args = vec!["get", "pod", "-n", namespace, "-l", selector];
+        if let Some(field) = &on_node {
+            args.extend(["--field-selector", field.as_str()]);
+        }
+        args.extend(["-o", "jsonpath={.items[0].metadata.name}"]);
+        let name = self.run(&args)?;
+        match name.trim() {
+            "" => Err(format!(
+                "no pod {selector} in {namespace}{}",
+                node.map(|n| format!(" on {n}")).unwrap_or_default()
+            )),
+            name => Ok(name.to_string()),
         }
     }
 

@@ -72,6 +72,12 @@ pub fn workload(pod: &TestPod, protocol: &str, services: &str) -> String {
     )
 }
 
+/// The `workloads:` list of `pods`, each speaking HBONE and backing no service.
+pub fn hbone_workloads(pods: &[&TestPod]) -> String {
+    let entries: String = pods.iter().map(|p| workload(p, "HBONE", "")).collect();
+    format!("workloads:\n{entries}")
+}
+
 /// The SPIFFE identity a test pod gets from [`workload`].
 pub fn identity_of(pod: &TestPod) -> String {
     format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{}", pod.name)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use e2e::app::{echo_server, exchange, request, seen_peer};
 use e2e::capture::Capture;
 use e2e::cluster::{Cluster, AMBIENT};
-use e2e::mesh_files::{identity_of, workload};
+use e2e::mesh_files::{hbone_workloads, identity_of};
 use e2e::node::normalize_save;
 use e2e::observe::SPEC6_SAVE;
 use e2e::{Mesh, TestNode, TestPod, Ztunnel};
@@ -21,8 +21,7 @@ fn v6(pod: &TestPod) -> IpAddr {
 }
 
 fn mesh_config(pods: &[&TestPod], rest: &str) -> String {
-    let workloads: String = pods.iter().map(|p| workload(p, "HBONE", "")).collect();
-    format!("workloads:\n{workloads}{rest}")
+    format!("{}{rest}", hbone_workloads(pods))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

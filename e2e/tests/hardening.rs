@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use e2e::app::{connect, echo_server, exchange};
 use e2e::capture::Capture;
 use e2e::cluster::{Cluster, MeshPod, AMBIENT};
-use e2e::mesh_files::workload;
+use e2e::mesh_files::hbone_workloads;
 use e2e::{Mesh, TestNode, Ztunnel};
 use istio_cni::Agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,12 +21,9 @@ const T: Duration = Duration::from_secs(3);
 async fn a_service_vip_without_an_endpoint_fails_instead_of_going_out_in_plaintext() {
     let node = TestNode::new(72);
     let (sleep, httpbin) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let workloads: String = [&sleep, &httpbin]
-        .iter()
-        .map(|p| workload(p, "HBONE", ""))
-        .collect();
+    let workloads = hbone_workloads(&[&sleep, &httpbin]);
     node.write_mesh_config(&format!(
-        "workloads:\n{workloads}services:\n- name: empty\n  namespace: ambient-demo\n  hostname: empty.ambient-demo.svc.cluster.local\n  vips: [\"/10.96.7.7\"]\n  ports: {{80: 8080}}\n"
+        "{workloads}services:\n- name: empty\n  namespace: ambient-demo\n  hostname: empty.ambient-demo.svc.cluster.local\n  vips: [\"/10.96.7.7\"]\n  ports: {{80: 8080}}\n"
     ));
     let Mesh {
         agent: _agent,
@@ -176,11 +173,8 @@ async fn stuck_hbone_peer(node: &TestNode, pod: &e2e::TestPod) -> tokio::task::J
 async fn a_peer_that_never_answers_connect_is_given_up_on() {
     let node = TestNode::new(74);
     let (sleep, stuck) = (node.add_pod("sleep"), node.add_pod("stuck"));
-    let workloads: String = [&sleep, &stuck]
-        .iter()
-        .map(|p| workload(p, "HBONE", ""))
-        .collect();
-    node.write_mesh_config(&format!("workloads:\n{workloads}"));
+    let workloads = hbone_workloads(&[&sleep, &stuck]);
+    node.write_mesh_config(&workloads);
     // CONNECT_TIMEOUT is 2s in these tests.
     let Mesh {
         agent: _agent,
@@ -592,11 +586,8 @@ async fn a_pod_over_its_connection_cap_is_refused_and_the_refusal_logged_and_cou
     use tokio::io::AsyncBufReadExt;
     let node = TestNode::new(101);
     let (sleep, httpbin) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let workloads: String = [&sleep, &httpbin]
-        .iter()
-        .map(|p| workload(p, "HBONE", ""))
-        .collect();
-    node.write_mesh_config(&format!("workloads:\n{workloads}"));
+    let workloads = hbone_workloads(&[&sleep, &httpbin]);
+    node.write_mesh_config(&workloads);
     let Mesh {
         agent: _agent,
         ztunnel: zt,

@@ -538,37 +538,26 @@ fn checks(m: &Manifest, cluster: &Cluster, report: &mut Report, out: &Path) {
     );
     report.check(
         "istio-cni diagnose in the agent's pod: the sleep pod is healthy",
-        k.run(&[
-            "get",
-            "pod",
-            "-n",
-            ISTIO_NS,
-            "-l",
-            "k8s-app=istio-cni-node",
-            "--field-selector",
-            &format!("spec.nodeName={}", nodes[0].name),
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])
-        .and_then(|agent| {
-            k.run(&[
-                "exec",
-                "-n",
-                ISTIO_NS,
-                agent.trim(),
-                "--",
-                "istio-cni",
-                "diagnose",
-                &format!("{NAMESPACE}/{sleep}"),
-            ])
-        })
-        .and_then(|out| {
-            if out.contains("HEALTHY") {
-                Ok(out)
-            } else {
-                Err(out)
-            }
-        }),
+        k.pod_on_node(ISTIO_NS, "k8s-app=istio-cni-node", &nodes[0].name)
+            .and_then(|agent| {
+                k.run(&[
+                    "exec",
+                    "-n",
+                    ISTIO_NS,
+                    &agent,
+                    "--",
+                    "istio-cni",
+                    "diagnose",
+                    &format!("{NAMESPACE}/{sleep}"),
+                ])
+            })
+            .and_then(|out| {
+                if out.contains("HEALTHY") {
+                    Ok(out)
+                } else {
+                    Err(out)
+                }
+            }),
     );
     let (Ok(sleep_ip), Ok(httpbin_ip)) = (pod_ip(k, &sleep), pod_ip(k, &httpbin)) else {
         report.check("pod addresses", Err("no podIP".into()));
@@ -610,21 +599,7 @@ fn checks(m: &Manifest, cluster: &Cluster, report: &mut Report, out: &Path) {
                 .join("\n"))
         }),
     );
-    let ztunnel_on = |node: &str| {
-        k.run(&[
-            "get",
-            "pod",
-            "-n",
-            ISTIO_NS,
-            "-l",
-            "app=ztunnel",
-            "--field-selector",
-            &format!("spec.nodeName={node}"),
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])
-        .map(|s| s.trim().to_string())
-    };
+    let ztunnel_on = |node: &str| k.pod_on_node(ISTIO_NS, "app=ztunnel", node);
     let source_ztunnel = ztunnel_on(&nodes[0].name).unwrap_or_default();
     let destination_ztunnel = ztunnel_on(&nodes[nodes.len() - 1].name).unwrap_or_default();
     report.check(
