@@ -77,7 +77,7 @@ pub fn golden_path(name: &str, variant: &str) -> PathBuf {
 
 /// The reviewed default rendering of chart `name` (`istio-cni` or `ztunnel`), read
 /// once.
-fn golden(name: &str) -> &'static [Value] {
+pub fn golden(name: &str) -> &'static [Value] {
     static CHARTS: OnceLock<[Vec<Value>; 2]> = OnceLock::new();
     let [cni, zt] = CHARTS.get_or_init(|| {
         ["istio-cni", "ztunnel"].map(|chart| {
@@ -109,12 +109,14 @@ pub fn container<'a>(docs: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
-/// One RBAC rule: any of `verbs` on any of `resources` (`pods`, `pods/status`) in the
-/// core API group.
+/// One RBAC rule: any of `verbs` on any of `resources`, each named with its API
+/// group when not the core one (`pods`, `pods/status`, `apps/daemonsets`), and only
+/// the objects in `names` when it lists any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub resources: Vec<String>,
     pub verbs: Vec<String>,
+    pub names: Vec<String>,
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -127,30 +129,46 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The rules of every ClusterRole in `docs` that grant the core API group (the only
-/// one the agent calls).
-pub fn core_rules(docs: &[Value]) -> Vec<Rule> {
+/// The rules of every ClusterRole in `docs`.
+pub fn cluster_rules(docs: &[Value]) -> Vec<Rule> {
     docs.iter()
         .filter(|d| d["kind"] == "ClusterRole")
         .flat_map(|d| d["rules"].as_array().cloned().unwrap_or_default())
-        .filter(|r| strings(&r["apiGroups"]).iter().any(|g| g.is_empty()))
-        .map(|r| Rule {
-            resources: strings(&r["resources"]),
-            verbs: strings(&r["verbs"]),
+        .map(|r| {
+            let groups = strings(&r["apiGroups"]);
+            let resources = strings(&r["resources"]);
+            Rule {
+                resources: groups
+                    .iter()
+                    .flat_map(|g| {
+                        resources.iter().map(move |res| {
+                            if g.is_empty() {
+                                res.clone()
+                            } else {
+                                format!("{g}/{res}")
+                            }
+                        })
+                    })
+                    .collect(),
+                verbs: strings(&r["verbs"]),
+                names: strings(&r["resourceNames"]),
+            }
         })
         .collect()
 }
 
 /// The agent's RBAC, from the istio-cni chart's reviewed default rendering.
 pub fn agent_rules() -> Vec<Rule> {
-    core_rules(golden("istio-cni"))
+    cluster_rules(golden("istio-cni"))
 }
 
-/// Whether `rules` let a caller `verb` the `resource`.
-pub fn allows(rules: &[Rule], verb: &str, resource: &str) -> bool {
+/// Whether `rules` let a caller `verb` the `resource` (the object `name`, for a
+/// request that names one).
+pub fn allows(rules: &[Rule], verb: &str, resource: &str, name: Option<&str>) -> bool {
     rules.iter().any(|r| {
         r.verbs.iter().any(|v| v == verb || v == "*")
             && r.resources.iter().any(|x| x == resource || x == "*")
+            && (r.names.is_empty() || name.is_some_and(|n| r.names.iter().any(|x| x == n)))
     })
 }
 
@@ -222,14 +240,25 @@ mod tests {
     fn rules_grant_what_they_list_and_nothing_else() {
         let docs = vec![json!({"kind": "ClusterRole", "rules": [
             {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "watch"]},
-            {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
+            {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"],
+             "resourceNames": ["istio-cni-node"]},
         ]})];
-        let rules = core_rules(&docs);
-        assert!(allows(&rules, "get", "pods"));
-        assert!(allows(&rules, "watch", "namespaces"));
-        assert!(!allows(&rules, "list", "pods"));
-        assert!(!allows(&rules, "get", "daemonsets"));
-        assert_eq!(grants(&rules).len(), 4);
+        let rules = cluster_rules(&docs);
+        assert!(allows(&rules, "get", "pods", Some("a")));
+        assert!(allows(&rules, "watch", "namespaces", None));
+        assert!(!allows(&rules, "list", "pods", None));
+        assert!(
+            !allows(&rules, "get", "daemonsets", Some("istio-cni-node")),
+            "core group"
+        );
+        assert!(allows(
+            &rules,
+            "get",
+            "apps/daemonsets",
+            Some("istio-cni-node")
+        ));
+        assert!(!allows(&rules, "get", "apps/daemonsets", Some("other")));
+        assert_eq!(grants(&rules).len(), 5);
     }
 
     #[test]

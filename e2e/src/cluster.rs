@@ -18,6 +18,9 @@ use crate::{AgentProcess, TestNode, TestPod, Ztunnel};
 
 pub const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 pub const REDIRECTION: &str = "ambient.istio.io/redirection";
+/// The namespace the agent runs in (its `POD_NAMESPACE` default), where its
+/// DaemonSet is.
+pub const AGENT_NAMESPACE: &str = "istio-system";
 
 pub struct Cluster {
     pub api: ApiServer,
@@ -123,8 +126,17 @@ impl Cluster {
     fn with(node: TestNode, api: ApiServer, kubeconfig: PathBuf) -> Cluster {
         // The agent and its plugin get exactly what the istio-cni chart grants them.
         api.enforce_rbac(&crate::charts::agent_rules());
+        let node_name = format!("node-{}", node.id);
+        // Installed as the chart installs it: the agent's DaemonSet (which it asks
+        // for when it stops: present means an upgrade, and the plugin stays) and the
+        // node it runs on.
+        let mut ds = crate::charts::daemonset(crate::charts::golden("istio-cni")).clone();
+        ds["metadata"]["namespace"] = json!(AGENT_NAMESPACE);
+        api.create_daemonset(ds);
+        api.create_node(json!({"metadata": {"name": node_name, "labels": {
+            "kubernetes.io/os": "linux", "kubernetes.io/hostname": node_name}}}));
         Cluster {
-            node_name: format!("node-{}", node.id),
+            node_name,
             probe_set: format!("zt-e2e-{}", node.id),
             api,
             node,
@@ -384,6 +396,13 @@ impl Cluster {
                 let _ = probes.uninstall(&host);
             }
         }
+    }
+
+    /// `helm uninstall istio-cni` as the agent sees it: its DaemonSet is gone (an
+    /// agent stopped from now on takes the plugin out of the node).
+    pub fn uninstall_daemonset(&self) {
+        self.api
+            .delete_daemonset(AGENT_NAMESPACE, istio_cni::k8s::shutdown::DAEMONSET);
     }
 
     pub fn start_agent(&self, n: u32) -> AgentProcess {

@@ -2,6 +2,7 @@
 //! served over real HTTP with real Kubernetes JSON, so the agent talks to it through a
 //! kubeconfig exactly as it would to a cluster.
 //!
+//! - The agent's DaemonSet (`apps/v1`) and nodes: get, for its shutdown decision.
 //! - Namespaces and pods: get, list and watch (with resourceVersions: a watch resumes
 //!   after the version it names; a version older than the kept history gets an
 //!   `Expired` (410) error event, so clients relist), label and field selectors,
@@ -30,12 +31,14 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-/// The two kinds served.
+/// The kinds served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Namespace,
     Pod,
     Event,
+    DaemonSet,
+    Node,
 }
 
 impl Kind {
@@ -44,7 +47,30 @@ impl Kind {
             Kind::Namespace => "NamespaceList",
             Kind::Pod => "PodList",
             Kind::Event => "EventList",
+            Kind::DaemonSet => "DaemonSetList",
+            Kind::Node => "NodeList",
         }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Event => "Event",
+            Kind::DaemonSet => "DaemonSet",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::DaemonSet => "apps/v1",
+            _ => "v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
     }
 }
 
@@ -356,6 +382,21 @@ impl ApiServer {
             .map(typed)
     }
 
+    /// Creates a DaemonSet object (`apps/v1`) from its JSON.
+    pub fn create_daemonset(&self, ds: Value) {
+        create(&mut self.lock(), Kind::DaemonSet, ds).expect("create daemonset");
+    }
+
+    /// Deletes a DaemonSet object at once (`helm uninstall`: background propagation).
+    pub fn delete_daemonset(&self, ns: &str, name: &str) {
+        delete(&mut self.lock(), Kind::DaemonSet, ns, name).expect("delete daemonset");
+    }
+
+    /// Creates a Node object from its JSON.
+    pub fn create_node(&self, node: Value) {
+        create(&mut self.lock(), Kind::Node, node).expect("create node");
+    }
+
     /// The events recorded in `ns` (core/v1 `Event` objects, as posted).
     pub fn events(&self, ns: &str) -> Vec<Value> {
         self.lock()
@@ -463,19 +504,20 @@ fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode,
             "metadata.name is required".into(),
         ));
     }
-    let ns = match kind {
-        Kind::Namespace => String::new(),
-        Kind::Pod | Kind::Event => v["metadata"]["namespace"]
+    let ns = if kind.namespaced() {
+        v["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
-            .to_string(),
+            .to_string()
+    } else {
+        String::new()
     };
     if s.objects.contains_key(&key(kind, &ns, &name)) {
         return Err((StatusCode::CONFLICT, format!("{name} already exists")));
     }
     s.rv += 1;
     let meta = &mut v["metadata"];
-    if kind != Kind::Namespace {
+    if kind.namespaced() {
         meta["namespace"] = json!(ns);
     }
     if meta["uid"].is_null() {
@@ -487,12 +529,8 @@ fn create(s: &mut Store, kind: Kind, mut v: Value) -> Result<Value, (StatusCode,
     }
     meta["resourceVersion"] = json!(s.rv.to_string());
     meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
-    v["apiVersion"] = json!("v1");
-    v["kind"] = json!(match kind {
-        Kind::Namespace => "Namespace",
-        Kind::Pod => "Pod",
-        Kind::Event => "Event",
-    });
+    v["apiVersion"] = json!(kind.api_version());
+    v["kind"] = json!(kind.name());
     s.objects.insert(key(kind, &ns, &name), v.clone());
     record(s, kind, "ADDED", v.clone());
     Ok(v)
@@ -663,25 +701,28 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
             );
         }
     }
-    let path: Vec<String> = req
-        .uri()
-        .path()
-        .trim_start_matches("/api/v1/")
-        .split('/')
-        .map(str::to_string)
-        .collect();
+    let full = req.uri().path().to_string();
+    let (group, rest) = if let Some(rest) = full.strip_prefix("/apis/apps/v1/") {
+        ("apps", rest)
+    } else {
+        ("", full.trim_start_matches("/api/v1/"))
+    };
+    let path: Vec<String> = rest.split('/').map(str::to_string).collect();
     let q = query(&req);
     let p: Vec<&str> = path.iter().map(String::as_str).collect();
     // (kind, namespace scope, name)
-    let (kind, ns, name) = match p.as_slice() {
-        ["namespaces"] => (Kind::Namespace, None, None),
-        ["namespaces", n] => (Kind::Namespace, None, Some(*n)),
-        ["pods"] => (Kind::Pod, None, None),
-        ["namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
-        ["namespaces", ns, "pods", n] | ["namespaces", ns, "pods", n, "status"] => {
+    let (kind, ns, name) = match (group, p.as_slice()) {
+        ("apps", ["namespaces", ns, "daemonsets", n]) => (Kind::DaemonSet, Some(*ns), Some(*n)),
+        ("apps", _) => return status(StatusCode::NOT_FOUND, "NotFound", "no such resource"),
+        (_, ["nodes", n]) => (Kind::Node, None, Some(*n)),
+        (_, ["namespaces"]) => (Kind::Namespace, None, None),
+        (_, ["namespaces", n]) => (Kind::Namespace, None, Some(*n)),
+        (_, ["pods"]) => (Kind::Pod, None, None),
+        (_, ["namespaces", ns, "pods"]) => (Kind::Pod, Some(*ns), None),
+        (_, ["namespaces", ns, "pods", n]) | (_, ["namespaces", ns, "pods", n, "status"]) => {
             (Kind::Pod, Some(*ns), Some(*n))
         }
-        ["namespaces", ns, "events"] => (Kind::Event, Some(*ns), None),
+        (_, ["namespaces", ns, "events"]) => (Kind::Event, Some(*ns), None),
         _ => return status(StatusCode::NOT_FOUND, "NotFound", "no such resource"),
     };
     let method = req.method().clone();
@@ -691,6 +732,8 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
         (Kind::Pod, _) => "pods",
         (Kind::Namespace, _) => "namespaces",
         (Kind::Event, _) => "events",
+        (Kind::DaemonSet, _) => "apps/daemonsets",
+        (Kind::Node, _) => "nodes",
     };
     let watching = matches!(q.get("watch").map(String::as_str), Some("true") | Some("1"));
     let verb = match (&method, name) {
@@ -707,7 +750,7 @@ async fn handle(store: Arc<Mutex<Store>>, req: Request<Incoming>) -> Response<Wa
         let mut s = lock();
         s.calls.insert((verb.to_string(), resource.to_string()));
         if let Some(rules) = &s.rbac {
-            if !crate::charts::allows(rules, verb, resource) {
+            if !crate::charts::allows(rules, verb, resource, name) {
                 return status(
                     StatusCode::FORBIDDEN,
                     "Forbidden",

@@ -79,7 +79,6 @@ impl Process {
             .env("AGENT_READINESS_ADDR", "127.0.0.1:0")
             .env("MONITORING_ADDR", "127.0.0.1:0")
             .env("DEBUG_ADDR", "127.0.0.1:0")
-            .env("UNINSTALL_CNI_ON_EXIT", "true")
             .env("RUST_LOG", "info")
             // As a DaemonSet runs it: no NO_COLOR, stdout a file.
             .env_remove("NO_COLOR")

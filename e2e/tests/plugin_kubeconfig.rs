@@ -20,7 +20,7 @@ async fn the_plugin_works_from_the_host_and_follows_the_agents_token() {
     let _zt = cluster.start_ztunnel(1);
     until("the plugin is chained", || chained(&primary)).await;
 
-    let kubeconfig = conf_dir.join("istio-cni-kubeconfig");
+    let kubeconfig = conf_dir.join("ZZZ-istio-cni-kubeconfig");
     let secrets = cluster.agent_secrets();
     let meta = std::fs::symlink_metadata(&kubeconfig).unwrap();
     assert!(meta.file_type().is_file());

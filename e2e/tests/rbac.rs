@@ -4,7 +4,8 @@
 //! rendering, `charts/istio-cni/tests/golden-default.yaml`), so a call the code makes
 //! without RBAC fails the tests that exercise it, as it would fail on a real cluster.
 //! This test goes the other way: one scenario that takes every path that calls the
-//! API (startup list, the watches, the plugin's look-ups, the annotation, an event),
+//! API (startup list, the watches, the plugin's look-ups, the annotation, an event,
+//! the look-up of its DaemonSet and node when it stops),
 //! after which the set of calls seen must equal what the chart grants: a rule nothing
 //! uses fails here. Root only.
 
@@ -19,7 +20,7 @@ async fn the_agents_rbac_is_exactly_the_api_calls_it_makes() {
     cluster.namespace("demo", &[AMBIENT]);
     // Found running at startup (the list, then the watches).
     let mut a = cluster.add_pod("demo", "sleep", &[]);
-    let agent = cluster.start_agent_with(1, |cmd| {
+    let mut agent = cluster.start_agent_with(1, |cmd| {
         cmd.env("DRIFT_CHECK_INTERVAL", "1");
     });
     let _zt = cluster.start_ztunnel(1);
@@ -44,6 +45,16 @@ async fn the_agents_rbac_is_exactly_the_api_calls_it_makes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Stopped: it asks for its DaemonSet, and (as the DaemonSet has a node selector)
+    // for its node.
+    agent.terminate();
+    assert_eq!(
+        agent.count(&["istio-cni stays installed on this node"]),
+        1,
+        "{}",
+        agent.logs()
+    );
 
     let granted = charts::grants(&charts::agent_rules());
     let called = cluster.api.calls();

@@ -13,6 +13,7 @@ use istio_cni::diagnose::report::AgentReport;
 use istio_cni::http::Reply;
 use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
 use istio_cni::k8s::selection::Selection;
+use istio_cni::k8s::shutdown;
 use istio_cni::k8s::status::KubeStatus;
 use istio_cni::metrics::Gauges;
 use istio_cni::rules::hostprobe::HostProbes;
@@ -87,10 +88,15 @@ struct Args {
     /// Install the plugin into the node's CNI config (and keep it there).
     #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     install_cni: bool,
-    /// Remove the plugin on exit (DaemonSet removal). Off by default, so an upgrade
-    /// leaves the plugin in place and new pods wait for the new agent.
+    /// Always remove the plugin on exit. Off, the agent asks the API server about its
+    /// DaemonSet when it stops, as Istio's does: still there (an upgrade, a restart),
+    /// the plugin stays and new pods wait for the next agent; gone or going (an
+    /// uninstall), it is removed.
     #[arg(long, env = "UNINSTALL_CNI_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set)]
     uninstall_cni_on_exit: bool,
+    /// Istio's switch for the same: remove the plugin on every exit, upgrades included.
+    #[arg(long, env = "AMBIENT_DISABLE_SAFE_UPGRADE", default_value_t = false, action = clap::ArgAction::Set)]
+    ambient_disable_safe_upgrade: bool,
     /// Address of `/readyz`.
     #[arg(long, env = "AGENT_READINESS_ADDR", default_value = "0.0.0.0:8000")]
     readiness_addr: std::net::SocketAddr,
@@ -328,6 +334,11 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     println!("monitoring_addr: {}", args.monitoring_addr);
     println!("debug_addr: {}", args.debug_addr);
     println!("drift_check_interval: {}s", args.drift_check_interval);
+    println!("uninstall_cni_on_exit: {}", args.uninstall_cni_on_exit);
+    println!(
+        "ambient_disable_safe_upgrade: {}",
+        args.ambient_disable_safe_upgrade
+    );
     println!(
         "cni_conf_dir: {} (the runtime's: {})",
         args.cni_conf_dir.display(),
@@ -336,10 +347,13 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     for note in &istio_notes {
         println!("istio setting {note}");
     }
+    // Taken from here on: a stop asked for while the agent starts is seen once it is
+    // up, and handled like any other (never the default action, a kill mid-write).
+    let mut stop = Stop::new()?;
     let Some(node) = args.node_name.clone() else {
         let agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
         serve_metrics(&args, agent.enrollment().clone(), None).await?;
-        return shutdown_signal().await;
+        return stop.wait().await;
     };
     let client = match &args.kubeconfig {
         Some(path) => {
@@ -354,6 +368,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             .context("in-cluster Kubernetes config")?,
     };
 
+    let api = client.clone();
     let host = Netns::current().context("opening the host netns")?;
     let probes = cfg
         .families
@@ -380,7 +395,11 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     // would only crash-loop the agent while new pods wait for it.
     let mut backoff = Duration::from_millis(100);
     let adopt = loop {
-        match annotated_pods(&client, &node).await {
+        let listed = tokio::select! {
+            listed = annotated_pods(&client, &node) => listed,
+            r = stop.wait() => return r,
+        };
+        match listed {
             Ok(pods) => break pods,
             Err(e) => {
                 tracing::warn!("listing this node's pods: {e}; retrying in {backoff:?}");
@@ -396,7 +415,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         client,
         enrollment.clone(),
         ControllerConfig {
-            node_name: node,
+            node_name: node.clone(),
             selection: Selection {
                 excluded_namespaces: args.excluded_namespaces.clone(),
                 ztunnel_namespace: args.pod_namespace.clone(),
@@ -413,11 +432,14 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     ));
 
     // install-cni: the plugin goes into the node's chain only once the agent serves it.
-    let installer = args
+    let installed = args
         .install_cni
         .then(|| install_cni(&args, enrollment.metrics().clone()))
-        .transpose()?
-        .map(Arc::new);
+        .transpose()?;
+    let (installer, kubeconfig_refresh) = match installed {
+        Some((i, refresh)) => (Some(Arc::new(i)), Some(refresh)),
+        None => (None, None),
+    };
     let repairs = installer.clone().map(|i| tokio::spawn(i.keep_installed()));
     let readiness = installer.clone();
     let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
@@ -438,19 +460,58 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     serve_metrics(&args, enrollment.clone(), installer.clone()).await?;
     let result = tokio::select! {
         _ = run => Ok(()),
-        r = shutdown_signal() => r,
+        r = stop.wait() => r,
     };
-    if let (Some(installer), true) = (&installer, args.uninstall_cni_on_exit) {
-        // No repair may put back what we are about to remove.
-        if let Some(r) = repairs {
-            r.abort();
-            let _ = r.await;
+    let settings = shutdown::Settings {
+        uninstall_on_exit: args.uninstall_cni_on_exit,
+        disable_safe_upgrade: args.ambient_disable_safe_upgrade,
+    };
+    let plan = match settings.forced() {
+        Some(plan) => plan,
+        None => shutdown::decide(&shutdown::look_up(&api, &args.pod_namespace, &node).await),
+    };
+    match plan {
+        shutdown::Plan::Keep(why) => {
+            tracing::info!("istio-cni stays installed on this node: {why}");
         }
-        installer
-            .uninstall()
-            .context("uninstalling the CNI plugin")?;
+        shutdown::Plan::Uninstall(why) => {
+            tracing::info!("removing istio-cni from this node: {why}");
+            // Nothing may put back what is about to be removed.
+            for task in [repairs, kubeconfig_refresh].into_iter().flatten() {
+                task.abort();
+                let _ = task.await;
+            }
+            leave(&args, installer.as_deref(), &enrollment, &node).await;
+        }
     }
     result
+}
+
+/// istio-cni's departure from the node: the plugin out of the chain and the bin dir,
+/// its kubeconfig, the sockets and the host probe rules removed; the enrolled pods
+/// keep their redirection and are told so. Every step is tried; failures are logged
+/// with the file to remove by hand.
+async fn leave(args: &Args, installer: Option<&Installer>, enrollment: &Enrollment, node: &str) {
+    if let Some(installer) = installer {
+        if let Err(e) = installer.uninstall() {
+            tracing::error!("taking the plugin out of the CNI configuration: {e}");
+        }
+    }
+    let conf_dir = &args.cni_conf_dir;
+    let files = [
+        conf_dir.join(kubeconfig::FILE_NAME),
+        conf_dir.join(kubeconfig::EARLIER_FILE_NAME),
+        args.plugin_event_socket.clone(),
+        args.ztunnel_uds.clone(),
+    ];
+    for file in files.iter().filter(|_| installer.is_some()) {
+        match std::fs::remove_file(file) {
+            Ok(()) => tracing::info!(path = %file.display(), "removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!("removing {}: {e}", file.display()),
+        }
+    }
+    enrollment.leave_node(node).await;
 }
 
 /// Serves `/metrics` on the monitoring address (the enrollment's counters, and the
@@ -519,11 +580,11 @@ async fn serve_metrics(
 fn install_cni(
     args: &Args,
     metrics: istio_cni::metrics::SharedMetrics,
-) -> anyhow::Result<Installer> {
-    let kubeconfig = args.cni_conf_dir.join("istio-cni-kubeconfig");
+) -> anyhow::Result<(Installer, tokio::task::JoinHandle<()>)> {
+    let kubeconfig = args.cni_conf_dir.join(kubeconfig::FILE_NAME);
     // The runtime runs the plugin on the node, where the directory may have another
     // path than in the agent's container.
-    let plugin_kubeconfig = args.runtime_conf_dir().join("istio-cni-kubeconfig");
+    let plugin_kubeconfig = args.runtime_conf_dir().join(kubeconfig::FILE_NAME);
     let credentials = match &args.kubeconfig {
         Some(path) => Credentials::File(path.clone()),
         None => Credentials::in_cluster(
@@ -533,7 +594,7 @@ fn install_cni(
     };
     // The plugin cannot decide anything without it: fail now, not on every pod.
     kubeconfig::write(&credentials, &kubeconfig).context("the CNI plugin's kubeconfig")?;
-    tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
+    let refresh = tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
     let installer = Installer::with_metrics(
         InstallConfig {
             bin_dir: args.cni_bin_dir.clone(),
@@ -553,16 +614,33 @@ fn install_cni(
         // parse: the watch installs us as soon as it changes.
         tracing::warn!("installing the CNI plugin: {e}; will retry when the CNI config changes");
     }
-    Ok(installer)
+    // An earlier release's name for the kubeconfig, once the chain names the new one.
+    let earlier = args.cni_conf_dir.join(kubeconfig::EARLIER_FILE_NAME);
+    if installer.is_installed() && std::fs::remove_file(&earlier).is_ok() {
+        tracing::info!(path = %earlier.display(), "removed the kubeconfig an earlier release wrote");
+    }
+    Ok((installer, refresh))
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r?,
+/// SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Stop> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Stop {
+            term: signal(SignalKind::terminate())?,
+        })
     }
-    tracing::info!("shutting down");
-    Ok(())
+
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            r = tokio::signal::ctrl_c() => r?,
+        }
+        tracing::info!("shutting down");
+        Ok(())
+    }
 }

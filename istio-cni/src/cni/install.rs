@@ -65,8 +65,10 @@ struct Original {
     /// The file we modified (or the `.conf` we converted) and its bytes before.
     path: PathBuf,
     bytes: Vec<u8>,
-    /// The `.conflist` we wrote in place of a `.conf`.
+    /// The `.conflist` we wrote (in place of a `.conf`, or the same file).
     written: PathBuf,
+    /// What we wrote into it.
+    wrote: Vec<u8>,
 }
 
 pub struct Installer {
@@ -182,6 +184,41 @@ pub fn chain(path: &Path, bytes: &[u8], ours: &Value) -> Result<Option<Vec<u8>>,
         })
 }
 
+/// The config list without our entries, or `None` when it has none (a `.conf` is
+/// one plugin, never ours).
+pub fn unchain(path: &Path, bytes: &[u8]) -> Result<Option<Vec<u8>>, InstallError> {
+    if !is_conflist(path) {
+        return Ok(None);
+    }
+    let mut obj = parse(path, bytes)?;
+    let Some(Value::Array(plugins)) = obj.get_mut("plugins") else {
+        unreachable!("parse checked the plugins list")
+    };
+    let before = plugins.len();
+    plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_NAME));
+    if plugins.len() == before {
+        return Ok(None);
+    }
+    serde_json::to_vec_pretty(&Value::Object(obj))
+        .map(Some)
+        .map_err(|e| InstallError::BadConfig {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Every `.conflist` in `conf_dir`.
+fn conflists(conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    let mut out: Vec<PathBuf> = fs::read_dir(conf_dir)
+        .map_err(io(conf_dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && is_conflist(p))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 impl Installer {
     /// Like [`Installer::new`], counting every write (and failure) of the plugin in
     /// `istio_cni_installs_total`.
@@ -281,6 +318,7 @@ impl Installer {
                         path: path.clone(),
                         bytes,
                         written: written.clone(),
+                        wrote: out.clone(),
                     });
                 }
             }
@@ -367,30 +405,51 @@ impl Installer {
         }
     }
 
-    /// Removes what we added and restores the original config byte for byte.
-    pub fn uninstall(&self) -> Result<(), InstallError> {
-        if let Some(orig) = self
+    /// Takes the plugin out of the node: our entry out of every config list (the
+    /// original bytes back, exactly, when this agent made the change and nothing has
+    /// touched the file since; else the file as it now is without our entry, which is
+    /// what an agent that started after the install has to go on) and the plugin
+    /// binary removed. Returns the files changed or removed.
+    pub fn uninstall(&self) -> Result<Vec<PathBuf>, InstallError> {
+        let mut changed = Vec::new();
+        let original = self
             .original
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .take();
+        if let Some(orig) =
+            original.filter(|o| read_config(&o.written).is_ok_and(|now| now == o.wrote))
         {
             let mode = fs::metadata(&orig.written)
                 .map(|m| m.permissions().mode() & 0o7777)
                 .unwrap_or(0o644);
             if orig.written != orig.path {
-                let _ = fs::remove_file(&orig.written);
+                fs::remove_file(&orig.written).map_err(io(&orig.written))?;
+                changed.push(orig.written.clone());
             }
             write_atomic(&orig.path, &orig.bytes, mode)?;
+            changed.push(orig.path);
+        }
+        for path in conflists(&self.cfg.conf_dir)? {
+            let bytes = read_config(&path)?;
+            let Some(out) = unchain(&path, &bytes)? else {
+                continue;
+            };
+            let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
+            write_atomic(&path, &out, mode)?;
+            changed.push(path);
         }
         let binary = self.cfg.bin_dir.join(PLUGIN_NAME);
         match fs::remove_file(&binary) {
-            Ok(()) => {}
+            Ok(()) => changed.push(binary),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&binary)(e)),
         }
-        info!("istio-cni uninstalled from the CNI configuration");
-        Ok(())
+        info!(
+            files = ?changed,
+            "istio-cni taken out of the node's CNI configuration"
+        );
+        Ok(changed)
     }
 }
 
@@ -537,6 +596,52 @@ mod tests {
         inst.uninstall().unwrap();
         assert_eq!(fs::read_to_string(&conf).unwrap(), original);
         assert!(!d.cfg.conf_dir.join("10-flannel.conflist").exists());
+    }
+
+    /// The agent that uninstalls is rarely the one that installed: after an upgrade
+    /// or a restart, a new agent found the chain already right and wrote nothing.
+    /// It still takes our entry out (and only ours), and a change another writer
+    /// made since the install is kept.
+    #[test]
+    fn an_agent_that_did_not_install_still_takes_the_plugin_out_and_keeps_others_changes() {
+        let d = dirs();
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        fs::set_permissions(&primary, fs::Permissions::from_mode(0o640)).unwrap();
+        Installer::new(d.cfg.clone()).install().unwrap();
+        let successor = Installer::new(d.cfg.clone());
+        assert!(!successor.install().unwrap(), "nothing to write");
+        let changed = successor.uninstall().unwrap();
+        assert_eq!(types(&read_json(&primary)), ["bridge", "portmap"]);
+        assert_eq!(
+            fs::metadata(&primary).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(!d.cfg.bin_dir.join("istio-cni").exists());
+        assert!(changed.contains(&primary), "{changed:?}");
+
+        // Installed by this agent, then the primary CNI added a plugin after ours.
+        let inst = Installer::new(d.cfg.clone());
+        inst.install().unwrap();
+        let mut v = read_json(&primary);
+        v["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "bandwidth"}));
+        fs::write(&primary, v.to_string()).unwrap();
+        inst.uninstall().unwrap();
+        assert_eq!(
+            types(&read_json(&primary)),
+            ["bridge", "portmap", "bandwidth"],
+            "the later change is kept, only our entry goes"
+        );
+        // Nothing of ours: nothing changes.
+        let before = fs::read(&primary).unwrap();
+        assert!(Installer::new(d.cfg.clone())
+            .uninstall()
+            .unwrap()
+            .is_empty());
+        assert_eq!(fs::read(&primary).unwrap(), before);
     }
 
     #[test]

@@ -17,6 +17,13 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
+/// The plugin's kubeconfig in the CNI conf dir: Istio's name (sorted after every
+/// network config, and not one itself), so a migration from Istio's agent overwrites
+/// its file instead of leaving it behind.
+pub const FILE_NAME: &str = "ZZZ-istio-cni-kubeconfig";
+/// The name earlier releases of this agent gave it: removed when the agent installs.
+pub const EARLIER_FILE_NAME: &str = "istio-cni-kubeconfig";
+
 /// Where a pod's service account is mounted.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 

@@ -14,6 +14,7 @@
 //! that ztunnel acked this pod's current sandbox.
 
 pub mod gate;
+pub mod leave;
 pub mod pod;
 pub mod status;
 
@@ -163,6 +164,9 @@ struct Inner {
     /// Wakes the repair loop early.
     wake: Notify,
     metrics: SharedMetrics,
+    /// Set when istio-cni leaves the node ([`leave`]): the host probe set is no
+    /// longer kept.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// The enrollment owner. Cheap to clone; clones share one state.
@@ -199,6 +203,7 @@ impl Enrollment {
                 gates: gate::Gates::default(),
                 wake: Notify::new(),
                 metrics: SharedMetrics::default(),
+                leaving: Default::default(),
             }),
         }
     }
@@ -402,7 +407,7 @@ impl Enrollment {
         add: Vec<IpAddr>,
         drop: Vec<IpAddr>,
     ) -> Result<(), EnrollError> {
-        let Some(probes) = self.inner.probes.clone() else {
+        let Some(probes) = self.inner.probes.clone().filter(|_| !self.leaving()) else {
             return Ok(());
         };
         if add.is_empty() && drop.is_empty() {
@@ -858,7 +863,7 @@ impl Enrollment {
 
     /// Converges the host probe set to exactly the captured pods' IPs.
     async fn sync_probe_set(&self) -> Result<(), EnrollError> {
-        let Some(probes) = self.inner.probes.clone() else {
+        let Some(probes) = self.inner.probes.clone().filter(|_| !self.leaving()) else {
             return Ok(());
         };
         let members: std::collections::BTreeMap<IpAddr, WorkloadUid> = self

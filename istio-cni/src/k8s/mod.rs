@@ -4,4 +4,5 @@
 pub mod controller;
 pub mod queue;
 pub mod selection;
+pub mod shutdown;
 pub mod status;
