@@ -305,6 +305,7 @@ require (
 
 tool (
 	github.com/mccutchen/go-httpbin/v2/cmd/go-httpbin
+	istio.io/istio/cni/cmd/install-cni
 	istio.io/istio/cni/cmd/istio-cni
 	istio.io/istio/istioctl/cmd/istioctl
 	istio.io/istio/pilot/cmd/pilot-discovery

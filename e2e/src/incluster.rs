@@ -95,6 +95,14 @@ spec:
           imagePullPolicy: IfNotPresent
           ports:
             - containerPort: 8080
+          # The kubelet's probes reach an enrolled pod through the host probe rules
+          # (under STRICT mTLS they could not go through ztunnel).
+          readinessProbe:
+            httpGet:
+              path: /get
+              port: 8080
+            periodSeconds: 2
+            failureThreshold: 2
 "#,
         sleep_placement = placement(sleep_node),
         httpbin_placement = placement(httpbin_node),
@@ -220,17 +228,127 @@ impl Kubectl {
     }
 }
 
+/// A client: one pod of a curl image, with a service account of its own (its
+/// identity), placed on a node; it runs `script` (a shell script) or sleeps.
+#[derive(Clone, Debug, Default)]
+pub struct Client<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub image: &'a str,
+    pub node: Option<&'a str>,
+    /// Pod labels besides `app: <name>`.
+    pub labels: &'a [(&'a str, &'a str)],
+    pub script: Option<&'a str>,
+    pub host_network: bool,
+}
+
+/// A shell script that asks httpbin every half second from the moment the container
+/// starts, printing each answer's time and status (`000`: none).
+pub const EARLY_REQUESTS: &str = "while true; do echo \"$(date +%s%3N) $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://httpbin.ambient-demo:8000/get)\"; sleep 0.5; done";
+
+/// The manifest of `c`: its service account and a Deployment of one pod.
+pub fn client(c: &Client) -> String {
+    let labels: String = c
+        .labels
+        .iter()
+        .map(|(k, v)| format!("        {k}: \"{v}\"\n"))
+        .collect();
+    let placement = c
+        .node
+        .map(|n| format!("      nodeSelector:\n        kubernetes.io/hostname: {n}\n"))
+        .unwrap_or_default();
+    let host_network = if c.host_network {
+        "      hostNetwork: true\n"
+    } else {
+        ""
+    };
+    let command = match c.script {
+        Some(script) => format!("[\"/bin/sh\", \"-c\", {}]", serde_json::json!(script)),
+        None => "[\"/bin/sleep\", \"infinity\"]".to_string(),
+    };
+    format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {name}
+  namespace: {namespace}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  replicas: 1
+  selector:
+    matchLabels:
+      app: {name}
+  template:
+    metadata:
+      labels:
+        app: {name}
+{labels}    spec:
+      serviceAccountName: {name}
+      terminationGracePeriodSeconds: 0
+{placement}{host_network}      containers:
+        - name: client
+          image: {image}
+          imagePullPolicy: IfNotPresent
+          command: {command}
+"#,
+        name = c.name,
+        namespace = c.namespace,
+        image = c.image,
+    )
+}
+
+/// A Job of one pod that asks httpbin (retrying while the mesh sets it up) and exits
+/// (0 on a 200).
+pub fn job(name: &str, image: &str, node: Option<&str>) -> String {
+    let placement = node
+        .map(|n| format!("      nodeSelector:\n        kubernetes.io/hostname: {n}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+spec:
+  backoffLimit: 0
+  template:
+    metadata:
+      labels:
+        app: {name}
+    spec:
+      restartPolicy: Never
+      terminationGracePeriodSeconds: 0
+{placement}      containers:
+        - name: once
+          image: {image}
+          imagePullPolicy: IfNotPresent
+          command: ["curl", "-sS", "-f", "--retry", "5", "--retry-all-errors", "--max-time", "5", "-o", "/dev/null", "http://httpbin:8000/get"]
+"#
+    )
+}
+
 /// The URL the client asks for: httpbin through its Service.
 pub const URL: &str = "http://httpbin:8000/get";
 
 /// One request from sleep to httpbin: `Err` says what went wrong (kubectl's failure,
 /// curl's, or an HTTP status other than 200).
 pub fn request(k: &Kubectl, sleep_pod: &str) -> Result<(), String> {
+    request_from(k, NAMESPACE, sleep_pod)
+}
+
+/// One request to httpbin from any pod with curl, in `namespace`.
+pub fn request_from(k: &Kubectl, namespace: &str, pod: &str) -> Result<(), String> {
+    let url = format!("http://httpbin.{NAMESPACE}:8000/get");
     let code = k.run(&[
         "exec",
         "-n",
-        NAMESPACE,
-        sleep_pod,
+        namespace,
+        pod,
         "--",
         "curl",
         "-sS",
@@ -240,7 +358,7 @@ pub fn request(k: &Kubectl, sleep_pod: &str) -> Result<(), String> {
         "%{http_code}",
         "--max-time",
         "5",
-        URL,
+        &url,
     ])?;
     if code.trim() == "200" {
         Ok(())
@@ -420,6 +538,42 @@ mod tests {
         assert!(unplaced
             .iter()
             .all(|d| d["spec"]["template"]["spec"]["nodeSelector"].is_null()));
+    }
+
+    #[test]
+    fn clients_and_jobs_are_valid_manifests() {
+        let text = client(&Client {
+            name: "early",
+            namespace: NAMESPACE,
+            image: "reg/curl:1",
+            node: Some("w1"),
+            labels: &[("istio.io/dataplane-mode", "none")],
+            script: Some(EARLY_REQUESTS),
+            host_network: true,
+        });
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let pod = &docs[1]["spec"]["template"];
+        assert_eq!(pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
+        assert_eq!(pod["spec"]["hostNetwork"], true);
+        assert_eq!(pod["spec"]["serviceAccountName"], "early");
+        assert_eq!(pod["spec"]["containers"][0]["command"][2], EARLY_REQUESTS);
+        let plain = client(&Client {
+            name: "c",
+            namespace: "x",
+            image: "i",
+            ..Client::default()
+        });
+        let plain: Vec<Value> = serde_saphyr::from_multiple(&plain).unwrap();
+        assert_eq!(
+            plain[1]["spec"]["template"]["spec"]["containers"][0]["command"][0],
+            "/bin/sleep"
+        );
+        let j: Value = serde_saphyr::from_str(&job("once", "reg/curl:1", Some("w2"))).unwrap();
+        assert_eq!(j["spec"]["template"]["spec"]["restartPolicy"], "Never");
+        assert_eq!(
+            j["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"],
+            "w2"
+        );
     }
 
     #[test]

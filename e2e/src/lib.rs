@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod chaos;
 pub mod charts;
 pub mod cluster;
+pub mod clustercheck;
 pub mod cni;
 pub mod controlplane;
 pub mod incluster;

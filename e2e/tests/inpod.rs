@@ -7,6 +7,7 @@ use e2e::app::{echo_server, request, seen_peer};
 use e2e::node::normalize_save;
 use e2e::observe::SPEC_SAVE;
 use e2e::{Mesh, TestNode, Ztunnel};
+use istio_cni::enrollment::Leaving;
 use istio_cni::{Agent, EnrollStatus};
 
 const T: Duration = Duration::from_secs(3);
@@ -162,7 +163,11 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
     zt.wait_for(&["direction=\"outbound\""], 1).await;
 
     for pod in [&a, &b] {
-        agent.enrollment().remove(&pod.uid).await.expect("unenroll");
+        agent
+            .enrollment()
+            .remove(&pod.uid, Leaving::OptedOut)
+            .await
+            .expect("unenroll");
     }
     assert_eq!(rules_only(&a.iptables_save()), before);
     assert!(
@@ -211,7 +216,11 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
     assert!(inb.is_err(), "inbound bypassed a dead ztunnel: {inb:?}");
 
     // b leaves the mesh while ztunnel is down.
-    agent.enrollment().remove(&b.uid).await.expect("unenroll b");
+    agent
+        .enrollment()
+        .remove(&b.uid, Leaving::OptedOut)
+        .await
+        .expect("unenroll b");
 
     let zt2 = Ztunnel::start(&node, 2);
     zt2.wait_for(&["pod received snapshot sent"], 1).await;

@@ -209,3 +209,60 @@ async fn an_upgrade_keeps_the_plugin_and_an_uninstall_takes_everything_of_ours_o
         new.logs()
     );
 }
+
+/// `helm uninstall istio-cni` first runs the chart's pre-delete hook, `istio-cni
+/// announce-uninstall`, with the agent's service account, before helm deletes that
+/// account and its RBAC (after which the agents cannot record events): every
+/// redirected pod in the cluster gets the event, no other pod does, and it exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uninstall_hook_tells_every_redirected_pod_and_no_other() {
+    let cluster = Cluster::new(65, false).await;
+    cluster.namespace("demo", &[AMBIENT]);
+    cluster.namespace("plain", &[]);
+    let sleep = cluster.add_pod("demo", "sleep", &[]);
+    let _web = cluster.add_pod("plain", "web", &[]);
+    let agent = cluster.start_agent(1);
+    let _zt = cluster.start_ztunnel(1);
+    cluster
+        .wait_annotation(&sleep, Some("enabled"), &agent)
+        .await;
+
+    let out = std::process::Command::new(e2e::bin_path("istio-cni"))
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .arg("announce-uninstall")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("istio-cni announce-uninstall");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("told 1 redirected pods"), "{stdout}");
+    let told: Vec<_> = cluster
+        .api
+        .events("demo")
+        .into_iter()
+        .chain(cluster.api.events("plain"))
+        .filter(|e| e["reason"] == "IstioCNIUninstalled")
+        .map(|e| {
+            e["involvedObject"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(told, ["sleep"]);
+
+    // With no API server to ask, it still exits 0 (an uninstall is never blocked).
+    let out = std::process::Command::new(e2e::bin_path("istio-cni"))
+        .arg("--kubeconfig")
+        .arg(cluster.node.dir.path().join("missing-kubeconfig"))
+        .arg("announce-uninstall")
+        .output()
+        .expect("istio-cni announce-uninstall");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("could not announce the uninstall"));
+}

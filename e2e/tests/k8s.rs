@@ -90,23 +90,34 @@ fn fds_on(agent: &e2e::AgentProcess, netns: &protocol::Netns) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_pod_object_unenrolls_it_and_releases_its_netns() {
+async fn deleting_a_pod_object_unenrolls_it_and_releases_its_netns_but_keeps_it_closed() {
     let cluster = Cluster::new(52, false).await;
     cluster.namespace("demo", &[AMBIENT]);
     let a = cluster.add_pod("demo", "sleep", &[]);
+    let b = cluster.add_pod("demo", "httpbin", &[]);
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
     cluster.wait_annotation(&a, Some("enabled"), &agent).await;
+    let server = echo_server(&b, 8080).await;
     assert!(
         fds_on(&agent, &a.netns()) > 0,
         "the agent holds the pod's netns while enrolled"
     );
 
+    // The object goes first (a deletion with no grace period, or forced): the pod's
+    // processes still run until the kubelet stops them, and must not get out in the
+    // clear meanwhile (the real cluster found this).
     cluster.api.delete_pod("demo", "sleep");
     agent.wait_for(&["pod unenrolled"], 1).await;
-    assert!(!captured(&a));
     zt.wait_for(&["pod delete request, draining proxy"], 1)
         .await;
+    assert!(captured(&a), "the ended pod's rules were taken out");
+    assert!(
+        request(&a, server.addr, Duration::from_secs(1))
+            .await
+            .is_err(),
+        "a deleted pod's last traffic went around ztunnel"
+    );
     assert_eq!(
         fds_on(&agent, &a.netns()),
         0,

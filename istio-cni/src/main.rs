@@ -139,6 +139,11 @@ enum Subcommand {
     /// Prints the build version and the protocol versions this build speaks (ZDS
     /// towards ztunnel, plugin events from the CNI plugin), then exits.
     Version,
+    /// Records on every pod istio-cni redirects, cluster-wide, a Warning event
+    /// (IstioCNIUninstalled) saying it keeps its redirection until it ends: what the
+    /// chart's pre-delete hook runs during `helm uninstall`. Always exits 0 (a pod it
+    /// could not tell is printed), so it never blocks an uninstall.
+    AnnounceUninstall,
 }
 
 /// What `istio-cni version` prints: with the plugin-event version it speaks.
@@ -201,6 +206,7 @@ fn main() -> std::process::ExitCode {
             println!("{}", build_info());
             return std::process::ExitCode::SUCCESS;
         }
+        Some(Subcommand::AnnounceUninstall) => return announce_uninstall(&args),
         None => {}
     }
     let notes = match istio {
@@ -217,6 +223,57 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `istio-cni announce-uninstall`: tells every redirected pod, within a budget; exits
+/// 0 whatever happened, saying what it did.
+fn announce_uninstall(args: &Args) -> std::process::ExitCode {
+    use istio_cni::k8s::notice;
+    init_logging(args);
+    let run = async {
+        let client = kube_client(args).await?;
+        let status = istio_cni::k8s::status::KubeStatus::new(client.clone());
+        anyhow::Ok(notice::announce(&client, &status).await)
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async { tokio::time::timeout(notice::BUDGET, run).await })
+                .map_err(|_| anyhow::anyhow!("no answer within {:?}", notice::BUDGET))
+        })
+        .and_then(|r| r);
+    match outcome {
+        Ok(a) => {
+            println!(
+                "told {} redirected pods that they keep their redirection; {} not told",
+                a.told.len(),
+                a.untold.len()
+            );
+            for u in a.untold {
+                println!("  not told: {u}");
+            }
+        }
+        Err(e) => println!("could not announce the uninstall: {e:#}"),
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// A Kubernetes client: from `--kubeconfig`, else in-cluster.
+async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
+    Ok(match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).context("reading the kubeconfig")?;
+            kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+            )?
+        }
+        None => kube::Client::try_default()
+            .await
+            .context("in-cluster Kubernetes config")?,
+    })
 }
 
 /// `istio-cni diagnose`: prints the verdicts; the exit code says whether all is well.
@@ -271,14 +328,9 @@ fn diagnose(args: &Args, d: DiagnoseArgs) -> std::process::ExitCode {
     }
 }
 
-#[tokio::main]
-async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.debug_addr.ip().is_loopback(),
-        "DEBUG_ADDR {} is not a loopback address: the debug endpoint lists every pod on \
-         the node, and the agent runs on the host network; give it 127.0.0.1:<port>",
-        args.debug_addr
-    );
+/// Logs as `LOG_FORMAT` asks (`RUST_LOG` filters; info by default), in colour only on
+/// a terminal.
+fn init_logging(args: &Args) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if args.log_format == "json" {
         tracing_subscriber::fmt()
@@ -291,6 +343,17 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             .with_env_filter(filter)
             .init();
     }
+}
+
+#[tokio::main]
+async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.debug_addr.ip().is_loopback(),
+        "DEBUG_ADDR {} is not a loopback address: the debug endpoint lists every pod on \
+         the node, and the agent runs on the host network; give it 127.0.0.1:<port>",
+        args.debug_addr
+    );
+    init_logging(&args);
     let backend = match args.iptables_backend.as_str() {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
         other => other.parse().map_err(anyhow::Error::msg)?,
@@ -355,18 +418,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         serve_metrics(&args, agent.enrollment().clone(), None).await?;
         return stop.wait().await;
     };
-    let client = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig =
-                kube::config::Kubeconfig::read_from(path).context("reading the kubeconfig")?;
-            kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-            )?
-        }
-        None => kube::Client::try_default()
-            .await
-            .context("in-cluster Kubernetes config")?,
-    };
+    let client = kube_client(&args).await?;
 
     let api = client.clone();
     let host = Netns::current().context("opening the host netns")?;

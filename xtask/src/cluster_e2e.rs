@@ -102,7 +102,7 @@ fn cluster_reference(def: &ImageDef, c: &gobuild::Components) -> String {
         "coredns" => (images::K8S_HUB, v.coredns.clone()),
         // The distroless variant, which Istio's ambient profile asks for (the image is
         // built on the `cc` base, distroless in content too).
-        "pilot" => (
+        "pilot" | "install-cni" => (
             images::ISTIO_HUB,
             format!("{}-distroless", v.istio_tag(&c.istio_minor)),
         ),

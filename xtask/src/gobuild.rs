@@ -2,7 +2,7 @@
 //! k8s.io release for every k8s.io module; `replace` lines point Kubernetes' staging
 //! modules at that release): etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler, kubelet, kube-proxy, kubectl, CoreDNS, Istio's pilot-discovery,
-//! istioctl and istio-cni agent, go-httpbin (the sample echo server), and the pause
+//! istioctl, install-cni (its node agent) and istio-cni (its plugin), go-httpbin (the sample echo server), and the pause
 //! program from the Kubernetes module's C source.
 //!
 //! They go into a cache outside the checkout, `<cache>/cluster/<key>/bin`, where the
@@ -23,7 +23,7 @@ const GO_FLAGS: [&str; 2] = ["-trimpath", "-buildvcs=false"];
 /// Istio's own build tags.
 const ISTIO_TAGS: &str = "vtprotobuf,disable_pgv";
 /// Bumped when the recipe below changes, so old caches are not taken for new ones.
-const RECIPE: &str = "cluster components v1";
+const RECIPE: &str = "cluster components v2";
 
 /// Kubernetes' commands.
 pub const KUBERNETES: [&str; 6] = [
@@ -34,14 +34,16 @@ pub const KUBERNETES: [&str; 6] = [
     "kube-proxy",
     "kubectl",
 ];
-/// Istio's commands (the agent is for the day-two tests: migration from Istio's own).
-pub const ISTIO: [(&str, &str); 3] = [
+/// Istio's commands: istiod, istioctl, and its node agent and CNI plugin (for the
+/// migration from Istio's own agent). `go build` names each after its package.
+pub const ISTIO: [(&str, &str); 4] = [
     (
         "pilot-discovery",
         "istio.io/istio/pilot/cmd/pilot-discovery",
     ),
     ("istioctl", "istio.io/istio/istioctl/cmd/istioctl"),
     ("istio-cni", "istio.io/istio/cni/cmd/istio-cni"),
+    ("install-cni", "istio.io/istio/cni/cmd/install-cni"),
 ];
 
 /// The versions the build took, from `cluster/go.mod`.

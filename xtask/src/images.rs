@@ -68,6 +68,8 @@ pub struct ImageDef {
     /// The program (a file of that name from the build) and where it goes; `None`
     /// for an image of its base alone.
     pub program: Option<(&'static str, &'static str)>,
+    /// More files from the build beside the program (name, path in the image).
+    pub also: &'static [(&'static str, &'static str)],
     /// Whether the program is the entrypoint (else the pod names its command).
     pub entrypoint: bool,
     pub user: &'static str,
@@ -83,6 +85,7 @@ pub const OURS: [ImageDef; 2] = [
         name: "ztunnel",
         base: Base::Cc,
         program: Some(("ztunnel", "/usr/local/bin/ztunnel")),
+        also: &[],
         entrypoint: true,
         user: "0",
         workdir: "/",
@@ -93,6 +96,7 @@ pub const OURS: [ImageDef; 2] = [
         name: "istio-cni",
         base: AGENT_BASE,
         program: Some(("istio-cni", "/usr/local/bin/istio-cni")),
+        also: &[],
         entrypoint: true,
         user: "0",
         workdir: "/",
@@ -105,12 +109,14 @@ pub const OURS: [ImageDef; 2] = [
 
 /// The images of a cluster built on this machine besides ours (`cargo xtask
 /// cluster-e2e`): Kubernetes' pause, kube-proxy and CoreDNS, Istio's istiod
-/// (`pilot`), and the sample applications.
-pub const CLUSTER: [ImageDef; 6] = [
+/// (`pilot`) and node agent (`install-cni`, for the migration from Istio's own), and
+/// the sample applications.
+pub const CLUSTER: [ImageDef; 7] = [
     ImageDef {
         name: "pause",
         base: Base::Scratch,
         program: Some(("pause", "/pause")),
+        also: &[],
         entrypoint: true,
         user: "65535:65535",
         workdir: "/",
@@ -120,6 +126,7 @@ pub const CLUSTER: [ImageDef; 6] = [
         name: "kube-proxy",
         base: AGENT_BASE,
         program: Some(("kube-proxy", "/usr/local/bin/kube-proxy")),
+        also: &[],
         entrypoint: false,
         user: "0",
         workdir: "/",
@@ -129,6 +136,7 @@ pub const CLUSTER: [ImageDef; 6] = [
         name: "coredns",
         base: Base::Cc,
         program: Some(("coredns", "/coredns")),
+        also: &[],
         entrypoint: true,
         user: "0",
         workdir: "/",
@@ -138,15 +146,30 @@ pub const CLUSTER: [ImageDef; 6] = [
         name: "pilot",
         base: Base::Cc,
         program: Some(("pilot-discovery", "/usr/local/bin/pilot-discovery")),
+        also: &[],
         entrypoint: true,
         user: "1337:1337",
         workdir: "/",
+        why: "",
+    },
+    // As Istio's Dockerfile lays it out: the agent on the PATH, the plugin where the
+    // agent copies it from; on the agent's base, which has the iptables programs it
+    // runs.
+    ImageDef {
+        name: "install-cni",
+        base: AGENT_BASE,
+        program: Some(("install-cni", "/usr/local/bin/install-cni")),
+        also: &[("istio-cni", "/opt/cni/bin/istio-cni")],
+        entrypoint: true,
+        user: "0",
+        workdir: "/opt/cni/bin",
         why: "",
     },
     ImageDef {
         name: "curl",
         base: APPS_BASE,
         program: None,
+        also: &[],
         entrypoint: false,
         user: "0",
         workdir: "/",
@@ -156,6 +179,7 @@ pub const CLUSTER: [ImageDef; 6] = [
         name: "go-httpbin",
         base: Base::Cc,
         program: Some(("go-httpbin", "/bin/go-httpbin")),
+        also: &[],
         entrypoint: true,
         user: "65532:65532",
         workdir: "/",
@@ -262,7 +286,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \\
                 );
             }
         }
-        if let Some((file, path)) = image.program {
+        for (file, path) in image.program.iter().chain(image.also) {
             out.push_str(&format!("COPY --from=build /out/{file} {path}\n"));
         }
         out.push_str(&format!("WORKDIR {}\nUSER {}\n", image.workdir, image.user));
@@ -329,7 +353,7 @@ impl Layout {
             "umoci tag",
         )?;
         let image = self.image(def.name);
-        if let Some((file, path)) = def.program {
+        for (file, path) in def.program.iter().chain(def.also) {
             let mut insert = self.umoci(&["insert", "--image", &image]);
             insert.arg(programs.join(file)).arg(path);
             ran(

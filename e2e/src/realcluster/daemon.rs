@@ -53,6 +53,50 @@ pub fn log_tail(layout: &Layout, name: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Stops daemon `name` as a service manager does: SIGTERM, then SIGKILL after 20 s,
+/// to its whole process group (a daemon started inside a node runs as the child of
+/// the `nsenter` that entered the node's PID namespace, in the group `spawn` made);
+/// returns once no process of the group is left.
+pub fn stop(layout: &Layout, name: &str) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    let pidfile = layout.pids().join(format!("{name}.pid"));
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .map_err(|e| Error::io(&pidfile, e))?
+        .trim()
+        .parse()
+        .map_err(|e| Error::Setup(format!("{}: {e}", pidfile.display())))?;
+    let group = nix::unistd::Pid::from_raw(-pid);
+    let _ = kill(group, Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while group_alive(pid) {
+        if std::time::Instant::now() > deadline {
+            let _ = kill(group, Signal::SIGKILL);
+        }
+        super::teardown::reap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    super::teardown::reap();
+    Ok(())
+}
+
+/// Whether any live process is in process group `pgid`.
+fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_string();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // state, ppid, pgrp
+                Some(f.first()? != &"Z" && f.get(2)?.parse::<i32>().ok()? == pgid)
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// Whether process `pid` is alive (and not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -178,17 +178,21 @@ mount -t tmpfs -o mode=0755 ambk-run /run
 mount --bind {d}/log /var/log
 mount --make-rshared /
 touch {d}/holder.ready
+# PID 1 of the node: orphans are reparented here, and an ignored SIGCHLD has the
+# kernel reap them.
+trap '' CHLD
 exec sleep infinity
 "
     )
 }
 
-/// `cmd` run inside the node's namespaces (network and mount).
+/// `cmd` run inside the node's namespaces (network, mount and PID: `nsenter` forks
+/// it into the node's PID namespace and waits for it).
 pub fn in_node(holder: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg("--target")
         .arg(holder.to_string())
-        .args(["--mount", "--net", "--"])
+        .args(["--mount", "--net", "--pid", "--"])
         .arg(program);
     cmd
 }
@@ -235,7 +239,19 @@ pub fn start(
     }
     let holder = start_holder(layout, spec, &dir)?;
     start_containerd(layout, spec, &dir, holder, images)?;
-    let mut kubelet = in_node(holder, components.bin("kubelet")?);
+    let node = Node {
+        spec: spec.clone(),
+        dir,
+        holder,
+    };
+    start_kubelet(layout, components, &node)?;
+    Ok(node)
+}
+
+/// Starts the node's kubelet.
+pub fn start_kubelet(layout: &Layout, components: &Components, node: &Node) -> Result<()> {
+    let (spec, dir) = (&node.spec, &node.dir);
+    let mut kubelet = in_node(node.holder, components.bin("kubelet")?);
     kubelet
         .arg("--config")
         .arg(dir.join("kubelet.yaml"))
@@ -247,12 +263,56 @@ pub fn start(
         .arg(dir.join("kubelet/pki"))
         .args(["--hostname-override", &spec.name])
         .args(["--node-ip", &spec.ip().to_string()]);
-    daemon::spawn(layout, &format!("{}-kubelet", spec.name), kubelet)?;
-    Ok(Node {
+    daemon::spawn(layout, &format!("{}-kubelet", spec.name), kubelet).map(drop)
+}
+
+/// `systemctl restart kubelet`: the kubelet stopped (SIGTERM) and started again;
+/// containers and the runtime keep running.
+pub fn restart_kubelet(layout: &Layout, components: &Components, node: &Node) -> Result<()> {
+    daemon::stop(layout, &format!("{}-kubelet", node.spec.name))?;
+    start_kubelet(layout, components, node)
+}
+
+/// `systemctl restart containerd`: the runtime stopped (SIGTERM) and started again;
+/// containers keep running under their shims, and the kubelet reconnects.
+pub fn restart_containerd(layout: &Layout, node: &Node) -> Result<()> {
+    daemon::stop(layout, &format!("{}-containerd", node.spec.name))?;
+    start_containerd(layout, &node.spec, &node.dir, node.holder, &[])
+}
+
+/// A node's power cut and reboot. Every process of the node dies at once (daemons,
+/// shims, every pod's processes); what dies with the kernel goes too: the node's
+/// `/run` (containerd's state, the pods' network namespaces, the agents' sockets),
+/// every netfilter rule, ipset and conntrack entry of the node's network namespace,
+/// and the pods' bridge. What is on disk stays: `/etc` (the CNI config list, with the
+/// plugin if it was there), `/opt/cni/bin`, `/var/lib`, containerd's images and the
+/// kubelet's state. Then the node starts as a node boots: containerd, then the kubelet,
+/// which starts every pod again in new sandboxes. Returns the node's new state.
+pub fn power_cycle(layout: &Layout, components: &Components, node: &Node) -> Result<Node> {
+    let spec = &node.spec;
+    super::teardown::kill_node(spec)?;
+    super::teardown::reap();
+    let ns = spec.netns();
+    let reset = "nft flush ruleset 2>/dev/null; \
+         for t in raw mangle nat filter security; do \
+           for x in iptables-legacy ip6tables-legacy; do $x -t $t -F 2>/dev/null; $x -t $t -X 2>/dev/null; done; \
+         done; \
+         ipset destroy 2>/dev/null; conntrack -F 2>/dev/null; \
+         ip link del cni0 2>/dev/null; true";
+    super::run(
+        &format!("resetting {}'s kernel state", spec.name),
+        Command::new("ip").args(["netns", "exec", &ns, "sh", "-c", reset]),
+    )?;
+    let _ = std::fs::remove_file(node.dir.join("holder.ready"));
+    let holder = start_holder(layout, spec, &node.dir)?;
+    start_containerd(layout, spec, &node.dir, holder, &[])?;
+    let booted = Node {
         spec: spec.clone(),
-        dir,
+        dir: node.dir.clone(),
         holder,
-    })
+    };
+    start_kubelet(layout, components, &booted)?;
+    Ok(booted)
 }
 
 /// The node's directory: its CNI plugins and config, containerd's and the kubelet's
@@ -325,9 +385,13 @@ fn write_files(
 fn start_holder(layout: &Layout, spec: &NodeSpec, dir: &Path) -> Result<u32> {
     let name = format!("{}-holder", spec.name);
     let mut holder = Command::new("nsenter");
+    // A PID namespace of the node's own, as a machine has: PID 1 in the node's
+    // network namespace (Istio's agent finds the node's netns as /proc/1/ns/net), and
+    // a /proc showing only the node's processes.
     holder
         .arg(format!("--net=/run/netns/{}", spec.netns()))
         .args(["--", "unshare", "--mount", "--propagation", "slave"])
+        .args(["--pid", "--fork", "--mount-proc"])
         .args(["sh", "-c", &holder_script(dir)]);
     let pid = daemon::spawn(layout, &name, holder)?;
     wait_for(
@@ -344,7 +408,34 @@ fn start_holder(layout: &Layout, spec: &NodeSpec, dir: &Path) -> Result<u32> {
             }
         },
     )?;
-    Ok(pid)
+    // `unshare` forks the node's PID 1 and waits for it: the namespaces to enter are
+    // that child's.
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let init = std::fs::read_to_string(&children)
+        .map_err(|e| Error::io(Path::new(&children), e))?
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| Error::Setup(format!("{}: no PID 1 under unshare {pid}", spec.name)))?;
+    Ok(init)
+}
+
+/// `ctr` in the node, on the CRI's namespace of its containerd.
+fn ctr(holder: u32, args: &[&str]) -> Command {
+    let mut cmd = in_node(holder, "ctr");
+    cmd.args(["--address", CONTAINERD_SOCKET, "--namespace", "k8s.io"])
+        .args(args);
+    cmd
+}
+
+/// Gives image `from` a second name `to` in the node's containerd, as pushing a new
+/// tag to a registry would (same content, a new reference for the pods to ask for).
+pub fn tag_image(node: &Node, from: &str, to: &str) -> Result<()> {
+    super::run(
+        &format!("tagging {from} as {to} on {}", node.spec.name),
+        &mut ctr(node.holder, &["images", "tag", "--force", from, to]),
+    )
+    .map(drop)
 }
 
 /// Starts the node's containerd and imports `images` into it (the CRI's namespace).
@@ -358,12 +449,7 @@ fn start_containerd(
     let mut containerd = in_node(holder, "containerd");
     containerd.arg("--config").arg(dir.join("containerd.toml"));
     daemon::spawn(layout, &format!("{}-containerd", spec.name), containerd)?;
-    let ctr = |args: &[&str]| {
-        let mut cmd = in_node(holder, "ctr");
-        cmd.args(["--address", CONTAINERD_SOCKET, "--namespace", "k8s.io"])
-            .args(args);
-        cmd
-    };
+    let ctr = |args: &[&str]| ctr(holder, args);
     wait_for(
         &format!("{}'s containerd", spec.name),
         Duration::from_secs(30),

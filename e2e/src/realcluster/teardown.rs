@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::node::cgroup_hierarchies;
-use super::{ip, Error, Layout, Result, HOST_IF, PREFIX};
+use super::{ip, Error, Layout, NodeSpec, Result, HOST_IF, PREFIX};
 
 /// The sysctls a kubelet changes at startup (unless told to protect the kernel's
 /// defaults, which then makes it refuse to start here): saved before the first
@@ -95,6 +95,24 @@ pub fn in_cluster_cgroup(cgroup: &str) -> bool {
     })
 }
 
+/// Whether a `/proc/<pid>/cgroup` text puts the process under node `root`'s cgroup
+/// (`/ambk-w1`, and not `/ambk-w10`).
+pub fn in_node_cgroup(cgroup: &str, root: &str) -> bool {
+    let top = format!("/{root}");
+    cgroup.lines().any(|l| {
+        l.splitn(3, ':').nth(2).is_some_and(|path| {
+            path == top || path.strip_prefix(&top).is_some_and(|r| r.starts_with('/'))
+        })
+    })
+}
+
+/// Whose processes: a whole cluster's (rooted at a directory), or one node's.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    Cluster(&'a Path),
+    Node(&'a NodeSpec),
+}
+
 /// The programs the cluster starts on the host with its root in their arguments (the
 /// control plane, the nodes' runtimes and kubelets, the tools that enter a node).
 const DAEMONS: [&str; 9] = [
@@ -125,13 +143,27 @@ fn ancestry() -> BTreeSet<i32> {
     out
 }
 
-/// Every process of the cluster rooted at `root` (never this process or its
-/// ancestors): in a node's network namespace or cgroups, or one of [`DAEMONS`]
-/// naming the root.
-fn members(root: &Path) -> Vec<Member> {
+/// Every process of `scope` (never this process or its ancestors): for a cluster, in
+/// a node's network namespace or cgroups, or one of [`DAEMONS`] naming its root; for
+/// a node, in its network namespace or cgroups.
+fn members(scope: Scope<'_>) -> Vec<Member> {
     let mine = ancestry();
-    let netns: BTreeSet<u64> = cluster_netns().into_iter().map(|(_, ino)| ino).collect();
-    let root_text = root.to_string_lossy().into_owned();
+    let netns: BTreeSet<u64> = cluster_netns()
+        .into_iter()
+        .filter(|(name, _)| match scope {
+            Scope::Cluster(_) => true,
+            Scope::Node(spec) => *name == spec.netns(),
+        })
+        .map(|(_, ino)| ino)
+        .collect();
+    let root_text = match scope {
+        Scope::Cluster(root) => root.to_string_lossy().into_owned(),
+        Scope::Node(_) => String::new(),
+    };
+    let in_cgroup = |text: &str| match scope {
+        Scope::Cluster(_) => in_cluster_cgroup(text),
+        Scope::Node(spec) => in_node_cgroup(text, &spec.netns()),
+    };
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -153,7 +185,7 @@ fn members(root: &Path) -> Vec<Member> {
         let why = if netns_inode(pid).is_some_and(|i| netns.contains(&i)) {
             "in a node's network namespace"
         } else if std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .is_ok_and(|c| in_cluster_cgroup(&c))
+            .is_ok_and(|c| in_cgroup(&c))
         {
             "in a node's cgroup"
         } else if !root_text.is_empty()
@@ -177,7 +209,7 @@ fn members(root: &Path) -> Vec<Member> {
 }
 
 /// Reaps any of this process's children that have exited (daemons it started).
-fn reap() {
+pub fn reap() {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     while let Ok(status) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if status == WaitStatus::StillAlive {
@@ -186,11 +218,11 @@ fn reap() {
     }
 }
 
-fn kill_all(root: &Path) -> Vec<String> {
+fn kill_all(scope: Scope<'_>) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         reap();
-        let left = members(root);
+        let left = members(scope);
         if left.is_empty() {
             return Vec::new();
         }
@@ -204,6 +236,21 @@ fn kill_all(root: &Path) -> Vec<String> {
             );
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills every process of node `spec` at once (SIGKILL), as a power cut stops them:
+/// its daemons, the holder of its mount namespace, and every pod's processes.
+pub fn kill_node(spec: &NodeSpec) -> Result<()> {
+    let left = kill_all(Scope::Node(spec));
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!(
+            "{}'s processes would not die:\n  {}",
+            spec.name,
+            left.join("\n  ")
+        )))
     }
 }
 
@@ -268,7 +315,7 @@ fn cluster_links() -> Vec<String> {
 /// with `keep_files`, its root directory stays (logs, certificates). Errors name
 /// what could not be removed; everything removable is removed first.
 pub fn down(layout: &Layout, keep_files: bool) -> Result<()> {
-    let mut problems = kill_all(&layout.root);
+    let mut problems = kill_all(Scope::Cluster(&layout.root));
     for cg in cluster_cgroups() {
         let mut last = None;
         for _ in 0..50 {
@@ -352,7 +399,7 @@ pub fn rule_changes(before: &str, now: &str) -> Vec<String> {
 /// Whatever of a cluster rooted at `root` is still on the machine: processes, mounts,
 /// cgroups, network namespaces, links and routes. Empty after [`down`].
 pub fn leftovers(root: &Path) -> Vec<String> {
-    let mut out: Vec<String> = members(root)
+    let mut out: Vec<String> = members(Scope::Cluster(root))
         .into_iter()
         .map(|m| format!("process {}", m.why))
         .collect();
@@ -405,5 +452,10 @@ mod tests {
         assert!(!in_cluster_cgroup(host));
         // A cgroup that only contains the prefix further down is not the cluster's.
         assert!(!in_cluster_cgroup("3:cpu:/system/ambk-w1\n"));
+        // One node's: its root and below, not another node's with a longer name.
+        assert!(in_node_cgroup(pod, "ambk-w1"));
+        assert!(!in_node_cgroup(pod, "ambk-w2"));
+        assert!(!in_node_cgroup("4:pids:/ambk-w10/kubepods\n", "ambk-w1"));
+        assert!(in_node_cgroup("4:pids:/ambk-w1\n", "ambk-w1"));
     }
 }

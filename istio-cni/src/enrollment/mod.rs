@@ -107,6 +107,20 @@ pub struct SandboxDel {
 }
 
 /// Where an enrolled pod stands, as the enrollment API reports it.
+/// Why a pod leaves the mesh, which decides what happens to its rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leaving {
+    /// It runs on outside the mesh (labelled out, its namespace unlabelled): its
+    /// rules go, so its traffic flows as the user asked.
+    OptedOut,
+    /// It ended: completed, failed, or its object deleted. Its processes may still
+    /// run (an object deleted with no grace period goes before the kubelet stops its
+    /// containers), so its rules stay, failing closed, until its network namespace
+    /// goes with its sandbox; taking them out would let those last packets go around
+    /// ztunnel in the clear. Istio's agent does the same.
+    Ended,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnrollStatus {
     /// Rules in place and ztunnel's listeners up: traffic flows through ztunnel.
@@ -738,25 +752,33 @@ impl Enrollment {
         Ok(())
     }
 
-    /// Takes the pod out of the mesh (it opted out, terminated, or its object is gone):
-    /// rules removed from its netns (with its redirected conntrack entries), ztunnel
-    /// told to drain it, its IPs out of the probe set, its annotation removed.
-    pub async fn remove(&self, uid: &WorkloadUid) -> Result<(), EnrollError> {
-        let result = self.remove_pod(uid).await;
+    /// Takes the pod out of the mesh: ztunnel told to drain it, its IPs out of the
+    /// probe set, its annotation removed, the netns let go; and, only when it runs on
+    /// outside the mesh ([`Leaving::OptedOut`]), its rules removed (with its
+    /// redirected conntrack entries).
+    pub async fn remove(&self, uid: &WorkloadUid, why: Leaving) -> Result<(), EnrollError> {
+        let result = self.remove_pod(uid, why).await;
         self.reconciled(ReconcileType::delete, &result);
         result
     }
 
-    async fn remove_pod(&self, uid: &WorkloadUid) -> Result<(), EnrollError> {
+    async fn remove_pod(&self, uid: &WorkloadUid, why: Leaving) -> Result<(), EnrollError> {
         let _gate = self.inner.gates.enter(uid).await;
         let Some(mut entry) = self.entry(uid) else {
             return Ok(());
         };
-        if let Some(sandbox) = entry.state.sandbox() {
+        match (entry.state.sandbox(), why) {
             // The netns is the one held since enrollment, so this works even when the
-            // pod's processes (and its netns path) are already gone.
-            self.blocking(uid, sandbox.netns.clone(), |r, ns| r.remove(ns))
-                .await?;
+            // pod's netns path is already gone.
+            (Some(sandbox), Leaving::OptedOut) => {
+                self.blocking(uid, sandbox.netns.clone(), |r, ns| r.remove(ns))
+                    .await?
+            }
+            (Some(_), Leaving::Ended) => {
+                info!(%uid, pod = %entry.pod.key,
+                      "pod ended: its rules stay until its network namespace goes with it")
+            }
+            (None, _) => {}
         }
         let had_proxy = !matches!(entry.state, PodState::NoSandbox | PodState::Left);
         entry.state = PodState::Left;

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use super::queue::WorkQueue;
 use super::selection::{Selection, Verdict, REDIRECTION_ANNOTATION};
-use crate::enrollment::{Adopt, EnrollError, Enrollment, Locate, PodInfo, PodKey, Wanted};
+use crate::enrollment::{Adopt, EnrollError, Enrollment, Leaving, Locate, PodInfo, PodKey, Wanted};
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -67,6 +67,18 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into()),
+    }
+}
+
+/// Why enrolled pod `uid` leaves, from what the API server has under its name now
+/// (`pod`, with the selection's `verdict` on it): only the same pod, still running
+/// and now not to be captured, opted out; anything else (no object, another pod of
+/// that name, the pod completed or failed) ended.
+pub fn leaving(pod: Option<&Pod>, verdict: Option<Verdict>, uid: &WorkloadUid) -> Leaving {
+    let same = pod.is_some_and(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
+    match verdict {
+        Some(Verdict::Skip(why)) if same && why != "terminated" => Leaving::OptedOut,
+        _ => Leaving::Ended,
     }
 }
 
@@ -279,7 +291,8 @@ impl Controller {
         debug!(%key, ?verdict, "reconciling");
         for uid in enrolled {
             if Some(&uid) != desired_uid.as_ref() {
-                self.enrollment.remove(&uid).await?;
+                let why = leaving(pod.as_deref(), verdict.clone(), &uid);
+                self.enrollment.remove(&uid, why).await?;
             }
         }
         if let Some(p) = desired {
@@ -300,5 +313,55 @@ impl Controller {
             .get_opt(&key.name)
             .await
             .map_err(|e| EnrollError::Api(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+
+    fn pod(uid: &str, phase: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.uid = Some(uid.into());
+        p.spec = Some(PodSpec::default());
+        p.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn only_a_running_pod_that_opted_out_loses_its_rules() {
+        let uid = WorkloadUid::new("u-1");
+        let running = pod("u-1", "Running");
+        let opted_out = Some(Verdict::Skip("pod opted out (dataplane-mode=none)"));
+        assert_eq!(
+            leaving(Some(&running), opted_out.clone(), &uid),
+            Leaving::OptedOut
+        );
+        assert_eq!(
+            leaving(
+                Some(&running),
+                Some(Verdict::Skip("not labelled ambient")),
+                &uid
+            ),
+            Leaving::OptedOut
+        );
+        // Deleted (with no grace period its containers may still run), completed,
+        // or replaced by another pod of the same name: the rules stay.
+        assert_eq!(leaving(None, None, &uid), Leaving::Ended);
+        let done = pod("u-1", "Succeeded");
+        assert_eq!(
+            leaving(Some(&done), Some(Verdict::Skip("terminated")), &uid),
+            Leaving::Ended
+        );
+        let successor = pod("u-2", "Running");
+        assert_eq!(leaving(Some(&successor), opted_out, &uid), Leaving::Ended);
+        assert_eq!(
+            leaving(Some(&successor), Some(Verdict::Enroll), &uid),
+            Leaving::Ended
+        );
     }
 }

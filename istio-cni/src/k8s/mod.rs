@@ -2,6 +2,7 @@
 //! that feed it) keeping the node's enrollment in step with the API server.
 
 pub mod controller;
+pub mod notice;
 pub mod queue;
 pub mod selection;
 pub mod shutdown;

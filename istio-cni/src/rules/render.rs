@@ -157,6 +157,10 @@ pub struct TableRules {
 pub struct Ruleset {
     pub family: Family,
     pub tables: Vec<TableRules>,
+    /// Whether every `ISTIO_*` chain where these rules go is the redirection's (a
+    /// pod's netns: another agent's are drift, see [`super::save::foreign_chains`]),
+    /// or only ours are (the node's netns, shared with everything else).
+    pub owns_istio_chains: bool,
 }
 
 /// Renders the specification's ruleset for `cfg`: for IPv4 exactly the
@@ -219,6 +223,7 @@ pub fn render(cfg: &RuleConfig, family: Family) -> Ruleset {
     Ruleset {
         family,
         tables: vec![mangle, nat],
+        owns_istio_chains: true,
     }
 }
 
@@ -241,6 +246,7 @@ pub fn render_host_probe(cfg: &RuleConfig, family: Family, set: &str) -> Ruleset
                 cfg.probe(family)
             )],
         }],
+        owns_istio_chains: false,
     }
 }
 

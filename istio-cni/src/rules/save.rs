@@ -107,6 +107,60 @@ pub fn parse_save(text: &str) -> Result<Vec<SavedTable>, SaveParseError> {
     Ok(tables)
 }
 
+/// A chain named `ISTIO_*` in a pod's netns that the expected ruleset does not have
+/// in that table: left by another agent (Istio's own releases add chains of their
+/// own, such as a nat `ISTIO_PRERT`), and, with the rules jumping to it, ours to take
+/// out, since every `ISTIO_*` chain in a pod is the redirection's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignChain {
+    pub table: String,
+    pub chain: String,
+    /// Rules outside foreign chains that jump (`-j`/`-g`) to this one.
+    pub jumps: Vec<String>,
+}
+
+/// The foreign `ISTIO_*` chains of `saved`, in every table (none where the ruleset
+/// does not own them all: the node's netns).
+pub fn foreign_chains(expected: &Ruleset, saved: &[SavedTable]) -> Vec<ForeignChain> {
+    let mut out = Vec::new();
+    if !expected.owns_istio_chains {
+        return out;
+    }
+    for have in saved {
+        let ours: &[&str] = expected
+            .tables
+            .iter()
+            .find(|t| t.table == have.name)
+            .map_or(&[], |t| &t.chains);
+        let foreign: Vec<&str> = have
+            .chains
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|c| c.starts_with("ISTIO_") && !ours.contains(c))
+            .collect();
+        for chain in &foreign {
+            let jumps = have
+                .rules
+                .iter()
+                .filter(|r| rule_chain(r).is_some_and(|c| !foreign.contains(&c)))
+                .filter(|r| {
+                    let words: Vec<&str> = r.split_ascii_whitespace().collect();
+                    words
+                        .windows(2)
+                        .any(|w| (w[0] == "-j" || w[0] == "-g") && w[1] == *chain)
+                })
+                .cloned()
+                .collect();
+            out.push(ForeignChain {
+                table: have.name.clone(),
+                chain: chain.to_string(),
+                jumps,
+            });
+        }
+    }
+    out
+}
+
 /// How the live rules differ from the expected ones. Rules that are not ours (other
 /// chains, other rules in built-in chains) are never reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -188,6 +242,10 @@ pub fn drift(expected: &Ruleset, saved: &[SavedTable]) -> Drift {
                     .push(format!("{t}: rules of {chain} out of order"));
             }
         }
+    }
+    for f in foreign_chains(expected, saved) {
+        out.extra
+            .push(format!("{}: chain {} is not ours", f.table, f.chain));
     }
     out
 }
