@@ -382,6 +382,13 @@ impl Installer {
             warn!("cannot watch the CNI directories ({e}); polling every second instead");
         }
         loop {
+            // First with the watch in place: a change made between the first install
+            // attempt and the watch's creation raised no event to wait for.
+            match self.repair() {
+                Err(e @ InstallError::NoPrimaryConfig(_)) => debug!("{e}"),
+                Err(e) => warn!("repairing the CNI config: {e}"),
+                Ok(_) => {}
+            }
             // The network configs and our binary; not temporary files, not logs.
             let ours = |name: &std::ffi::OsStr| {
                 let name = name.to_string_lossy();
@@ -396,11 +403,6 @@ impl Installer {
                     _ = tokio::time::sleep(Duration::from_secs(30)) => {}
                 },
                 Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            }
-            match self.repair() {
-                Err(e @ InstallError::NoPrimaryConfig(_)) => debug!("{e}"),
-                Err(e) => warn!("repairing the CNI config: {e}"),
-                Ok(_) => {}
             }
         }
     }
@@ -667,6 +669,28 @@ mod tests {
         }
         fs::write(&primary, CONFLIST).unwrap();
         assert!(!inst.repair().unwrap(), "repair loop detected");
+    }
+
+    /// A config that lands after the first install attempt but before the watch
+    /// exists raises no event the watch sees; the real cluster's suite caught the
+    /// 30 s wait (the safety re-check) once under load.
+    #[tokio::test]
+    async fn a_config_written_before_the_watch_started_is_chained_at_once() {
+        let d = dirs();
+        let inst = Arc::new(Installer::new(d.cfg.clone()));
+        assert!(inst.install().is_err(), "no config yet");
+        let primary = d.cfg.conf_dir.join("10-bridge.conflist");
+        fs::write(&primary, CONFLIST).unwrap();
+        let keeper = tokio::spawn(inst.clone().keep_installed());
+        let chained = tokio::time::timeout(Duration::from_secs(5), async {
+            while !inst.is_installed() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        keeper.abort();
+        assert!(chained.is_ok(), "not chained within 5 s");
+        assert!(has_our_plugin(&read_json(&primary)));
     }
 
     #[test]
