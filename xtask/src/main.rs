@@ -24,6 +24,7 @@ mod cluster_e2e;
 mod dist;
 mod gobuild;
 mod images;
+mod msrv;
 mod setup;
 mod tools;
 
@@ -93,6 +94,7 @@ fn setup_tests() -> anyhow::Result<()> {
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
     setup_tests()?;
+    msrv::check(cargo)?;
     // The e2e tests start the real ztunnel binary: build it first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);

@@ -27,11 +27,11 @@ use config::{Config, MeshSource};
 use controlplane::{ControlPlane, ControlPlaneConfig};
 use identity::manager::CertManager;
 use identity::source::CertSource;
-use inpod::packet::Keepalive;
 use inpod::statemanager::StateManager;
 use inpod::workloadmanager::WorkloadProxyManager;
-use proxy::factory::InpodProxyFactory;
+use proxy::factory::PodProxyFactory;
 use proxy::pool::HboneConfig;
+use proxy::socket::Keepalive;
 use proxy::{MeshConfig, ProxyConfig};
 use state::{Protocol, Sources, Store};
 use tokio::sync::watch;
@@ -248,7 +248,7 @@ pub async fn run(
         connections: connections.clone(),
         max_connections_per_pod: cfg.pod_max_connections as usize,
     });
-    let pods = StateManager::new(Arc::new(InpodProxyFactory { cfg: proxy_cfg }))
+    let pods = StateManager::new(Arc::new(PodProxyFactory { cfg: proxy_cfg }))
         .with_metrics(metrics.inpod.clone());
     let synced = readiness.block("the agent's first snapshot");
     let mut first_snapshot = pods.synced();

@@ -1,6 +1,9 @@
 //! The import graph of ztunnel's modules runs one way: `proxy` -> `authz` -> `state`
-//! (-> `identity`), `proxy` -> `inpod` for sockets, and the local file's schema stays
-//! inside `state`. Read from the sources, so a tie that runs the wrong way fails here.
+//! (-> `identity`); `inpod` -> `proxy` through the proxy's own seams (its socket
+//! factory, which in-pod mode implements inside each pod's netns, and its proxy
+//! factory, which the state manager calls), never `proxy` -> `inpod`; and the local
+//! file's schema stays inside `state`. Read from the sources, so a tie that runs the
+//! wrong way fails here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -72,15 +75,13 @@ fn modules_depend_on_each_other_one_way() {
         ("xds", &["controlplane", "identity", "proto", "state"]),
         ("metrics", &["identity", "state"]),
         ("telemetry", &[]),
-        ("inpod", &["config", "metrics"]),
+        ("inpod", &["config", "metrics", "proxy"]),
         ("http", &[]),
         ("config", &[]),
         ("memory", &[]),
         (
             "proxy",
-            &[
-                "authz", "state", "identity", "tls", "inpod", "metrics", "memory",
-            ],
+            &["authz", "state", "identity", "tls", "metrics", "memory"],
         ),
         (
             "admin",
@@ -115,6 +116,17 @@ fn modules_depend_on_each_other_one_way() {
         "ties that run the wrong way:\n{}",
         wrong.join("\n")
     );
+}
+
+/// The seam runs one way: the proxy knows nothing of pods' netns or ZDS.
+#[test]
+fn the_proxy_never_reaches_into_inpod() {
+    let wrong: Vec<String> = modules()
+        .into_iter()
+        .filter(|(module, _, code)| module == "proxy" && uses(code).contains("inpod"))
+        .map(|(_, file, _)| file)
+        .collect();
+    assert!(wrong.is_empty(), "proxy -> inpod in {wrong:?}");
 }
 
 #[test]

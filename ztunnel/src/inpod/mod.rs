@@ -3,10 +3,9 @@
 //!
 //! - [`workloadmanager`]: the ZDS client (connect, hello, messages, acks, reconnect).
 //! - [`statemanager`]: one proxy per pod uid, snapshot reconciliation, retries.
-//! - [`netns`]: a socket-making thread inside a pod's netns.
-//! - [`packet`]: marks and socket options.
+//! - [`netns`]: the proxy's sockets made inside a pod's netns (its
+//!   `proxy::seam::SocketFactory`).
 
 pub mod netns;
-pub mod packet;
 pub mod statemanager;
 pub mod workloadmanager;

@@ -8,8 +8,6 @@
 //! - Del: drain (stop listening now; connections get a grace period).
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,26 +16,9 @@ use protocol::{Netns, NetnsId, Request, WorkloadUid};
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
+use super::netns::InpodNetns;
 use crate::metrics::InpodMetrics;
-
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// A running proxy, as the state manager sees it.
-pub trait RunningProxy: Send {
-    /// Stops listening at once; the future ends when the last connection is gone.
-    fn drain(self: Box<Self>) -> BoxFuture<()>;
-}
-
-/// Starts pod proxies. The real one (`crate::proxy::factory`) binds listeners in the
-/// pod's netns; tests use fakes. The state manager never builds a proxy itself.
-pub trait ProxyFactory: Send + Sync + 'static {
-    fn start(
-        &self,
-        uid: WorkloadUid,
-        info: WorkloadInfo,
-        netns: Netns,
-    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>>;
-}
+pub use crate::proxy::seam::{BoxFuture, ProxyFactory, RunningProxy};
 
 enum Status {
     Running(Box<dyn RunningProxy>),
@@ -272,7 +253,10 @@ impl StateManager {
         info!("pod {uid:?} received netns, starting proxy");
         let id = netns.id();
         let retry_netns = netns.try_clone().map_err(|e| e.to_string())?;
-        let result = self.factory.start(uid.clone(), info.clone(), netns).await;
+        let result = self
+            .factory
+            .start(uid.clone(), info.clone(), Arc::new(InpodNetns::new(netns)))
+            .await;
         let outcome = match result {
             Ok(proxy) => {
                 self.metrics.started.inc();
@@ -342,7 +326,11 @@ impl StateManager {
                     continue;
                 }
             };
-            match self.factory.start(uid.clone(), info, netns).await {
+            match self
+                .factory
+                .start(uid.clone(), info, Arc::new(InpodNetns::new(netns)))
+                .await
+            {
                 Ok(proxy) => {
                     info!(?uid, "proxy started on retry");
                     self.metrics.started.inc();
@@ -440,7 +428,7 @@ mod tests {
             &self,
             _: WorkloadUid,
             _: WorkloadInfo,
-            _: Netns,
+            _: Arc<dyn crate::proxy::seam::SocketFactory>,
         ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
             let c = self.0.clone();
             Box::pin(async move {

@@ -1,16 +1,16 @@
 //! The real [`ProxyFactory`]: for each pod the agent hands over, the mesh side (its
-//! workload, identity and certificate), its netns and the three listeners. The in-pod
-//! state manager decides when; this decides how.
+//! workload, identity and certificate) and the three listeners, made where the
+//! pod's [`SocketFactory`] makes sockets. The in-pod state manager decides when;
+//! this decides how.
 
 use std::sync::Arc;
 
 use protocol::zds::WorkloadInfo;
-use protocol::{Netns, WorkloadUid};
+use protocol::WorkloadUid;
 use tracing::warn;
 
+use super::seam::{BoxFuture, ProxyFactory, RunningProxy, SocketFactory};
 use super::{PodContext, PodMesh, PodProxy, ProxyConfig};
-use crate::inpod::netns::InpodNetns;
-use crate::inpod::statemanager::{BoxFuture, ProxyFactory, RunningProxy};
 
 impl RunningProxy for PodProxy {
     fn drain(self: Box<Self>) -> BoxFuture<()> {
@@ -18,17 +18,17 @@ impl RunningProxy for PodProxy {
     }
 }
 
-/// The real factory: the pod's netns and the three listeners.
-pub struct InpodProxyFactory {
+/// The real factory: the pod's mesh side and its three listeners.
+pub struct PodProxyFactory {
     pub cfg: Arc<ProxyConfig>,
 }
 
-impl ProxyFactory for InpodProxyFactory {
+impl ProxyFactory for PodProxyFactory {
     fn start(
         &self,
         uid: WorkloadUid,
         info: WorkloadInfo,
-        netns: Netns,
+        sockets: Arc<dyn SocketFactory>,
     ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
         let cfg = self.cfg.clone();
         Box::pin(async move {
@@ -40,18 +40,11 @@ impl ProxyFactory for InpodProxyFactory {
                     None
                 }
             };
-            let netns = InpodNetns::new(netns);
             if !cfg.ipv6 {
                 // Dual-stack listeners are off: a routable IPv6 address would carry
                 // traffic nothing captures.
-                let addrs = netns
-                    .run(|| {
-                        let all = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
-                        Ok(all
-                            .filter_map(|a| a.address?.as_sockaddr_in6().map(|s| s.ip()))
-                            .collect::<Vec<_>>())
-                    })
-                    .await
+                let addrs = sockets
+                    .ipv6_addresses()
                     .map_err(|e| format!("reading the pod's addresses: {e}"))?;
                 if let Some(v6) = addrs
                     .into_iter()
@@ -66,7 +59,7 @@ impl ProxyFactory for InpodProxyFactory {
             let ctx = PodContext {
                 uid,
                 info,
-                netns,
+                sockets,
                 budget: super::budget::Budget::new(cfg.max_connections_per_pod),
                 cfg,
                 mesh,

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use super::headers;
 use super::live::Attrs;
 use super::relay::Flow;
+use super::Direction;
 use super::{is_ztunnel_port, MeshConfig, PodContext};
 use crate::authz::Decision;
 use crate::identity::Identity;
@@ -29,7 +30,7 @@ use crate::tls;
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().map(super::canonical).unwrap_or(peer);
     let (Some(mesh), Some(pod)) = (ctx.cfg.mesh.clone(), ctx.mesh.as_ref()) else {
-        Flow::new(&ctx, "inbound", peer, local).log(
+        Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
             0,
             0,
             Some("refused: HBONE needs a mesh configuration (LOCAL_XDS_PATH)"),
@@ -39,7 +40,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     // Handshakes in progress are capped: a flood of slow or bogus clients is refused at
     // once instead of holding an fd and a task each for the handshake timeout.
     let Ok(_handshaking) = pod.handshakes.clone().try_acquire_owned() else {
-        Flow::new(&ctx, "inbound", peer, local).log(
+        Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
             0,
             0,
             Some("refused: too many TLS handshakes in progress"),
@@ -52,7 +53,11 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let acceptor = match pod.acceptor().await {
         Ok((_, a)) => a,
         Err(e) => {
-            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some(&format!("refused: {e}")));
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
+                0,
+                0,
+                Some(&format!("refused: {e}")),
+            );
             return;
         }
     };
@@ -60,7 +65,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            Flow::new(&ctx, "inbound", peer, local).log(
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
                 0,
                 0,
                 Some(&format!("TLS handshake failed: {e}")),
@@ -68,7 +73,11 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
         Err(_) => {
-            Flow::new(&ctx, "inbound", peer, local).log(0, 0, Some("TLS handshake timed out"));
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
+                0,
+                0,
+                Some("TLS handshake timed out"),
+            );
             return;
         }
     };
@@ -123,7 +132,7 @@ async fn tunnel(
         .and_then(headers::forwarded_for)
         .filter(|f| f.ip() == peer.ip() && f.port() != 0)
         .unwrap_or(peer);
-    let mut flow = Flow::new(&ctx, "inbound", client, local);
+    let mut flow = Flow::new(&ctx, Direction::InboundHbone, client, local);
     flow.src_identity = peer_id.clone();
     flow.hbone_addr = target;
     flow.mtls = true;

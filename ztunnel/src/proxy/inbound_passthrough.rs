@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::live::Attrs;
 use super::relay::Flow;
+use super::Direction;
 use super::{canonical, is_ztunnel_port, PodContext};
 use crate::authz::Decision;
 
@@ -23,7 +24,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    let mut flow = Flow::new(&ctx, "inbound", peer, dst);
+    let mut flow = Flow::new(&ctx, Direction::InboundPlaintext, peer, dst);
     if is_ztunnel_port(dst.port()) {
         flow.log(0, 0, Some("refused: destination is ztunnel itself"));
         return;

@@ -18,9 +18,11 @@ pub mod live;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
+pub mod seam;
+pub mod socket;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,17 +35,17 @@ use tracing::{debug, info, warn};
 
 use crate::identity::manager::{CertManager, IdentityCert};
 use crate::identity::Identity;
-use crate::inpod::netns::InpodNetns;
-use crate::inpod::packet::{self, Keepalive, ListenerOpts};
 use crate::state::{MeshState, Store, Workload};
 use live::LiveConns;
 use pool::{HboneConfig, Pool};
+use seam::SocketFactory;
+use socket::{Keepalive, ListenerOpts};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const INBOUND_HBONE_PORT: u16 = 15008;
 
-pub use crate::inpod::packet::canonical;
+pub use socket::canonical;
 
 /// Ports a connection must never be forwarded to: that would loop into ztunnel.
 pub fn is_ztunnel_port(port: u16) -> bool {
@@ -190,7 +192,8 @@ pub struct ProxyConfig {
 pub struct PodContext {
     pub uid: WorkloadUid,
     pub info: WorkloadInfo,
-    pub netns: InpodNetns,
+    /// Where the pod's sockets are made (in-pod: inside its netns).
+    pub sockets: Arc<dyn SocketFactory>,
     pub cfg: Arc<ProxyConfig>,
     pub mesh: Option<PodMesh>,
     /// The pod's open proxied connections, against its cap.
@@ -216,10 +219,7 @@ impl PodContext {
         source: Option<std::net::IpAddr>,
     ) -> std::io::Result<TcpStream> {
         let (mark, keepalive) = (self.cfg.mark, self.cfg.keepalive);
-        let std_stream = self
-            .netns
-            .run(move || packet::upstream(dest, mark, keepalive, source))
-            .await?;
+        let std_stream = self.sockets.upstream(dest, mark, keepalive, source)?;
         let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
         tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dest))
             .await
@@ -252,33 +252,7 @@ impl PodProxy {
             (INBOUND_PLAINTEXT_PORT, opts(true)),
             (INBOUND_HBONE_PORT, opts(true)),
         ];
-        let listen = |any: IpAddr, (port, o): (u16, ListenerOpts)| {
-            let addr = SocketAddr::new(any, port);
-            packet::listener(addr, o)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("listen on {addr}: {e}")))
-        };
-        let ipv6 = ctx.cfg.ipv6;
-        // All three or none: a failure drops the ones already bound.
-        let [out, plain, hbone] = ctx
-            .netns
-            .run(move || -> std::io::Result<_> {
-                let all = |any: IpAddr| -> std::io::Result<_> {
-                    let [a, b, c] = specs;
-                    Ok([listen(any, a)?, listen(any, b)?, listen(any, c)?])
-                };
-                if ipv6 {
-                    match all(Ipv6Addr::UNSPECIFIED.into()) {
-                        Err(e)
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(nix::libc::EAFNOSUPPORT) | Some(nix::libc::EADDRNOTAVAIL)
-                            ) => {}
-                        other => return other,
-                    }
-                }
-                all(Ipv4Addr::UNSPECIFIED.into())
-            })
-            .await?;
+        let [out, plain, hbone] = ctx.sockets.listeners(ctx.cfg.ipv6, specs)?;
         let (out, plain, hbone) = (
             TcpListener::from_std(out)?,
             TcpListener::from_std(plain)?,
@@ -331,7 +305,7 @@ impl PodProxy {
                             Direction::InboundHbone => None,
                             _ => {
                                 let local = stream.local_addr().map(canonical).unwrap_or(peer);
-                                let flow = relay::Flow::new(&ctx, direction.name(), peer, local);
+                                let flow = relay::Flow::new(&ctx, direction, peer, local);
                                 match ctx.take_share(&flow) {
                                     Some(s) => Some(s),
                                     None => continue,
@@ -402,18 +376,20 @@ impl PodProxy {
 
 /// Which of a pod's listeners accepted a connection.
 #[derive(Clone, Copy)]
-enum Direction {
+pub enum Direction {
     Outbound,
     InboundPlaintext,
     InboundHbone,
 }
 
 impl Direction {
-    /// The access log's `direction`.
-    fn name(self) -> &'static str {
+    /// Whose side of the connection the pod is, for Istio's `reporter` label.
+    pub fn reporter(self) -> crate::metrics::traffic::Reporter {
         match self {
-            Direction::Outbound => "outbound",
-            Direction::InboundPlaintext | Direction::InboundHbone => "inbound",
+            Direction::Outbound => crate::metrics::traffic::Reporter::source,
+            Direction::InboundPlaintext | Direction::InboundHbone => {
+                crate::metrics::traffic::Reporter::destination
+            }
         }
     }
 }

@@ -9,17 +9,18 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::relay::Flow;
+use super::socket;
+use super::Direction;
 use super::{canonical, is_ztunnel_port, PodContext};
-use crate::inpod::packet;
 use crate::state::{Destination, Protocol};
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let dst = match packet::original_dst(&stream) {
+    let dst = match socket::original_dst(&stream) {
         Ok(d) => d,
         Err(e) => {
             let local = stream.local_addr().map(canonical).unwrap_or(peer);
-            Flow::new(&ctx, "outbound", peer, local).log(
+            Flow::new(&ctx, Direction::Outbound, peer, local).log(
                 0,
                 0,
                 Some(&format!("no original destination: {e}")),
@@ -30,7 +31,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     // A connection made straight to 15001 (not redirected) has itself as its original
     // destination; forwarding it, or anything aimed at our ports, would loop.
     if stream.local_addr().ok().map(canonical) == Some(dst) || is_ztunnel_port(dst.port()) {
-        Flow::new(&ctx, "outbound", peer, dst).log(
+        Flow::new(&ctx, Direction::Outbound, peer, dst).log(
             0,
             0,
             Some("refused: destination is ztunnel itself"),
@@ -43,7 +44,11 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         let (src, cert) = match pod.identity().await {
             Ok(found) => found,
             Err(e) => {
-                Flow::new(&ctx, "outbound", peer, dst).log(0, 0, Some(&format!("refused: {e}")));
+                Flow::new(&ctx, Direction::Outbound, peer, dst).log(
+                    0,
+                    0,
+                    Some(&format!("refused: {e}")),
+                );
                 return;
             }
         };
@@ -54,7 +59,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             .map(|s| s.service.clone());
         drop(state);
         let flow = |target: SocketAddr| {
-            let mut f = Flow::new(&ctx, "outbound", peer, target);
+            let mut f = Flow::new(&ctx, Direction::Outbound, peer, target);
             f.src_workload = Some(src.clone());
             f.dst_service = service.clone();
             f
@@ -118,7 +123,12 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     }
-    passthrough(&ctx, stream, Flow::new(&ctx, "outbound", peer, dst)).await
+    passthrough(
+        &ctx,
+        stream,
+        Flow::new(&ctx, Direction::Outbound, peer, dst),
+    )
+    .await
 }
 
 async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, flow: Flow) {

@@ -89,20 +89,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 }
 
 impl Flow {
-    /// A connection of the pod's: `"outbound"` (the pod is the client) or `"inbound"`.
+    /// A connection of the pod's, arrived on the listener of `direction`.
     pub fn new(
         ctx: &Arc<PodContext>,
-        direction: &'static str,
+        direction: super::Direction,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
         Flow {
             ctx: ctx.clone(),
-            reporter: if direction == "outbound" {
-                Reporter::source
-            } else {
-                Reporter::destination
-            },
+            reporter: direction.reporter(),
             src,
             dst,
             hbone_addr: None,

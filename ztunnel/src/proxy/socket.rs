@@ -1,4 +1,5 @@
-//! Socket options for sockets made inside a pod's netns.
+//! The proxy's sockets: how each is made, with which options, wherever the
+//! [`super::seam::SocketFactory`] makes it (inside a pod's netns in in-pod mode).
 //!
 //! - `SO_MARK` on every socket (listeners and upstream connections): the pod's rules
 //!   let marked packets through, so ztunnel's own traffic is not captured again.
@@ -12,7 +13,7 @@
 //!   relay buffers forever. Accepted connections inherit it from their listener.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
@@ -76,6 +77,43 @@ pub fn listener(addr: SocketAddr, opts: ListenerOpts) -> io::Result<std::net::Tc
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// The three listeners of `specs` (port, options), each one dual-stack socket at
+/// `[::]` when `ipv6`, IPv4 only where the kernel has no IPv6 or it is off; all
+/// three or none (a failure drops the ones already bound). In the calling thread's
+/// netns.
+pub fn listen_all(
+    ipv6: bool,
+    specs: [(u16, ListenerOpts); 3],
+) -> io::Result<[std::net::TcpListener; 3]> {
+    let listen = |any: IpAddr, (port, o): (u16, ListenerOpts)| {
+        let addr = SocketAddr::new(any, port);
+        listener(addr, o).map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))
+    };
+    let all = |any: IpAddr| -> io::Result<_> {
+        let [a, b, c] = specs;
+        Ok([listen(any, a)?, listen(any, b)?, listen(any, c)?])
+    };
+    if ipv6 {
+        match all(Ipv6Addr::UNSPECIFIED.into()) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EAFNOSUPPORT) | Some(nix::libc::EADDRNOTAVAIL)
+                ) => {}
+            other => return other,
+        }
+    }
+    all(Ipv4Addr::UNSPECIFIED.into())
+}
+
+/// The IPv6 addresses of the calling thread's netns.
+pub fn ipv6_addresses() -> io::Result<Vec<Ipv6Addr>> {
+    let all = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(all
+        .filter_map(|a| a.address?.as_sockaddr_in6().map(|s| s.ip()))
+        .collect())
 }
 
 /// An unconnected TCP socket for `dest`, in the calling thread's netns, carrying
