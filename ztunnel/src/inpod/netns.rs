@@ -15,13 +15,11 @@
 //! rather than let a runtime worker create later sockets in the wrong pod.
 
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::OnceLock;
 
 use protocol::{Netns, NetnsId};
 
 use crate::proxy::seam::SocketFactory;
-use crate::proxy::socket::{self, Keepalive, ListenerOpts};
 
 /// ztunnel's own netns, where every thread lives outside [`InpodNetns::run`].
 static HOME: OnceLock<Netns> = OnceLock::new();
@@ -84,25 +82,7 @@ impl InpodNetns {
 
 /// In-pod mode's sockets: the proxy's, made inside the pod's netns.
 impl SocketFactory for InpodNetns {
-    fn listeners(
-        &self,
-        ipv6: bool,
-        specs: [(u16, ListenerOpts); 3],
-    ) -> io::Result<[std::net::TcpListener; 3]> {
-        self.enter_and(|| socket::listen_all(ipv6, specs))
-    }
-
-    fn upstream(
-        &self,
-        dest: SocketAddr,
-        mark: u32,
-        keepalive: Option<Keepalive>,
-        source: Option<IpAddr>,
-    ) -> io::Result<std::net::TcpStream> {
-        self.enter_and(|| socket::upstream(dest, mark, keepalive, source))
-    }
-
-    fn ipv6_addresses(&self) -> io::Result<Vec<Ipv6Addr>> {
-        self.enter_and(socket::ipv6_addresses)
+    fn make_there(&self, make: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
+        self.enter_and(make)
     }
 }

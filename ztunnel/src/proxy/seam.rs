@@ -17,16 +17,23 @@ use super::socket::{self, Keepalive, ListenerOpts};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Where one pod's sockets are made. Every method runs to completion without
-/// yielding (plain syscalls), so an implementation may move the calling thread into
-/// another netns for its duration.
+/// Where one pod's sockets are made. An implementation gives one thing, the place
+/// ([`SocketFactory::make_there`]); the proxy's sockets are made by the provided
+/// methods, with the same options wherever that is.
 pub trait SocketFactory: Send + Sync + 'static {
+    /// Runs `make` (plain syscalls that neither block for long nor yield) where the
+    /// pod's sockets belong, on the calling thread.
+    fn make_there(&self, make: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()>;
+
     /// The pod's three listeners ([`socket::listen_all`]).
     fn listeners(
         &self,
         ipv6: bool,
         specs: [(u16, ListenerOpts); 3],
-    ) -> io::Result<[std::net::TcpListener; 3]>;
+    ) -> io::Result<[std::net::TcpListener; 3]> {
+        made(self, || socket::listen_all(ipv6, specs))
+    }
+
     /// An unconnected socket towards `dest` ([`socket::upstream`]).
     fn upstream(
         &self,
@@ -34,9 +41,27 @@ pub trait SocketFactory: Send + Sync + 'static {
         mark: u32,
         keepalive: Option<Keepalive>,
         source: Option<IpAddr>,
-    ) -> io::Result<std::net::TcpStream>;
+    ) -> io::Result<std::net::TcpStream> {
+        made(self, || socket::upstream(dest, mark, keepalive, source))
+    }
+
     /// The IPv6 addresses where the sockets are made.
-    fn ipv6_addresses(&self) -> io::Result<Vec<Ipv6Addr>>;
+    fn ipv6_addresses(&self) -> io::Result<Vec<Ipv6Addr>> {
+        made(self, socket::ipv6_addresses)
+    }
+}
+
+/// What `f` makes, made where `factory` makes sockets.
+fn made<F: SocketFactory + ?Sized, T>(
+    factory: &F,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let mut out = None;
+    factory.make_there(&mut || {
+        out = Some(f()?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| io::Error::other("the socket factory did not run the maker"))
 }
 
 /// Sockets made where the calling thread is (ztunnel's own netns): for tests on
@@ -44,26 +69,8 @@ pub trait SocketFactory: Send + Sync + 'static {
 pub struct HostSockets;
 
 impl SocketFactory for HostSockets {
-    fn listeners(
-        &self,
-        ipv6: bool,
-        specs: [(u16, ListenerOpts); 3],
-    ) -> io::Result<[std::net::TcpListener; 3]> {
-        socket::listen_all(ipv6, specs)
-    }
-
-    fn upstream(
-        &self,
-        dest: SocketAddr,
-        mark: u32,
-        keepalive: Option<Keepalive>,
-        source: Option<IpAddr>,
-    ) -> io::Result<std::net::TcpStream> {
-        socket::upstream(dest, mark, keepalive, source)
-    }
-
-    fn ipv6_addresses(&self) -> io::Result<Vec<Ipv6Addr>> {
-        socket::ipv6_addresses()
+    fn make_there(&self, make: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
+        make()
     }
 }
 
