@@ -18,7 +18,35 @@ use tracing::{debug, info, warn};
 
 use super::netns::InpodNetns;
 use crate::metrics::InpodMetrics;
-pub use crate::proxy::seam::{BoxFuture, ProxyFactory, RunningProxy};
+pub use crate::proxy::seam::{BoxFuture, ProxyFactory, RunningProxy, StartError};
+
+/// Why a request from the agent failed: the error ack's text is its message.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// An Add whose netns is ztunnel's own or the node's: listeners there would
+    /// capture the node's traffic.
+    #[error(
+        "the netns handed over for pod {0} is ztunnel's or the node's own, not a pod's: refused"
+    )]
+    NotAPodsNetns(WorkloadUid),
+    /// The same Add again while its proxy is being retried.
+    #[error("proxy for pod {uid} not up yet (retrying): {last_error}")]
+    Retrying {
+        uid: WorkloadUid,
+        last_error: String,
+    },
+    /// The proxy did not start (retried in the background).
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The netns could not be held for the retries.
+    #[error("{0}")]
+    Netns(#[source] std::io::Error),
+    /// Keep is only valid in a snapshot.
+    #[error("KeepWorkload for {0} after SnapshotSent: Keep is only valid in a snapshot")]
+    KeepAfterSnapshot(WorkloadUid),
+    #[error("second SnapshotSent on one connection")]
+    SecondSnapshot,
+}
 
 enum Status {
     Running(Box<dyn RunningProxy>),
@@ -197,7 +225,7 @@ impl StateManager {
     }
 
     /// Applies one request; the result is the ack.
-    pub async fn handle(&self, request: Request) -> Result<(), String> {
+    pub async fn handle(&self, request: Request) -> Result<(), RequestError> {
         match &request {
             Request::Add { uid, info, .. } => {
                 debug!(?uid, pod = %format_args!("{}/{}", info.namespace, info.name), "request: add");
@@ -217,7 +245,12 @@ impl StateManager {
         }
     }
 
-    async fn add(&self, uid: WorkloadUid, info: WorkloadInfo, netns: Netns) -> Result<(), String> {
+    async fn add(
+        &self,
+        uid: WorkloadUid,
+        info: WorkloadInfo,
+        netns: Netns,
+    ) -> Result<(), RequestError> {
         // A pod's netns, never ztunnel's or the node's: listeners there would capture
         // the node's own traffic.
         if self.refused.contains(&netns.id()) {
@@ -225,9 +258,7 @@ impl StateManager {
                 ?uid,
                 "refusing an Add whose netns is ztunnel's or the node's own"
             );
-            return Err(format!(
-                "the netns handed over for pod {uid} is ztunnel's or the node's own, not a pod's: refused"
-            ));
+            return Err(RequestError::NotAPodsNetns(uid));
         }
         let mut st = self.state.lock().await;
         if let Some(seen) = st.snapshot.as_mut() {
@@ -240,9 +271,10 @@ impl StateManager {
                         debug!(?uid, "pod already running with this netns");
                         Ok(())
                     }
-                    Status::Retrying { last_error, .. } => Err(format!(
-                        "proxy for pod {uid} not up yet (retrying): {last_error}"
-                    )),
+                    Status::Retrying { last_error, .. } => Err(RequestError::Retrying {
+                        uid: uid.clone(),
+                        last_error: last_error.clone(),
+                    }),
                 };
             }
             info!("pod {uid:?} netns changed, replacing proxy");
@@ -252,7 +284,7 @@ impl StateManager {
         }
         info!("pod {uid:?} received netns, starting proxy");
         let id = netns.id();
-        let retry_netns = netns.try_clone().map_err(|e| e.to_string())?;
+        let retry_netns = netns.try_clone().map_err(RequestError::Netns)?;
         let result = self
             .factory
             .start(uid.clone(), info.clone(), Arc::new(InpodNetns::new(netns)))
@@ -285,13 +317,13 @@ impl StateManager {
                         status: Status::Retrying {
                             netns: retry_netns,
                             info,
-                            last_error: e.clone(),
+                            last_error: e.to_string(),
                             attempt,
                         },
                     },
                 );
                 tokio::spawn(self.clone().retry(uid, attempt));
-                Err(e)
+                Err(e.into())
             }
         };
         self.update_ready(&st);
@@ -341,20 +373,18 @@ impl StateManager {
                 Err(e) => {
                     warn!(?uid, "retrying proxy start failed: {e}");
                     if let Status::Retrying { last_error, .. } = &mut pod.status {
-                        *last_error = e;
+                        *last_error = e.to_string();
                     }
                 }
             }
         }
     }
 
-    async fn keep(&self, uid: WorkloadUid) -> Result<(), String> {
+    async fn keep(&self, uid: WorkloadUid) -> Result<(), RequestError> {
         let mut st = self.state.lock().await;
         let known = st.pods.contains_key(&uid);
         let Some(seen) = st.snapshot.as_mut() else {
-            return Err(format!(
-                "KeepWorkload for {uid} after SnapshotSent: Keep is only valid in a snapshot"
-            ));
+            return Err(RequestError::KeepAfterSnapshot(uid));
         };
         seen.insert(uid.clone());
         if !known {
@@ -378,10 +408,10 @@ impl StateManager {
         self.update_ready(&st);
     }
 
-    async fn snapshot_sent(&self) -> Result<(), String> {
+    async fn snapshot_sent(&self) -> Result<(), RequestError> {
         let mut st = self.state.lock().await;
         let Some(seen) = st.snapshot.take() else {
-            return Err("second SnapshotSent on one connection".into());
+            return Err(RequestError::SecondSnapshot);
         };
         info!("pod received snapshot sent");
         let stale: Vec<WorkloadUid> = st
@@ -429,11 +459,11 @@ mod tests {
             _: WorkloadUid,
             _: WorkloadInfo,
             _: Arc<dyn crate::proxy::seam::SocketFactory>,
-        ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+        ) -> BoxFuture<Result<Box<dyn RunningProxy>, StartError>> {
             let c = self.0.clone();
             Box::pin(async move {
                 if c.fail.load(Ordering::SeqCst) {
-                    return Err("address in use".into());
+                    return Err(StartError::Other("address in use".into()));
                 }
                 c.started.fetch_add(1, Ordering::SeqCst);
                 Ok(Box::new(Fake(c.drained.clone())) as Box<dyn RunningProxy>)
@@ -457,7 +487,8 @@ mod tests {
         let sm = StateManager::new(Arc::new(FakeFactory(counts.clone())));
         sm.new_connection().await;
         let err = sm.handle(add("a")).await.unwrap_err();
-        assert!(err.contains("ztunnel's or the node's own"), "{err}");
+        assert!(matches!(err, RequestError::NotAPodsNetns(_)), "{err}");
+        assert!(err.to_string().contains("ztunnel's or the node's own"));
         assert_eq!(counts.started.load(Ordering::SeqCst), 0);
         assert_eq!(sm.pod_count().await, 0);
     }
@@ -514,14 +545,15 @@ mod tests {
         sm.new_connection().await;
         sm.handle(Request::SnapshotSent).await.unwrap();
         let second = sm.handle(Request::SnapshotSent).await.unwrap_err();
-        assert!(second.contains("second SnapshotSent"), "{second}");
+        assert!(matches!(second, RequestError::SecondSnapshot), "{second}");
         let keep = sm
             .handle(Request::Keep {
                 uid: WorkloadUid::new("x"),
             })
             .await
             .unwrap_err();
-        assert!(keep.contains("after SnapshotSent"), "{keep}");
+        assert!(matches!(keep, RequestError::KeepAfterSnapshot(_)), "{keep}");
+        assert!(keep.to_string().contains("after SnapshotSent"));
     }
 
     #[tokio::test]
@@ -551,7 +583,10 @@ mod tests {
         sm.handle(Request::SnapshotSent).await.unwrap();
         c.fail.store(true, Ordering::SeqCst);
         let err = sm.handle(add("a")).await.unwrap_err();
-        assert!(err.contains("address in use"));
+        assert!(
+            matches!(err, RequestError::Start(_)) && err.to_string() == "address in use",
+            "{err}"
+        );
         let pods = sm.pods().await;
         assert!(!pods[0].running && pods[0].error.as_deref() == Some("address in use"));
         assert!(
@@ -559,7 +594,10 @@ mod tests {
             "one pod's trouble does not unsync the node"
         );
         // The same Add again while retrying reports the pending state, starts nothing.
-        assert!(sm.handle(add("a")).await.unwrap_err().contains("retrying"));
+        assert!(matches!(
+            sm.handle(add("a")).await.unwrap_err(),
+            RequestError::Retrying { .. }
+        ));
         c.fail.store(false, Ordering::SeqCst);
         tokio::time::timeout(Duration::from_secs(5), async {
             while !sm.pods().await[0].running {

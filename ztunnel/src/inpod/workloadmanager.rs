@@ -108,7 +108,7 @@ impl WorkloadProxyManager {
                     let kind = request.kind();
                     self.state.handle(request).await.map_err(|e| {
                         warn!("{kind} failed: {e}");
-                        e
+                        e.to_string()
                     })
                 }
                 Err(e) => {

@@ -9,7 +9,7 @@ use protocol::zds::WorkloadInfo;
 use protocol::WorkloadUid;
 use tracing::warn;
 
-use super::seam::{BoxFuture, ProxyFactory, RunningProxy, SocketFactory};
+use super::seam::{BoxFuture, ProxyFactory, RunningProxy, SocketFactory, StartError};
 use super::{PodContext, PodMesh, PodProxy, ProxyConfig};
 
 impl RunningProxy for PodProxy {
@@ -29,7 +29,7 @@ impl ProxyFactory for PodProxyFactory {
         uid: WorkloadUid,
         info: WorkloadInfo,
         sockets: Arc<dyn SocketFactory>,
-    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>> {
+    ) -> BoxFuture<Result<Box<dyn RunningProxy>, StartError>> {
         let cfg = self.cfg.clone();
         Box::pin(async move {
             let mesh = match &cfg.mesh {
@@ -43,17 +43,12 @@ impl ProxyFactory for PodProxyFactory {
             if !cfg.ipv6 {
                 // Dual-stack listeners are off: a routable IPv6 address would carry
                 // traffic nothing captures.
-                let addrs = sockets
-                    .ipv6_addresses()
-                    .map_err(|e| format!("reading the pod's addresses: {e}"))?;
+                let addrs = sockets.ipv6_addresses().map_err(StartError::Addresses)?;
                 if let Some(v6) = addrs
                     .into_iter()
-                    .map(std::net::IpAddr::V6)
-                    .find(protocol::routable)
+                    .find(|a| protocol::routable(&std::net::IpAddr::V6(*a)))
                 {
-                    return Err(format!(
-                        "the pod has the IPv6 address {v6} and IPV6_ENABLED is off: refusing it, its IPv6 traffic would bypass ztunnel"
-                    ));
+                    return Err(StartError::Ipv6Off(v6));
                 }
             }
             let ctx = PodContext {
@@ -64,9 +59,7 @@ impl ProxyFactory for PodProxyFactory {
                 cfg,
                 mesh,
             };
-            let proxy = PodProxy::start(ctx)
-                .await
-                .map_err(|e| format!("starting proxy in pod netns: {e}"))?;
+            let proxy = PodProxy::start(ctx).await.map_err(StartError::Sockets)?;
             Ok(Box::new(proxy) as Box<dyn RunningProxy>)
         })
     }

@@ -80,6 +80,25 @@ pub trait RunningProxy: Send {
     fn drain(self: Box<Self>) -> BoxFuture<()>;
 }
 
+/// Why a pod's proxy did not start. Each is retried by the state manager: a pod's
+/// netns can get its listeners' ports back, or its addresses change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Its sockets could not be made (a port taken, the netns gone).
+    #[error("starting proxy in pod netns: {0}")]
+    Sockets(#[source] io::Error),
+    /// Its addresses could not be read.
+    #[error("reading the pod's addresses: {0}")]
+    Addresses(#[source] io::Error),
+    /// It has a routable IPv6 address while ztunnel serves IPv4 only: its IPv6 traffic
+    /// would go around ztunnel.
+    #[error("the pod has the IPv6 address {0} and IPV6_ENABLED is off: refusing it, its IPv6 traffic would bypass ztunnel")]
+    Ipv6Off(Ipv6Addr),
+    /// Anything else an implementation (a test's) reports.
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Starts a pod's proxy on the sockets `sockets` makes; tests use fakes. The state
 /// manager never builds a proxy itself.
 pub trait ProxyFactory: Send + Sync + 'static {
@@ -88,5 +107,5 @@ pub trait ProxyFactory: Send + Sync + 'static {
         uid: WorkloadUid,
         info: WorkloadInfo,
         sockets: Arc<dyn SocketFactory>,
-    ) -> BoxFuture<Result<Box<dyn RunningProxy>, String>>;
+    ) -> BoxFuture<Result<Box<dyn RunningProxy>, StartError>>;
 }
