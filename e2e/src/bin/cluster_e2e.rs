@@ -62,11 +62,15 @@ fn checks(r: &mut Run, wanted: &dyn Fn(&str) -> bool) -> bool {
     if !install::applications(r) {
         return false;
     }
-    if istios && clustercheck::migration::before(r) {
+    if !wanted("migration") {
+        r.report.part("migration: left out (AMBIENT_CLUSTER_PARTS)");
+    } else if istios && clustercheck::migration::before(r) {
         clustercheck::migration::run(r);
     }
     for part in &PARTS[1..] {
         if !wanted(part) {
+            r.report
+                .part(&format!("{part}: left out (AMBIENT_CLUSTER_PARTS)"));
             continue;
         }
         match *part {

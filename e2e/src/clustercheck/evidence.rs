@@ -167,13 +167,34 @@ pub fn chain_of(node: &realcluster::node::Node) -> Result<String, String> {
 
 /// Every network config list in a node's CNI conf dir: its name and plugin types.
 pub fn conf_lists(node: &realcluster::node::Node) -> Result<Vec<(String, Vec<String>)>, String> {
+    Ok(conf_files(node)?
+        .into_iter()
+        .map(|(name, v)| {
+            let types = plugins(&v)
+                .iter()
+                .filter_map(|p| p["type"].as_str().map(String::from))
+                .collect();
+            (name, types)
+        })
+        .collect())
+}
+
+/// The plugin entries of a parsed config list.
+pub fn plugins(list: &serde_json::Value) -> &[serde_json::Value] {
+    list["plugins"].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Every network config file in a node's CNI conf dir (what the runtime loads; the
+/// plugin's kubeconfig lives beside them), parsed, in name order.
+pub fn conf_files(
+    node: &realcluster::node::Node,
+) -> Result<Vec<(String, serde_json::Value)>, String> {
     let dir = node.dir.join("cni-conf");
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .flatten()
     {
-        // What the runtime loads (the plugin's kubeconfig lives beside them).
         let name = entry.file_name().to_string_lossy().into_owned();
         if ![".conflist", ".conf", ".json"]
             .iter()
@@ -183,17 +204,9 @@ pub fn conf_lists(node: &realcluster::node::Node) -> Result<Vec<(String, Vec<Str
         }
         let text = std::fs::read_to_string(entry.path()).map_err(|e| e.to_string())?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        let types: Vec<String> = v["plugins"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|p| p["type"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push((name, types));
+        out.push((name, v));
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 

@@ -20,18 +20,12 @@ use crate::observe;
 /// The last plugin entry of a node's primary config list: Istio's agent writes
 /// `cni_agent_run_dir`, ours `agent_socket`.
 fn plugin_entry(node: &crate::realcluster::node::Node) -> Result<serde_json::Value, String> {
-    let lists = evidence::conf_lists(node)?;
-    let (name, _) = lists
+    let files = evidence::conf_files(node)?;
+    let (name, list) = files
         .first()
         .ok_or_else(|| format!("no config list on {}", node.spec.name))?;
-    let path = node.dir.join("cni-conf").join(name);
-    let v: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?,
-    )
-    .map_err(|e| e.to_string())?;
-    v["plugins"]
-        .as_array()
-        .and_then(|p| p.last())
+    evidence::plugins(list)
+        .last()
         .cloned()
         .ok_or_else(|| format!("{name}: no plugins"))
 }

@@ -146,7 +146,7 @@ pub fn run(r: &mut Run) {
     }
     let debug_image = r.image("istio-cni");
     r.check(
-        "a pod enrolled before keeps its redirection rules (as Istio's do)",
+        "a pod enrolled before keeps its redirection rules (as Istio's do), and fails closed",
         k.debug(
             NAMESPACE,
             &sleep,
@@ -156,8 +156,13 @@ pub fn run(r: &mut Run) {
         )
         .and_then(|save| {
             observe::check_rules(&save)?;
+            // Its traffic still goes to 15001, where nothing listens: refused in the
+            // pod, and the capture below shows nothing of it on the wire.
+            if request(&k, &sleep).is_ok() {
+                return Err(format!("{sleep} was answered with no ztunnel"));
+            }
             Ok(format!(
-                "{sleep}: {} ISTIO rules",
+                "{sleep}: {} ISTIO rules; its request refused",
                 save.lines().filter(|l| l.starts_with("-A ISTIO")).count()
             ))
         }),

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use futures::future::join_all;
 use tracing::{info, warn};
 
-use super::{Enrollment, PodState};
+use super::{Enrollment, PodInfo, PodState, StatusWriter};
 
 /// The event's reason on each pod.
 pub const REASON: &str = "IstioCNIUninstalled";
@@ -24,7 +24,7 @@ pub struct Departure {
     /// The host probe rules and sets, removed (or why not).
     pub probes: Option<Result<(), String>>,
     /// Pods told in an event.
-    pub told: usize,
+    pub told: Vec<String>,
     /// Pods that could not be told, with why (the API server may already refuse the
     /// agent: an uninstall removes its RBAC too).
     pub untold: Vec<String>,
@@ -37,6 +37,28 @@ pub fn message(node: &str) -> String {
          to ztunnel until it ends, with no agent to repair it; restart the pod to run it \
          without istio-cni, or install istio-cni again"
     )
+}
+
+/// Records `text` on each of `pods` in a Warning event (reason [`REASON`]), all at
+/// once: the pods told, and those not told with why (each also logged with the text,
+/// so an operator still reads it).
+pub async fn tell(
+    status: &dyn StatusWriter,
+    pods: &[PodInfo],
+    text: &str,
+) -> (Vec<String>, Vec<String>) {
+    let results = join_all(pods.iter().map(|p| status.warn(p, REASON, text))).await;
+    let (mut told, mut untold) = (Vec::new(), Vec::new());
+    for (pod, result) in pods.iter().zip(results) {
+        match result {
+            Ok(()) => told.push(pod.key.to_string()),
+            Err(e) => {
+                warn!(pod = %pod.key, "{text} (no event: {})", e.reason);
+                untold.push(format!("{}: {}", pod.key, e.reason));
+            }
+        }
+    }
+    (told, untold)
 }
 
 impl Enrollment {
@@ -71,18 +93,9 @@ impl Enrollment {
             return out;
         };
         let text = message(node);
-        let results = join_all(pods.iter().map(|p| status.warn(p, REASON, &text))).await;
-        for (pod, result) in pods.iter().zip(results) {
-            match result {
-                Ok(()) => out.told += 1,
-                Err(e) => {
-                    warn!(pod = %pod.key, "{text} (no event: {})", e.reason);
-                    out.untold.push(format!("{}: {}", pod.key, e.reason));
-                }
-            }
-        }
+        (out.told, out.untold) = tell(status.as_ref(), &pods, &text).await;
         info!(
-            told = out.told,
+            told = out.told.len(),
             untold = out.untold.len(),
             "enrolled pods keep their redirection until they end"
         );

@@ -75,14 +75,17 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
 /// and now not to be captured, opted out; anything else (no object, another pod of
 /// that name, the pod completed or failed) ended.
 pub fn leaving(pod: Option<&Pod>, verdict: Option<Verdict>, uid: &WorkloadUid) -> Leaving {
-    let same = pod.is_some_and(|p| p.metadata.uid.as_deref() == Some(uid.as_str()));
+    let running_same = pod.is_some_and(|p| {
+        p.metadata.uid.as_deref() == Some(uid.as_str()) && !super::selection::terminated(p)
+    });
     match verdict {
-        Some(Verdict::Skip(why)) if same && why != "terminated" => Leaving::OptedOut,
+        Some(Verdict::Skip(_)) if running_same => Leaving::OptedOut,
         _ => Leaving::Ended,
     }
 }
 
-fn annotation(pod: &Pod) -> Option<String> {
+/// The pod's `ambient.istio.io/redirection` annotation, if any.
+pub fn annotation(pod: &Pod) -> Option<String> {
     pod.metadata
         .annotations
         .as_ref()?

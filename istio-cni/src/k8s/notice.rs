@@ -9,15 +9,14 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use tracing::{info, warn};
+use tracing::info;
 
-use super::controller::pod_info;
-use super::selection::REDIRECTION_ANNOTATION;
-use crate::enrollment::leave::REASON;
-use crate::enrollment::StatusWriter;
+use super::controller::{annotation, pod_info};
+use super::selection::terminated;
+use crate::enrollment::leave::tell;
+use crate::enrollment::{Annotation, StatusWriter};
 
 /// The whole announcement's bound: the hook must end well within the Job's deadline,
 /// and never hold an uninstall up for long.
@@ -41,18 +40,7 @@ pub fn message() -> String {
 
 /// Whether a pod is redirected: annotated `enabled` or `pending`, and not ended.
 pub fn redirected(pod: &Pod) -> bool {
-    let annotated = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-        .is_some_and(|v| v == "enabled" || v == "pending");
-    let ended = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    annotated && !ended
+    annotation(pod).is_some_and(|v| Annotation::parse(&v).is_some()) && !terminated(pod)
 }
 
 /// Tells every redirected pod of the cluster, through `status`.
@@ -73,27 +61,18 @@ pub async fn announce(client: &kube::Client, status: &dyn StatusWriter) -> Annou
         .filter(|p| redirected(p))
         .map(pod_info)
         .collect();
-    let text = message();
-    let results = join_all(targets.iter().map(|p| status.warn(p, REASON, &text))).await;
-    for (pod, result) in targets.iter().zip(results) {
-        match result {
-            Ok(()) => out.told.push(pod.key.to_string()),
-            Err(e) => out.untold.push(format!("{}: {}", pod.key, e.reason)),
-        }
-    }
+    (out.told, out.untold) = tell(status, &targets, &message()).await;
     info!(
         told = out.told.len(),
         untold = out.untold.len(),
         "uninstall announced on redirected pods"
     );
-    for u in &out.untold {
-        warn!("not told: {u}");
-    }
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::selection::REDIRECTION_ANNOTATION;
     use super::*;
     use k8s_openapi::api::core::v1::PodStatus;
     use std::collections::BTreeMap;

@@ -58,12 +58,17 @@ fn label<'a>(
     labels?.get(key).map(String::as_str)
 }
 
+/// Whether the pod has ended (Succeeded or Failed): none of its containers runs again.
+pub fn terminated(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Succeeded") | Some("Failed"))
+}
+
 impl Selection {
     pub fn decide(&self, pod: &Pod, namespace: Option<&Namespace>) -> Verdict {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref();
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded") | Some("Failed")) {
+        if terminated(pod) {
             return Verdict::Skip("terminated");
         }
         if spec.and_then(|s| s.host_network) == Some(true) {

@@ -37,12 +37,9 @@ impl Budget {
             .map(|_| Share(self.clone()))
     }
 
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
-    }
-
-    pub fn max(&self) -> usize {
-        self.max
     }
 
     /// What the access log says of a refused connection.
