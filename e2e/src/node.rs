@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use istio_cni::rules::{Backend, Family, Iptables, RuleConfig};
+use istio_cni::rules::{Backend, Iptables};
 use istio_cni::{AgentConfig, Pod};
 use protocol::{Netns, WorkloadUid};
 use serde_json::Value;
@@ -131,20 +131,19 @@ impl TestNode {
         self.dir.path().join("ztunnel.sock")
     }
 
-    /// The agent configuration for this node (backend matching the host).
+    /// The agent configuration for this node (backend matching the host): the ZDS
+    /// socket in the node's directory, its metrics and debug endpoints on free
+    /// loopback ports.
     pub fn agent_config(&self) -> AgentConfig {
+        let iptables = Iptables {
+            backend: Backend::detect().expect("an iptables backend"),
+            lock_wait: Duration::from_secs(5),
+        };
+        let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         AgentConfig {
-            zds_socket: self.zds_socket(),
-            zds_socket_mode: 0o600,
-            zds_timeout: Duration::from_secs(5),
-            rules: RuleConfig::default(),
-            iptables: Iptables {
-                backend: Backend::detect().expect("an iptables backend"),
-                lock_wait: Duration::from_secs(5),
-            },
-            proc_root: PathBuf::from("/proc"),
-            families: vec![Family::V4, Family::V6],
-            drift_check_interval: Some(Duration::from_secs(60)),
+            monitoring_addr: Some(any_port),
+            debug_addr: Some(any_port),
+            ..AgentConfig::new(self.zds_socket(), iptables)
         }
     }
 

@@ -12,7 +12,7 @@ use e2e::controlplane::{ip_bytes, workload_of, ControlPlane, ADDRESS_TYPE, AUTHO
 use e2e::mesh_files::{identity_of, NAMESPACE as NS};
 use e2e::waypoint::Waypoint;
 use e2e::{TestNode, TestPod, Ztunnel};
-use istio_cni::{Agent, EnrollStatus};
+use istio_cni::{Agent, EnrollStatus, Startup};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use ztunnel::proto::istio::security as xsec;
 use ztunnel::proto::istio::workload as xwl;
@@ -21,14 +21,16 @@ const T: Duration = Duration::from_secs(5);
 
 /// The agent and a ztunnel pointed at `cp`; `pods` enrolled (acked).
 async fn start(node: &TestNode, cp: &ControlPlane, pods: &[&TestPod]) -> (Agent, Ztunnel) {
-    let agent = Agent::start(node.agent_config(), &[]).await.expect("agent");
+    let agent = Agent::start(&node.agent_config(), Startup::default())
+        .await
+        .expect("agent");
     let env = cp.env();
     let zt = Ztunnel::start_with(node, 1, |cmd| {
         for (k, v) in &env {
             cmd.env(k, v);
         }
     });
-    agent.enrollment().zds().wait_for_connections(1).await;
+    agent.zds().wait_for_connections(1).await;
     for p in pods {
         let status = agent.enrollment().enroll(&p.pod()).await.expect("enroll");
         assert_eq!(status, EnrollStatus::Enabled, "{}", p.name);

@@ -12,7 +12,7 @@ use e2e::capture::Capture;
 use e2e::cluster::{Cluster, MeshPod, AMBIENT};
 use e2e::mesh_files::hbone_workloads;
 use e2e::{Mesh, TestNode, Ztunnel};
-use istio_cni::Agent;
+use istio_cni::{Agent, Startup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(3);
@@ -71,14 +71,16 @@ async fn a_service_vip_without_an_endpoint_fails_instead_of_going_out_in_plainte
 async fn a_half_open_peer_is_found_by_keepalive_and_its_connection_closed() {
     let node = TestNode::new(73);
     let (sleep, server) = (node.add_pod("sleep"), node.add_pod("server"));
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let agent = Agent::start(&node.agent_config(), Startup::default())
+        .await
+        .unwrap();
     let zt = Ztunnel::start_with(&node, 1, |cmd| {
         cmd.env("PASSTHROUGH_ONLY", "true")
             .env("KEEPALIVE_TIME", "1s")
             .env("KEEPALIVE_INTERVAL", "1s")
             .env("KEEPALIVE_RETRIES", "2");
     });
-    agent.enrollment().zds().wait_for_connections(1).await;
+    agent.zds().wait_for_connections(1).await;
     agent
         .enrollment()
         .enroll(&sleep.pod())

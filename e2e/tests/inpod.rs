@@ -8,7 +8,7 @@ use e2e::node::normalize_save;
 use e2e::observe::SPEC_SAVE;
 use e2e::{Mesh, TestNode, Ztunnel};
 use istio_cni::enrollment::Leaving;
-use istio_cni::{Agent, EnrollStatus};
+use istio_cni::{Agent, EnrollStatus, Startup};
 
 const T: Duration = Duration::from_secs(3);
 const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
@@ -262,12 +262,12 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
 
     drop(agent);
     zt.wait_for(&["reconnecting"], 1).await;
-    let agent = Agent::start(node.agent_config(), &[a.pod(), b.pod()])
+    let agent = Agent::start(&node.agent_config(), Startup::adopting(&[a.pod(), b.pod()]))
         .await
         .unwrap();
     zt.wait_for(&["handling new stream"], 2).await;
     zt.wait_for(&["pod received snapshot sent"], 2).await;
-    agent.enrollment().zds().wait_for_connections(1).await;
+    agent.zds().wait_for_connections(1).await;
 
     for pod in [&a, &b] {
         assert_eq!(
@@ -298,7 +298,9 @@ async fn agent_restart_keeps_proxies_serving_and_duplicates_no_rule() {
     // once the snapshot is complete. b's in-flight connection keeps flowing for the
     // drain grace period (1s in these tests), then is closed.
     drop(agent);
-    let _agent = Agent::start(node.agent_config(), &[a.pod()]).await.unwrap();
+    let _agent = Agent::start(&node.agent_config(), Startup::adopting(&[a.pod()]))
+        .await
+        .unwrap();
     zt.wait_for(&["pod received snapshot sent"], 3).await;
     zt.wait_for(&["pod not in snapshot, draining proxy"], 1)
         .await;
@@ -338,7 +340,7 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
     let server = echo_server(&b, 8080).await;
 
     let new = Ztunnel::start(&node, 2);
-    agent.enrollment().zds().wait_for_connections(2).await;
+    agent.zds().wait_for_connections(2).await;
     new.wait_for(&["received netns, starting proxy"], 2).await;
     let owners: Vec<String> = a
         .listening()
@@ -411,8 +413,10 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
     let pod = node.add_pod("sleep");
     let zt = Ztunnel::start(&node, 1);
     assert_eq!(zt.readiness().await, 500, "not ready before the snapshot");
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
-    agent.enrollment().zds().wait_for_connections(1).await;
+    let agent = Agent::start(&node.agent_config(), Startup::default())
+        .await
+        .unwrap();
+    agent.zds().wait_for_connections(1).await;
     zt.wait_readiness(200).await;
 
     // Something in the pod already holds 15008 (without SO_REUSEPORT).
@@ -450,13 +454,15 @@ async fn a_pod_whose_listeners_cannot_bind_is_an_error_ack_retried_until_it_work
 async fn the_agent_refuses_a_ztunnel_run_by_an_unexpected_user() {
     use std::os::unix::fs::PermissionsExt;
     let node = TestNode::new(20);
-    let agent = Agent::start(node.agent_config(), &[]).await.unwrap();
+    let agent = Agent::start(&node.agent_config(), Startup::default())
+        .await
+        .unwrap();
     let zt = Ztunnel::start_as(&node, 1, 65534);
     // Loosen the socket's mode so that only the peer check stands in the way.
     std::fs::set_permissions(node.zds_socket(), std::fs::Permissions::from_mode(0o777)).unwrap();
     zt.wait_for(&["the agent closed the stream before our hello"], 3)
         .await;
-    assert_eq!(agent.enrollment().zds().connections(), 0);
+    assert_eq!(agent.zds().connections(), 0);
 }
 
 /// ztunnel's threads (`/proc/<pid>/status`).

@@ -37,3 +37,21 @@ fn both_binaries_tell_the_same_build_version_and_their_protocol_versions() {
         format!("istio-cni {version}")
     );
 }
+
+/// The agent enrolls the pods of its node: started without `NODE_NAME` it says so
+/// and exits, before it touches anything (no socket, no rule, no port).
+#[test]
+fn the_agent_refuses_to_start_without_its_node_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("ztunnel.sock");
+    let out = std::process::Command::new(e2e::bin_path("istio-cni"))
+        .env_remove("NODE_NAME")
+        .env_remove("CNI_COMMAND")
+        .env("ZTUNNEL_UDS", &socket)
+        .output()
+        .expect("run istio-cni");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NODE_NAME is not set"), "{stderr}");
+    assert!(!socket.exists(), "nothing is served");
+}

@@ -23,5 +23,5 @@ pub mod metrics;
 pub mod rules;
 pub mod zds_server;
 
-pub use agent::{Agent, AgentConfig};
+pub use agent::{Agent, AgentConfig, Startup};
 pub use enrollment::{EnrollError, EnrollStatus, Enrollment, Pod};

@@ -6,21 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use hyper::StatusCode;
 use istio_cni::cni::install::{InstallConfig, Installer};
 use istio_cni::cni::kubeconfig::{self, Credentials};
-use istio_cni::diagnose::report::AgentReport;
-use istio_cni::http::Reply;
 use istio_cni::k8s::controller::{annotated_pods, Controller, ControllerConfig};
 use istio_cni::k8s::selection::Selection;
 use istio_cni::k8s::shutdown;
 use istio_cni::k8s::status::KubeStatus;
-use istio_cni::metrics::Gauges;
-use istio_cni::rules::hostprobe::HostProbes;
-use istio_cni::rules::{Backend, Family, Iptables, Redirection, RuleConfig};
-use istio_cni::zds_server::ZdsServer;
-use istio_cni::{Agent, AgentConfig, Enrollment};
-use protocol::Netns;
+use istio_cni::rules::{Backend, Family, Iptables};
+use istio_cni::{Agent, AgentConfig, Enrollment, Startup};
 use tracing_subscriber::EnvFilter;
 
 /// The ambient node agent: sets up in-pod traffic redirection and hands pods' network
@@ -46,8 +39,8 @@ struct Args {
     /// Seconds to wait for each ZDS write and ack.
     #[arg(long, env = "ZDS_TIMEOUT", default_value_t = 5)]
     zds_timeout: u64,
-    /// This node's name. With it, the agent watches the Kubernetes API and enrolls the
-    /// node's pods; without it, it only serves ZDS.
+    /// This node's name: the agent watches the Kubernetes API for the node's pods.
+    /// Required to run the agent (not its subcommands).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// kubeconfig to reach the API server (default: in-cluster config).
@@ -347,12 +340,10 @@ fn init_logging(args: &Args) {
 
 #[tokio::main]
 async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.debug_addr.ip().is_loopback(),
-        "DEBUG_ADDR {} is not a loopback address: the debug endpoint lists every pod on \
-         the node, and the agent runs on the host network; give it 127.0.0.1:<port>",
-        args.debug_addr
-    );
+    let node = args.node_name.clone().context(
+        "NODE_NAME is not set: the agent enrolls the pods of its node and must know its \
+         name (the chart sets it from the pod's spec.nodeName)",
+    )?;
     init_logging(&args);
     let backend = match args.iptables_backend.as_str() {
         "auto" => Backend::detect().context("detecting the host's iptables backend")?,
@@ -363,11 +354,7 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         lock_wait: Duration::from_secs(args.iptables_lock_wait),
     };
     let cfg = AgentConfig {
-        zds_socket: args.ztunnel_uds.clone(),
-        zds_socket_mode: 0o600,
         zds_timeout: Duration::from_secs(args.zds_timeout),
-        rules: RuleConfig::default(),
-        iptables: iptables.clone(),
         proc_root: args.proc_root.clone(),
         families: if args.ambient_ipv6 {
             vec![Family::V4, Family::V6]
@@ -376,12 +363,19 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
         },
         drift_check_interval: (args.drift_check_interval > 0)
             .then(|| Duration::from_secs(args.drift_check_interval)),
+        host_probe_set: Some(args.host_probe_set.clone()),
+        plugin_event_socket: Some(args.plugin_event_socket.clone()),
+        readiness_addr: Some(args.readiness_addr),
+        monitoring_addr: Some(args.monitoring_addr),
+        debug_addr: Some(args.debug_addr),
+        http_limits: args.http_limits(),
+        ..AgentConfig::new(args.ztunnel_uds.clone(), iptables)
     };
     println!("version: {}", build_info());
     println!("ztunnel_uds: {}", cfg.zds_socket.display());
     println!("iptables_backend: {backend:?}");
     println!("zds_timeout: {:?}", cfg.zds_timeout);
-    println!("node_name: {}", args.node_name.as_deref().unwrap_or(""));
+    println!("node_name: {node}");
     println!(
         "excluded_namespaces: {}",
         args.excluded_namespaces.join(",")
@@ -413,34 +407,9 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
     // Taken from here on: a stop asked for while the agent starts is seen once it is
     // up, and handled like any other (never the default action, a kill mid-write).
     let mut stop = Stop::new()?;
-    let Some(node) = args.node_name.clone() else {
-        let agent = Agent::start(cfg, &[]).await.context("starting the agent")?;
-        serve_metrics(&args, agent.enrollment().clone(), None).await?;
-        return stop.wait().await;
-    };
     let client = kube_client(&args).await?;
-
     let api = client.clone();
-    let host = Netns::current().context("opening the host netns")?;
-    let probes = cfg
-        .families
-        .iter()
-        .map(|f| {
-            HostProbes::new(
-                &RuleConfig::default(),
-                iptables.clone(),
-                *f,
-                &args.host_probe_set,
-            )
-        })
-        .collect();
-    let enrollment = Enrollment::build(
-        Redirection::new(RuleConfig::default(), iptables, &cfg.families),
-        ZdsServer::new(cfg.zds_timeout),
-        args.proc_root.clone(),
-        Some((probes, host)),
-        Some(Arc::new(KubeStatus::new(client.clone()))),
-    );
+
     // The pods this node enrolled before the agent (re)started go into the snapshot
     // before ztunnel can connect: a ztunnel that got an empty one would drop them.
     // An API server that fails now (a restart, overload) is retried, not fatal: exiting
@@ -460,9 +429,27 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             }
         }
     };
-    let _agent = Agent::serve(&cfg, enrollment.clone(), adopt)
-        .await
-        .context("starting the agent")?;
+    let metrics = istio_cni::metrics::SharedMetrics::default();
+    let installer = args
+        .install_cni
+        .then(|| installer(&args, metrics.clone()))
+        .transpose()?
+        .map(Arc::new);
+    let install_ready = installer
+        .clone()
+        .map(|i| Arc::new(move || i.is_installed()) as Arc<dyn Fn() -> bool + Send + Sync>);
+    let agent = Agent::start(
+        &cfg,
+        Startup {
+            status: Some(Arc::new(KubeStatus::new(client.clone()))),
+            adopt,
+            metrics,
+            install_ready,
+        },
+    )
+    .await
+    .context("starting the agent")?;
+    let enrollment = agent.enrollment().clone();
     let (_controller, run) = Controller::new(
         client,
         enrollment.clone(),
@@ -476,40 +463,12 @@ async fn agent_main(args: Args, istio_notes: Vec<String>) -> anyhow::Result<()> 
             workers: 2,
         },
     );
-    let plugin_events = istio_cni::cni::server::bind(&args.plugin_event_socket)
-        .with_context(|| format!("binding {}", args.plugin_event_socket.display()))?;
-    tokio::spawn(istio_cni::cni::server::serve(
-        plugin_events,
-        enrollment.clone(),
-    ));
-
     // install-cni: the plugin goes into the node's chain only once the agent serves it.
-    let installed = args
-        .install_cni
-        .then(|| install_cni(&args, enrollment.metrics().clone()))
-        .transpose()?;
-    let (installer, kubeconfig_refresh) = match installed {
-        Some((i, refresh)) => (Some(Arc::new(i)), Some(refresh)),
-        None => (None, None),
+    let kubeconfig_refresh = match &installer {
+        Some(i) => Some(install_cni(&args, i)?),
+        None => None,
     };
     let repairs = installer.clone().map(|i| tokio::spawn(i.keep_installed()));
-    let readiness = installer.clone();
-    let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
-        "/readyz" if readiness.as_ref().is_none_or(|i| i.is_installed()) => {
-            Some(Reply::text(StatusCode::OK, "ready\n"))
-        }
-        "/readyz" => Some(Reply::text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: CNI plugin not installed\n",
-        )),
-        _ => None,
-    });
-    // Bound before anything is served: a port already taken stops the agent here,
-    // rather than leaving the kubelet's probe to ask another program.
-    let limits = args.http_limits();
-    let listener = istio_cni::http::bind("readiness endpoint /readyz", args.readiness_addr).await?;
-    tokio::spawn(istio_cni::http::serve(listener, limits, routes));
-    serve_metrics(&args, enrollment.clone(), installer.clone()).await?;
     let result = tokio::select! {
         _ = run => Ok(()),
         r = stop.wait() => r,
@@ -566,88 +525,12 @@ async fn leave(args: &Args, installer: Option<&Installer>, enrollment: &Enrollme
     enrollment.leave_node(node).await;
 }
 
-/// Serves `/metrics` on the monitoring address (the enrollment's counters, and the
-/// state gauges read from their owners at each scrape), and `/debug/enrollment` on the
-/// loopback debug address. Binding either fails the agent's startup.
-async fn serve_metrics(
-    args: &Args,
-    enrollment: Enrollment,
-    installer: Option<Arc<Installer>>,
-) -> anyhow::Result<()> {
-    let pods = enrollment.clone();
-    let zds = enrollment.zds().clone();
-    let gauges = Gauges {
-        pods: Box::new(move || pods.pod_counts()),
-        ztunnels: Box::new(move || zds.connections()),
-        install_ready: installer
-            .map(|i| Box::new(move || i.is_installed()) as Box<dyn Fn() -> bool + Send + Sync>),
-    };
-    let metrics = enrollment.metrics().clone();
-    let routes: istio_cni::http::Routes = Arc::new(move |path| match path {
-        "/metrics" | "/stats/prometheus" => Some(Reply {
-            status: StatusCode::OK,
-            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body: metrics.encode(&gauges),
-        }),
-        _ => None,
-    });
-    // What `istio-cni diagnose` needs to find pods and ztunnel: never on the host
-    // network's other addresses.
-    let proc_root = args.proc_root.clone();
-    let debug: istio_cni::http::Routes = Arc::new(move |path| match path {
-        "/debug/enrollment" => {
-            // Pids as the node's procfs numbers them: diagnose on the node (or in
-            // this pod, through the same mount) opens the agent's fds and enters
-            // ztunnel's netns by them.
-            let report = AgentReport {
-                pid: istio_cni::discovery::own_pid_in(&proc_root)
-                    .map_or(std::process::id(), |p| p as u32),
-                ztunnel_pids: enrollment.zds().ztunnel_pids(&proc_root),
-                families: enrollment
-                    .redirection()
-                    .families()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-                pods: enrollment.report(),
-            };
-            Some(Reply {
-                status: StatusCode::OK,
-                content_type: "application/json",
-                body: serde_json::to_string(&report).unwrap_or_default(),
-            })
-        }
-        _ => None,
-    });
-    let limits = args.http_limits();
-    let listener = istio_cni::http::bind("monitoring endpoint", args.monitoring_addr).await?;
-    tokio::spawn(istio_cni::http::serve(listener, limits, routes));
-    let listener = istio_cni::http::bind("debug endpoint", args.debug_addr).await?;
-    tokio::spawn(istio_cni::http::serve(listener, limits, debug));
-    Ok(())
-}
-
-/// Writes the plugin's kubeconfig (and keeps it current), and installs the plugin
-/// into the chain.
-fn install_cni(
-    args: &Args,
-    metrics: istio_cni::metrics::SharedMetrics,
-) -> anyhow::Result<(Installer, tokio::task::JoinHandle<()>)> {
-    let kubeconfig = args.cni_conf_dir.join(kubeconfig::FILE_NAME);
+/// install-cni's installer for the node's CNI directories (nothing written yet).
+fn installer(args: &Args, metrics: istio_cni::metrics::SharedMetrics) -> anyhow::Result<Installer> {
     // The runtime runs the plugin on the node, where the directory may have another
     // path than in the agent's container.
     let plugin_kubeconfig = args.runtime_conf_dir().join(kubeconfig::FILE_NAME);
-    let credentials = match &args.kubeconfig {
-        Some(path) => Credentials::File(path.clone()),
-        None => Credentials::in_cluster(
-            |k| std::env::var(k).ok(),
-            Path::new(kubeconfig::SERVICE_ACCOUNT_DIR),
-        )?,
-    };
-    // The plugin cannot decide anything without it: fail now, not on every pod.
-    kubeconfig::write(&credentials, &kubeconfig).context("the CNI plugin's kubeconfig")?;
-    let refresh = tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
-    let installer = Installer::with_metrics(
+    Ok(Installer::with_metrics(
         InstallConfig {
             bin_dir: args.cni_bin_dir.clone(),
             conf_dir: args.cni_conf_dir.clone(),
@@ -660,7 +543,23 @@ fn install_cni(
             }),
         },
         metrics,
-    );
+    ))
+}
+
+/// Writes the plugin's kubeconfig (and keeps it current), and installs the plugin
+/// into the chain.
+fn install_cni(args: &Args, installer: &Installer) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let kubeconfig = args.cni_conf_dir.join(kubeconfig::FILE_NAME);
+    let credentials = match &args.kubeconfig {
+        Some(path) => Credentials::File(path.clone()),
+        None => Credentials::in_cluster(
+            |k| std::env::var(k).ok(),
+            Path::new(kubeconfig::SERVICE_ACCOUNT_DIR),
+        )?,
+    };
+    // The plugin cannot decide anything without it: fail now, not on every pod.
+    kubeconfig::write(&credentials, &kubeconfig).context("the CNI plugin's kubeconfig")?;
+    let refresh = tokio::spawn(kubeconfig::keep_current(credentials, kubeconfig.clone()));
     if let Err(e) = installer.install() {
         // No primary config yet (the primary CNI installs it later), or one we cannot
         // parse: the watch installs us as soon as it changes.
@@ -671,7 +570,7 @@ fn install_cni(
     if installer.is_installed() && std::fs::remove_file(&earlier).is_ok() {
         tracing::info!(path = %earlier.display(), "removed the kubeconfig an earlier release wrote");
     }
-    Ok((installer, refresh))
+    Ok(refresh)
 }
 
 /// SIGTERM (the kubelet stopping the pod) or Ctrl-C.

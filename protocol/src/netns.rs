@@ -88,6 +88,11 @@ impl Netns {
                 "fd is a namespace, but not a network namespace",
             ));
         }
+        Self::identified(fd)
+    }
+
+    /// `fd` with its identity (device and inode).
+    fn identified(fd: OwnedFd) -> io::Result<Netns> {
         let meta = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
         Ok(Netns {
             fd,
@@ -96,6 +101,15 @@ impl Netns {
                 inode: meta.st_ino,
             },
         })
+    }
+
+    /// A stand-in with an identity of its own and no namespace behind it (an unbound
+    /// Unix socket: its inode is unique while it is open), for unit tests of code that
+    /// only holds, compares and passes network namespaces. Entering it, or running
+    /// anything inside it, fails. Only with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn stand_in() -> io::Result<Netns> {
+        Self::identified(OwnedFd::from(std::os::unix::net::UnixDatagram::unbound()?))
     }
 
     pub fn id(&self) -> NetnsId {

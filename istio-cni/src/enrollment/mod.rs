@@ -16,6 +16,7 @@
 pub mod gate;
 pub mod leave;
 pub mod pod;
+pub mod seams;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -29,15 +30,15 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 pub use pod::{Annotation, PodInfo, PodKey, PodState, Sandbox};
+pub use seams::{ProcSandboxes, Redirect, Sandboxes, Ztunnel};
 pub use status::{StatusError, StatusWriter};
 
-use crate::discovery::{find_pod_netns, netns_in_use};
 use crate::metrics::{
     Outcome, PodCounts, ReconcileLabels, ReconcileType, SharedMetrics, Trigger, TriggerLabels,
 };
 use crate::rules::hostprobe::HostProbes;
-use crate::rules::{Applied, Family, Redirection, RulesError, Verification};
-use crate::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError, ZdsServer};
+use crate::rules::{Applied, Family, RulesError, Verification};
+use crate::zds_server::{AddOutcome, SnapshotEntry, SnapshotSource, ZdsError};
 use pod::Entry;
 
 /// A pod to enroll from a netns path: what the CNI plugin hands the agent on ADD.
@@ -167,12 +168,24 @@ pub enum EnrollError {
 /// The host probe rules (one per family) and the node netns they live in.
 type Probes = Arc<(Vec<HostProbes>, Netns)>;
 
+/// What an enrollment acts through: its seams (see [`seams`]), the host probe set
+/// (kept to the captured pods' IPs) and the writer of the pods' annotations.
+pub struct Parts {
+    pub redirect: Arc<dyn Redirect>,
+    pub ztunnel: Arc<dyn Ztunnel>,
+    pub sandboxes: Arc<dyn Sandboxes>,
+    /// The host probe rules (one per family) and the node netns they live in.
+    pub probes: Option<(Vec<HostProbes>, Netns)>,
+    pub status: Option<Arc<dyn StatusWriter>>,
+    pub metrics: SharedMetrics,
+}
+
 struct Inner {
-    redirection: Arc<Redirection>,
-    zds: ZdsServer,
+    redirect: Arc<dyn Redirect>,
+    ztunnel: Arc<dyn Ztunnel>,
+    sandboxes: Arc<dyn Sandboxes>,
     probes: Option<Probes>,
     status: Option<Arc<dyn StatusWriter>>,
-    proc_root: PathBuf,
     pods: Mutex<HashMap<WorkloadUid, Entry>>,
     gates: gate::Gates<WorkloadUid>,
     /// Wakes the repair loop early.
@@ -193,41 +206,26 @@ pub struct Enrollment {
 const REPAIR_TICK: Duration = Duration::from_secs(1);
 
 impl Enrollment {
-    pub fn new(redirection: Redirection, zds: ZdsServer, proc_root: PathBuf) -> Enrollment {
-        Self::build(redirection, zds, proc_root, None, None)
-    }
-
-    /// With the host probe set (kept to the captured pods' IPs) and a status writer
-    /// (the pods' annotations).
-    pub fn build(
-        redirection: Redirection,
-        zds: ZdsServer,
-        proc_root: PathBuf,
-        probes: Option<(Vec<HostProbes>, Netns)>,
-        status: Option<Arc<dyn StatusWriter>>,
-    ) -> Enrollment {
+    pub fn new(parts: Parts) -> Enrollment {
         Enrollment {
             inner: Arc::new(Inner {
-                redirection: Arc::new(redirection),
-                zds,
-                probes: probes.map(Arc::new),
-                status,
-                proc_root,
+                redirect: parts.redirect,
+                ztunnel: parts.ztunnel,
+                sandboxes: parts.sandboxes,
+                probes: parts.probes.map(Arc::new),
+                status: parts.status,
                 pods: Mutex::default(),
                 gates: gate::Gates::default(),
                 wake: Notify::new(),
-                metrics: SharedMetrics::default(),
+                metrics: parts.metrics,
                 leaving: Default::default(),
             }),
         }
     }
 
-    pub fn zds(&self) -> &ZdsServer {
-        &self.inner.zds
-    }
-
-    pub fn redirection(&self) -> &Redirection {
-        &self.inner.redirection
+    /// The address families redirected.
+    pub fn families(&self) -> Vec<Family> {
+        self.inner.redirect.families()
     }
 
     /// The enrollment's event metrics (see [`crate::metrics`]).
@@ -357,10 +355,10 @@ impl Enrollment {
         &self,
         uid: &WorkloadUid,
         netns: Arc<Netns>,
-        f: impl FnOnce(&Redirection, &Netns) -> Result<T, RulesError> + Send + 'static,
+        f: impl FnOnce(&dyn Redirect, &Netns) -> Result<T, RulesError> + Send + 'static,
     ) -> Result<T, EnrollError> {
-        let redirection = self.inner.redirection.clone();
-        tokio::task::spawn_blocking(move || f(&redirection, &netns))
+        let redirect = self.inner.redirect.clone();
+        tokio::task::spawn_blocking(move || f(redirect.as_ref(), &netns))
             .await
             .map_err(|source| EnrollError::Worker {
                 uid: uid.clone(),
@@ -374,28 +372,15 @@ impl Enrollment {
 
     /// Opens the pod's netns from its path.
     pub fn open(&self, pod: &Pod) -> Result<Arc<Netns>, EnrollError> {
-        self.open_pod_netns(&pod.netns_path)
+        self.inner
+            .sandboxes
+            .open(&pod.netns_path)
             .map(Arc::new)
             .map_err(|source| EnrollError::Netns {
                 uid: pod.uid.clone(),
                 path: pod.netns_path.clone(),
                 source,
             })
-    }
-
-    /// Opens a pod's netns at `path`, refusing the node's own (the agent's, or the
-    /// node's init process's): a request naming it (a plugin call, an annotation)
-    /// would otherwise put redirection rules on the node and ztunnel's listeners on
-    /// the host.
-    fn open_pod_netns(&self, path: &std::path::Path) -> std::io::Result<Netns> {
-        let netns = Netns::open(path)?;
-        if crate::discovery::node_netns(&self.inner.proc_root).contains(&netns.id()) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                "it is the node's own network namespace, not a pod's: refusing to redirect the node's traffic",
-            ));
-        }
-        Ok(netns)
     }
 
     /// Finds the netns of each wanted pod (uid → IPs) in /proc, never one in `exclude`.
@@ -407,8 +392,8 @@ impl Enrollment {
         if wanted.is_empty() {
             return Ok(HashMap::new());
         }
-        let proc_root = self.inner.proc_root.clone();
-        tokio::task::spawn_blocking(move || find_pod_netns(&proc_root, &wanted, &exclude))
+        let sandboxes = self.inner.sandboxes.clone();
+        tokio::task::spawn_blocking(move || sandboxes.find(&wanted, &exclude))
             .await
             .map_err(|e| EnrollError::Discovery(std::io::Error::other(e)))?
             .map_err(EnrollError::Discovery)
@@ -526,7 +511,7 @@ impl Enrollment {
         if !acked {
             match self
                 .inner
-                .zds
+                .ztunnel
                 .add(uid.clone(), info.workload_info(), netns)
                 .await
             {
@@ -716,8 +701,7 @@ impl Enrollment {
             .netns_path
             .as_ref()
             .filter(|p| !p.as_os_str().is_empty())
-            .and_then(|p| Netns::open(p).ok())
-            .map(|n| n.id());
+            .and_then(|p| self.inner.sandboxes.id_at(p));
         let uids = match &del.uid {
             Some(uid) => vec![uid.clone()],
             None => self.uids_for(&del.key),
@@ -741,7 +725,7 @@ impl Enrollment {
             entry.retire(sandbox.id());
             entry.state = PodState::NoSandbox;
             self.commit(entry.clone());
-            if let Err(e) = self.inner.zds.del(&uid).await {
+            if let Err(e) = self.inner.ztunnel.del(&uid).await {
                 warn!(%uid, "telling ztunnel to drop a torn-down sandbox: {e}");
             }
             let probes = self.probe_ips(&uid, Vec::new(), entry.ips.clone()).await;
@@ -785,7 +769,7 @@ impl Enrollment {
         self.commit(entry.clone());
         if had_proxy {
             info!(%uid, pod = %entry.pod.key, "pod unenrolled, telling ztunnel to drain it");
-            if let Err(e) = self.inner.zds.del(uid).await {
+            if let Err(e) = self.inner.ztunnel.del(uid).await {
                 warn!(%uid, "telling ztunnel to drain a pod that left: {e}");
             }
         }
@@ -824,7 +808,7 @@ impl Enrollment {
         for a in pods {
             let uid = a.info.uid.clone();
             let netns = match &a.locate {
-                Locate::Path(path) => match self.open_pod_netns(path) {
+                Locate::Path(path) => match self.inner.sandboxes.open(path) {
                     Ok(ns) => Some(ns),
                     Err(e) => {
                         warn!(%uid, "cannot open {}: {e}", path.display());
@@ -946,7 +930,7 @@ impl Enrollment {
                 _ = tokio::time::sleep(REPAIR_TICK) => {}
             }
             let now = Instant::now();
-            let connected = self.inner.zds.connections() > 0;
+            let connected = self.inner.ztunnel.connections() > 0;
             let writer = self.inner.status.is_some();
             let due: Vec<WorkloadUid> = self
                 .pods()
@@ -971,7 +955,7 @@ impl Enrollment {
             if !*acked {
                 let outcome = self
                     .inner
-                    .zds
+                    .ztunnel
                     .add(
                         uid.clone(),
                         entry.pod.workload_info(),
@@ -1028,8 +1012,8 @@ impl Enrollment {
 
     /// One round of drift checks over every captured pod.
     pub async fn check_all_rules(&self) {
-        let proc_root = self.inner.proc_root.clone();
-        let alive = match tokio::task::spawn_blocking(move || netns_in_use(&proc_root)).await {
+        let sandboxes = self.inner.sandboxes.clone();
+        let alive = match tokio::task::spawn_blocking(move || sandboxes.in_use()).await {
             Ok(Ok(alive)) => alive,
             Ok(Err(e)) => {
                 warn!("drift check: scanning for live sandboxes: {e}; skipping this round");
@@ -1075,7 +1059,7 @@ impl Enrollment {
             let by_path = sandbox
                 .path
                 .as_ref()
-                .is_some_and(|p| Netns::open(p).is_ok_and(|ns| ns.id() == sandbox.id()));
+                .is_some_and(|p| self.inner.sandboxes.id_at(p) == Some(sandbox.id()));
             if !by_path && !alive.contains(&sandbox.id()) {
                 let reason = format!(
                     "its sandbox (netns {}) is gone: no process is in it{} and no CNI DEL came",
@@ -1189,3 +1173,6 @@ impl SnapshotSource for Enrollment {
         tokio::spawn(async move { this.record_answer(uid, netns, rejected).await });
     }
 }
+
+#[cfg(test)]
+mod tests;
