@@ -84,6 +84,37 @@ pub fn leaving(pod: Option<&Pod>, verdict: Option<Verdict>, uid: &WorkloadUid) -
     }
 }
 
+/// One thing a reconcile asks of the enrollment.
+#[derive(Debug)]
+pub enum Step {
+    /// An enrolled uid leaves the mesh.
+    Remove(WorkloadUid, Leaving),
+    /// The pod belongs in the mesh.
+    Ensure(Wanted),
+}
+
+/// What to do for a pod key: every enrolled uid (`enrolled`) that is not the pod the
+/// API server has now under the key (`pod`, with the selection's `verdict` on it), or
+/// is that pod but no longer selected, leaves, each for its reason; the pod, when
+/// selected, is ensured after them (a recreated object's predecessor goes first).
+pub fn plan(enrolled: &[WorkloadUid], pod: Option<&Pod>, verdict: Option<Verdict>) -> Vec<Step> {
+    let desired = pod.filter(|_| verdict == Some(Verdict::Enroll));
+    let desired_uid = desired.map(|p| pod_info(p).uid);
+    let mut steps: Vec<Step> = enrolled
+        .iter()
+        .filter(|uid| Some(*uid) != desired_uid.as_ref())
+        .map(|uid| Step::Remove(uid.clone(), leaving(pod, verdict.clone(), uid)))
+        .collect();
+    steps.extend(desired.map(|p| {
+        Step::Ensure(Wanted {
+            info: pod_info(p),
+            ips: pod_ips(p),
+            annotation: annotation(p),
+        })
+    }));
+    steps
+}
+
 /// The pod's `ambient.istio.io/redirection` annotation, if any.
 pub fn annotation(pod: &Pod) -> Option<String> {
     pod.metadata
@@ -289,23 +320,12 @@ impl Controller {
         let verdict = pod
             .as_ref()
             .map(|p| self.cfg.selection.decide(p, ns.as_deref()));
-        let desired = pod.as_deref().filter(|_| verdict == Some(Verdict::Enroll));
-        let desired_uid = desired.map(|p| pod_info(p).uid);
         debug!(%key, ?verdict, "reconciling");
-        for uid in enrolled {
-            if Some(&uid) != desired_uid.as_ref() {
-                let why = leaving(pod.as_deref(), verdict.clone(), &uid);
-                self.enrollment.remove(&uid, why).await?;
+        for step in plan(&enrolled, pod.as_deref(), verdict) {
+            match step {
+                Step::Remove(uid, why) => self.enrollment.remove(&uid, why).await?,
+                Step::Ensure(want) => self.enrollment.ensure(want).await?,
             }
-        }
-        if let Some(p) = desired {
-            self.enrollment
-                .ensure(Wanted {
-                    info: pod_info(p),
-                    ips: pod_ips(p),
-                    annotation: annotation(p),
-                })
-                .await?;
         }
         Ok(())
     }
@@ -333,6 +353,75 @@ mod tests {
             ..Default::default()
         });
         p
+    }
+
+    /// The plan in words: `remove <uid> <why>`, `ensure <uid> <ips>`.
+    fn said(steps: Vec<Step>) -> Vec<String> {
+        steps
+            .into_iter()
+            .map(|s| match s {
+                Step::Remove(uid, why) => format!("remove {uid} {why:?}"),
+                Step::Ensure(w) => format!("ensure {} {:?}", w.info.uid, w.ips),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reconcile_removes_what_is_no_longer_wanted_then_ensures_the_pod() {
+        let mut running = pod("u-1", "Running");
+        running.status.as_mut().unwrap().pod_ip = Some("10.0.0.1".into());
+        let successor = pod("u-2", "Running");
+        let enroll = Some(Verdict::Enroll);
+        let skip = Some(Verdict::Skip("not labelled ambient"));
+        let u1 = [WorkloadUid::new("u-1")];
+        type Case<'a> = (
+            &'a str,
+            &'a [WorkloadUid],
+            Option<&'a Pod>,
+            Option<Verdict>,
+            Vec<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "selected, not enrolled yet",
+                &[],
+                Some(&running),
+                enroll.clone(),
+                vec!["ensure u-1 [10.0.0.1]"],
+            ),
+            (
+                "selected and enrolled: ensured again (rules re-checked)",
+                &u1,
+                Some(&running),
+                enroll.clone(),
+                vec!["ensure u-1 [10.0.0.1]"],
+            ),
+            (
+                "labelled out while running",
+                &u1,
+                Some(&running),
+                skip.clone(),
+                vec!["remove u-1 OptedOut"],
+            ),
+            ("object gone", &u1, None, None, vec!["remove u-1 Ended"]),
+            (
+                "recreated under the same name",
+                &u1,
+                Some(&successor),
+                enroll.clone(),
+                vec!["remove u-1 Ended", "ensure u-2 []"],
+            ),
+            (
+                "not selected, not enrolled",
+                &[],
+                Some(&running),
+                skip,
+                vec![],
+            ),
+        ];
+        for (name, enrolled, pod, verdict, want) in cases {
+            assert_eq!(said(plan(enrolled, pod, verdict)), want, "{name}");
+        }
     }
 
     #[test]
