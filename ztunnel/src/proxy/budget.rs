@@ -38,7 +38,7 @@ impl Budget {
     }
 
     #[cfg(test)]
-    fn open(&self) -> usize {
+    pub(super) fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
 

@@ -12,13 +12,16 @@ use tokio::net::TcpStream;
 use super::live::Attrs;
 use super::relay::Flow;
 use super::Direction;
-use super::{canonical, is_ztunnel_port, PodContext};
+use super::{is_ztunnel_port, PodContext};
 use crate::authz::Decision;
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let dst = match stream.local_addr() {
-        Ok(d) => canonical(d),
+    let dst = match ctx
+        .sockets
+        .destination(&stream, Direction::InboundPlaintext)
+    {
+        Ok(d) => d,
         Err(e) => {
             tracing::warn!(uid = %ctx.uid, "inbound connection without a local address: {e}");
             return;

@@ -218,12 +218,14 @@ impl PodContext {
         dest: SocketAddr,
         source: Option<std::net::IpAddr>,
     ) -> std::io::Result<TcpStream> {
-        let (mark, keepalive) = (self.cfg.mark, self.cfg.keepalive);
-        let std_stream = self.sockets.upstream(dest, mark, keepalive, source)?;
-        let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
-        tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dest))
+        let how = seam::Upstream {
+            mark: self.cfg.mark,
+            keepalive: self.cfg.keepalive,
+            source,
+        };
+        self.sockets
+            .connect(dest, how, self.cfg.connect_timeout)
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     }
 }
 
@@ -375,7 +377,7 @@ impl PodProxy {
 }
 
 /// Which of a pod's listeners accepted a connection.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     Outbound,
     InboundPlaintext,
@@ -410,3 +412,6 @@ impl Drop for PodProxy {
         self.connections.close();
     }
 }
+
+#[cfg(test)]
+mod tests;

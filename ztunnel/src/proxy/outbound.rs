@@ -9,14 +9,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::relay::Flow;
-use super::socket;
 use super::Direction;
 use super::{canonical, is_ztunnel_port, PodContext};
 use crate::state::{Destination, Protocol};
 
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let dst = match socket::original_dst(&stream) {
+    let dst = match ctx.sockets.destination(&stream, Direction::Outbound) {
         Ok(d) => d,
         Err(e) => {
             let local = stream.local_addr().map(canonical).unwrap_or(peer);

@@ -368,7 +368,10 @@ impl Pool {
             let mut connection = std::pin::pin!(connection);
             // One timer for the connection's life: a sleep made inside the loop would
             // be re-armed every time the connection wakes, that is for every frame.
-            let mut idle_check = tokio::time::interval(idle_timeout / 4);
+            // At least a millisecond: a zero timeout (POOL_UNUSED_RELEASE_TIMEOUT=0s,
+            // close as soon as idle) must not make a zero period, which panics.
+            let period = (idle_timeout / 4).max(Duration::from_millis(1));
+            let mut idle_check = tokio::time::interval(period);
             idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             idle_check.reset();
             loop {

@@ -9,17 +9,21 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use protocol::zds::WorkloadInfo;
 use protocol::WorkloadUid;
 
 use super::socket::{self, Keepalive, ListenerOpts};
+use super::Direction;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Where one pod's sockets are made. An implementation gives one thing, the place
 /// ([`SocketFactory::make_there`]); the proxy's sockets are made by the provided
-/// methods, with the same options wherever that is.
+/// methods, with the same options wherever that is. A test on loopback overrides the
+/// methods that need privileges or nat (listeners, [`SocketFactory::destination`],
+/// [`SocketFactory::connect`]) to stand in for the pod's network.
 pub trait SocketFactory: Send + Sync + 'static {
     /// Runs `make` (plain syscalls that neither block for long nor yield) where the
     /// pod's sockets belong, on the calling thread.
@@ -45,6 +49,40 @@ pub trait SocketFactory: Send + Sync + 'static {
         made(self, || socket::upstream(dest, mark, keepalive, source))
     }
 
+    /// Connects to `dest` from where the pod's sockets are made, within `timeout`
+    /// ([`socket::upstream`], then connect).
+    fn connect(
+        &self,
+        dest: SocketAddr,
+        how: Upstream,
+        timeout: Duration,
+    ) -> BoxFuture<io::Result<tokio::net::TcpStream>> {
+        let made = self.upstream(dest, how.mark, how.keepalive, how.source);
+        Box::pin(async move {
+            let socket = tokio::net::TcpSocket::from_std_stream(made?);
+            tokio::time::timeout(timeout, socket.connect(dest))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+        })
+    }
+
+    /// Where a connection accepted on the listener of `direction` was going: for the
+    /// app's outgoing connections (redirected by the pod's nat rule) the original
+    /// destination conntrack kept; for inbound ones (delivered by TPROXY) the local
+    /// address.
+    fn destination(
+        &self,
+        stream: &tokio::net::TcpStream,
+        direction: Direction,
+    ) -> io::Result<SocketAddr> {
+        match direction {
+            Direction::Outbound => socket::original_dst(stream),
+            Direction::InboundPlaintext | Direction::InboundHbone => {
+                stream.local_addr().map(socket::canonical)
+            }
+        }
+    }
+
     /// The IPv6 addresses where the sockets are made.
     fn ipv6_addresses(&self) -> io::Result<Vec<Ipv6Addr>> {
         made(self, socket::ipv6_addresses)
@@ -62,6 +100,15 @@ fn made<F: SocketFactory + ?Sized, T>(
         Ok(())
     })?;
     out.ok_or_else(|| io::Error::other("the socket factory did not run the maker"))
+}
+
+/// How an upstream connection is made: the mark, keepalive and, for a transparent
+/// connection, the (foreign) source address.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream {
+    pub mark: u32,
+    pub keepalive: Option<Keepalive>,
+    pub source: Option<IpAddr>,
 }
 
 /// Sockets made where the calling thread is (ztunnel's own netns): for tests on
