@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::failure::Failure;
 use super::headers;
 use super::live::Attrs;
 use super::relay::Flow;
@@ -30,21 +31,13 @@ use crate::tls;
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let local = stream.local_addr().map(super::canonical).unwrap_or(peer);
     let (Some(mesh), Some(pod)) = (ctx.cfg.mesh.clone(), ctx.mesh.as_ref()) else {
-        Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
-            0,
-            0,
-            Some("refused: HBONE needs a mesh configuration (LOCAL_XDS_PATH)"),
-        );
+        Flow::new(&ctx, Direction::InboundHbone, peer, local).fail(Failure::NoMesh);
         return;
     };
     // Handshakes in progress are capped: a flood of slow or bogus clients is refused at
     // once instead of holding an fd and a task each for the handshake timeout.
     let Ok(_handshaking) = pod.handshakes.clone().try_acquire_owned() else {
-        Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
-            0,
-            0,
-            Some("refused: too many TLS handshakes in progress"),
-        );
+        Flow::new(&ctx, Direction::InboundHbone, peer, local).fail(Failure::Handshakes);
         return;
     };
     let _ = stream.set_nodelay(true);
@@ -53,11 +46,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let acceptor = match pod.acceptor().await {
         Ok((_, a)) => a,
         Err(e) => {
-            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
-                0,
-                0,
-                Some(&format!("refused: {e}")),
-            );
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).fail(e.into());
             return;
         }
     };
@@ -65,19 +54,11 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
-                0,
-                0,
-                Some(&format!("TLS handshake failed: {e}")),
-            );
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).fail(Failure::Tls(e));
             return;
         }
         Err(_) => {
-            Flow::new(&ctx, Direction::InboundHbone, peer, local).log(
-                0,
-                0,
-                Some("TLS handshake timed out"),
-            );
+            Flow::new(&ctx, Direction::InboundHbone, peer, local).fail(Failure::TlsTimeout);
             return;
         }
     };
@@ -137,7 +118,7 @@ async fn tunnel(
     flow.hbone_addr = target;
     flow.mtls = true;
     let (Some(target), true) = (target, req.method() == Method::CONNECT) else {
-        flow.log(0, 0, Some("bad request: not a CONNECT to ip:port"));
+        flow.fail(Failure::BadRequest("not a CONNECT to ip:port"));
         return status(StatusCode::BAD_REQUEST);
     };
     let Some(pod) = ctx.mesh.as_ref() else {
@@ -146,7 +127,7 @@ async fn tunnel(
     let w = match pod.workload().await {
         Ok(w) => w,
         Err(e) => {
-            flow.log(0, 0, Some(&format!("refused: {e}")));
+            flow.fail(e.into());
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -162,11 +143,11 @@ async fn tunnel(
     } else if state.routes_through(&w.network, target.ip(), &w) {
         SocketAddr::new(local.ip(), target.port())
     } else {
-        flow.log(0, 0, Some("bad request: authority is not this pod's app"));
+        flow.fail(Failure::BadRequest("authority is not this pod's app"));
         return status(StatusCode::BAD_REQUEST);
     };
     if is_ztunnel_port(upstream.port()) {
-        flow.log(0, 0, Some("bad request: authority is ztunnel itself"));
+        flow.fail(Failure::BadRequest("authority is ztunnel itself"));
         return status(StatusCode::BAD_REQUEST);
     }
     let target = upstream;
@@ -177,7 +158,7 @@ async fn tunnel(
         dst_port: target.port(),
     };
     if let Decision::Deny { policy } = attrs.decide(&state, &w) {
-        flow.deny(&format!("denied by policy {policy}"));
+        flow.fail(Failure::Denied(policy));
         return status(StatusCode::UNAUTHORIZED);
     }
     drop(state);
@@ -190,12 +171,12 @@ async fn tunnel(
     let upstream = match ctx.connect(target, Some(peer.ip())).await {
         Ok(u) => u,
         Err(e) => {
-            flow.connect_failed(&format!("connect {target}: {e}"));
+            flow.fail(Failure::Connect(target, e));
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     if registration.denied() {
-        flow.deny(&registration.reason());
+        flow.fail(Failure::Revoked(registration.reason()));
         return status(StatusCode::UNAUTHORIZED);
     }
     let _ = upstream.set_nodelay(true);
@@ -206,7 +187,7 @@ async fn tunnel(
                 flow.relay(TokioIo::new(upgraded), upstream, Some(&registration))
                     .await
             }
-            Err(e) => flow.log(0, 0, Some(&format!("CONNECT upgrade failed: {e}"))),
+            Err(e) => flow.fail(Failure::Upgrade(e)),
         }
     });
     status(StatusCode::OK)

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::failure::Failure;
 use super::live::Attrs;
 use super::relay::Flow;
 use super::Direction;
@@ -29,7 +30,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     };
     let mut flow = Flow::new(&ctx, Direction::InboundPlaintext, peer, dst);
     if is_ztunnel_port(dst.port()) {
-        flow.log(0, 0, Some("refused: destination is ztunnel itself"));
+        flow.fail(Failure::Loop);
         return;
     }
     let attrs = Attrs {
@@ -45,7 +46,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             let w = match pod.workload().await {
                 Ok(w) => w,
                 Err(e) => {
-                    flow.log(0, 0, Some(&format!("refused: {e}")));
+                    flow.fail(e.into());
                     return;
                 }
             };
@@ -54,7 +55,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             flow.src_workload = state.workload_at(&w.network, peer.ip()).cloned();
             flow.dst_workload = Some(w.clone());
             if let Decision::Deny { policy } = attrs.decide(&state, &w) {
-                flow.deny(&format!("denied by policy {policy}"));
+                flow.fail(Failure::Denied(policy));
                 return;
             }
             Some(pod.live.register(attrs))
@@ -63,10 +64,10 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     };
     let upstream = match ctx.connect(dst, Some(peer.ip())).await {
         Ok(u) => u,
-        Err(e) => return flow.connect_failed(&format!("connect {dst}: {e}")),
+        Err(e) => return flow.fail(Failure::Connect(dst, e)),
     };
     if let Some(r) = registration.as_ref().filter(|r| r.denied()) {
-        return flow.deny(&r.reason());
+        return flow.fail(Failure::Revoked(r.reason()));
     }
     let _ = upstream.set_nodelay(true);
     flow.relay(stream, upstream, registration.as_ref()).await

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod connections;
 pub mod copy;
 pub mod factory;
+pub mod failure;
 pub mod headers;
 pub mod inbound;
 pub mod inbound_passthrough;
@@ -36,6 +37,7 @@ use tracing::{debug, info, warn};
 use crate::identity::manager::{CertManager, IdentityCert};
 use crate::identity::Identity;
 use crate::state::{MeshState, Store, Workload};
+use failure::{Failure, PodError};
 use live::LiveConns;
 use pool::{HboneConfig, Pool};
 use seam::SocketFactory;
@@ -83,9 +85,9 @@ pub struct PodMesh {
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
-fn acceptor(cert: &Arc<IdentityCert>) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let server = crate::tls::server_config(cert.clone(), cert.roots())
-        .map_err(|e| format!("TLS server config: {e}"))?;
+fn acceptor(cert: &Arc<IdentityCert>) -> Result<tokio_rustls::TlsAcceptor, PodError> {
+    let server =
+        crate::tls::server_config(cert.clone(), cert.roots()).map_err(PodError::TlsConfig)?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
@@ -103,7 +105,7 @@ impl PodMesh {
 
     /// The pod's workload (this node's, matched by namespace, name and service
     /// account), waiting for it to arrive up to the pod wait.
-    pub async fn workload(&self) -> Result<Arc<Workload>, String> {
+    pub async fn workload(&self) -> Result<Arc<Workload>, PodError> {
         let deadline = tokio::time::Instant::now() + self.mesh.pod_wait;
         let mut changes = self.mesh.store.subscribe();
         loop {
@@ -113,10 +115,12 @@ impl PodMesh {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
-                    return Err(format!(
-                        "no workload for pod {}/{} (service account {:?}) on this node after waiting {:?}",
-                        self.info.namespace, self.info.name, self.info.service_account, self.mesh.pod_wait
-                    ))
+                    return Err(PodError::NoWorkload {
+                        namespace: self.info.namespace.clone(),
+                        name: self.info.name.clone(),
+                        service_account: self.info.service_account.clone(),
+                        waited: self.mesh.pod_wait,
+                    })
                 }
             }
         }
@@ -135,24 +139,19 @@ impl PodMesh {
 
     /// The pod's workload and a certificate it may present, waiting (up to the pod
     /// wait) for whichever is missing.
-    pub async fn identity(&self) -> Result<(Arc<Workload>, Arc<IdentityCert>), String> {
+    pub async fn identity(&self) -> Result<(Arc<Workload>, Arc<IdentityCert>), PodError> {
         let w = self.workload().await?;
         let id = w.identity();
         let cert = tokio::time::timeout(self.mesh.pod_wait, self.mesh.certs.get(&id))
             .await
-            .map_err(|_| {
-                format!(
-                    "no certificate for {id} after waiting {:?}",
-                    self.mesh.pod_wait
-                )
-            })?
-            .map_err(|e| format!("no certificate for {id}: {e}"))?;
-        cert.usable()?;
+            .map_err(|_| PodError::CertTimeout(id.clone(), self.mesh.pod_wait))?
+            .map_err(|e| PodError::NoCert(id.clone(), e.to_string()))?;
+        cert.usable().map_err(PodError::CertUnusable)?;
         Ok((w, cert))
     }
 
     /// The pod's workload and the TLS acceptor of its current certificate.
-    pub async fn acceptor(&self) -> Result<(Arc<Workload>, tokio_rustls::TlsAcceptor), String> {
+    pub async fn acceptor(&self) -> Result<(Arc<Workload>, tokio_rustls::TlsAcceptor), PodError> {
         let (w, cert) = self.identity().await?;
         let generation = cert.generation();
         let mut held = self.acceptor.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,7 +205,7 @@ impl PodContext {
         let share = self.budget.take();
         if share.is_none() {
             self.cfg.metrics.connections_refused.inc();
-            flow.overflow(&self.budget.refusal());
+            flow.fail(Failure::Overflow(self.budget.refusal()));
         }
         share
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::failure::Failure;
 use super::relay::Flow;
 use super::Direction;
 use super::{canonical, is_ztunnel_port, PodContext};
@@ -19,22 +20,14 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             let local = stream.local_addr().map(canonical).unwrap_or(peer);
-            Flow::new(&ctx, Direction::Outbound, peer, local).log(
-                0,
-                0,
-                Some(&format!("no original destination: {e}")),
-            );
+            Flow::new(&ctx, Direction::Outbound, peer, local).fail(Failure::NoDestination(e));
             return;
         }
     };
     // A connection made straight to 15001 (not redirected) has itself as its original
     // destination; forwarding it, or anything aimed at our ports, would loop.
     if stream.local_addr().ok().map(canonical) == Some(dst) || is_ztunnel_port(dst.port()) {
-        Flow::new(&ctx, Direction::Outbound, peer, dst).log(
-            0,
-            0,
-            Some("refused: destination is ztunnel itself"),
-        );
+        Flow::new(&ctx, Direction::Outbound, peer, dst).fail(Failure::Loop);
         return;
     }
     if let (Some(mesh), Some(pod)) = (&ctx.cfg.mesh, &ctx.mesh) {
@@ -43,11 +36,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         let (src, cert) = match pod.identity().await {
             Ok(found) => found,
             Err(e) => {
-                Flow::new(&ctx, Direction::Outbound, peer, dst).log(
-                    0,
-                    0,
-                    Some(&format!("refused: {e}")),
-                );
+                Flow::new(&ctx, Direction::Outbound, peer, dst).fail(e.into());
                 return;
             }
         };
@@ -76,8 +65,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 target,
             } => Some((addr, target, waypoint)),
             Destination::NoWaypoint { target, reason } => {
-                flow(target)
-                    .connect_failed(&format!("refused: the destination's waypoint: {reason}"));
+                flow(target).fail(Failure::NoWaypoint(reason));
                 return;
             }
             Destination::NoEndpoint {
@@ -85,9 +73,11 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 port,
                 reason,
             } => {
-                flow(dst).connect_failed(&format!(
-                    "no healthy upstream: service {service} port {port}: {reason}"
-                ));
+                flow(dst).fail(Failure::NoEndpoint {
+                    service,
+                    port,
+                    reason,
+                });
                 return;
             }
             Destination::Workload(w, target) => {
@@ -117,7 +107,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                     flow.relay(stream, tunnel, None).await;
                     drop(stream_slot);
                 }
-                Err(e) => flow.connect_failed(&format!("HBONE: {e}")),
+                Err(e) => flow.fail(e.into()),
             }
             return;
         }
@@ -137,6 +127,6 @@ async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, flow: Flow) {
             let _ = upstream.set_nodelay(true);
             flow.relay(stream, upstream, None).await
         }
-        Err(e) => flow.connect_failed(&format!("connect {dst}: {e}")),
+        Err(e) => flow.fail(Failure::Connect(dst, e)),
     }
 }

@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connections::{Connection, Tracked};
+use super::failure::Failure;
 use super::live::Registration;
 use super::PodContext;
 use crate::identity::Identity;
@@ -181,48 +182,32 @@ impl Flow {
             None => Some(copy.await),
         };
         match result {
-            Some(Ok((sent, received))) => self.finish(sent, received, None, ResponseFlags::None),
-            Some(Err(e)) => self.log(0, 0, Some(&e.to_string())),
+            Some(Ok((sent, received))) => self.finish(sent, received, None),
+            Some(Err(e)) => self.fail(Failure::Relay(e)),
             None => {
                 let reason = live.map(Registration::reason).unwrap_or_default();
-                self.finish(
-                    0,
-                    0,
-                    Some(&format!("closed: {reason}")),
-                    ResponseFlags::Deny,
-                )
+                self.fail(Failure::Revoked(format!("closed: {reason}")))
             }
         }
     }
 
-    /// The connection ended (or never started) with `error`, if any.
-    pub fn log(&self, sent: u64, received: u64, error: Option<&str>) {
-        self.finish(sent, received, error, ResponseFlags::None)
+    /// The connection failed, or was refused, before any byte was relayed.
+    pub fn fail(&self, failure: Failure) {
+        self.finish(0, 0, Some(&failure))
     }
 
-    /// Refused by policy.
-    pub fn deny(&self, reason: &str) {
-        self.finish(0, 0, Some(reason), ResponseFlags::Deny)
-    }
-
-    /// Refused: the pod's connection cap is reached.
-    pub fn overflow(&self, reason: &str) {
-        self.finish(0, 0, Some(reason), ResponseFlags::Overflow)
-    }
-
-    /// No upstream could be reached.
-    pub fn connect_failed(&self, reason: &str) {
-        self.finish(0, 0, Some(reason), ResponseFlags::Connect)
-    }
-
-    /// Counts the end in the metrics and writes the access log line (target `access`):
-    /// `bytes_sent` is what the client sent, `bytes_recv` what it received.
-    fn finish(&self, sent: u64, received: u64, error: Option<&str>, flags: ResponseFlags) {
+    /// Counts the end in the metrics (the response flag from the failure's kind) and
+    /// writes the access log line (target `access`): `bytes_sent` is what the client
+    /// sent, `bytes_recv` what it received.
+    fn finish(&self, sent: u64, received: u64, failure: Option<&Failure>) {
+        let flags = failure.map_or(ResponseFlags::None, Failure::flags);
         self.ctx
             .cfg
             .metrics
             .traffic
-            .close(&self.open().labels, flags, error.is_some());
+            .close(&self.open().labels, flags, failure.is_some());
+        let error = failure.map(ToString::to_string);
+        let error = error.as_deref();
         let id = |i: &Option<Identity>| i.as_ref().filter(|_| self.mtls).map(ToString::to_string);
         // The pod's own side is named even when its workload is not known.
         let pod = Some(self.ctx.info.name.as_str());
