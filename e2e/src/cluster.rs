@@ -13,8 +13,8 @@ use serde_json::json;
 
 use crate::cgroups::{CgroupRoot, PodProcess};
 use crate::cni::{self, Invocation};
-use crate::kube_api::ApiServer;
 use crate::{AgentProcess, TestNode, TestPod, Ztunnel};
+use standins::kube_api::ApiServer;
 
 pub const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
 pub const REDIRECTION: &str = "ambient.istio.io/redirection";

@@ -7,25 +7,17 @@
 //! cleaned up when the test fails too. These tests need root.
 
 pub mod app;
-pub mod bench;
 pub mod capture;
 pub mod cgroups;
-pub mod chaos;
 pub mod charts;
 pub mod cluster;
-pub mod clustercheck;
 pub mod cni;
-pub mod controlplane;
-pub mod incluster;
-pub mod kube_api;
 pub mod mesh;
 pub mod mesh_files;
 pub mod node;
 pub mod observe;
 pub mod process;
 pub mod prom;
-pub mod realcluster;
-pub mod waypoint;
 
 pub use mesh::Mesh;
 pub use node::{TestNode, TestPod};

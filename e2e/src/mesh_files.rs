@@ -82,3 +82,28 @@ pub fn hbone_workloads(pods: &[&TestPod]) -> String {
 pub fn identity_of(pod: &TestPod) -> String {
     format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{}", pod.name)
 }
+
+impl TestNode {
+    /// The node's mesh root, as the stand-in servers take it.
+    pub fn mesh_root(&self) -> standins::MeshRoot {
+        let files = self.mesh_files();
+        standins::MeshRoot {
+            cert: files.ca_cert,
+            key: files.ca_key,
+        }
+    }
+
+    /// A stand-in control plane with the node's mesh root, its files in the node's
+    /// directory.
+    pub async fn control_plane(&self) -> standins::controlplane::ControlPlane {
+        standins::controlplane::ControlPlane::start(&self.mesh_root(), self.dir.path()).await
+    }
+}
+
+impl TestPod {
+    /// The pod as istiod describes it in `namespace` (see
+    /// [`standins::controlplane::workload_of`]).
+    pub fn workload(&self, namespace: &str) -> ztunnel::proto::istio::workload::Workload {
+        standins::controlplane::workload_of(&self.name, &self.ips, &self.node, namespace)
+    }
+}

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use e2e::app::{connect, echo_server, exchange, request, seen_peer};
 use e2e::capture::Capture;
-use e2e::controlplane::{ip_bytes, workload_of, ControlPlane, ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use e2e::mesh_files::{identity_of, NAMESPACE as NS};
-use e2e::waypoint::Waypoint;
 use e2e::{TestNode, TestPod, Ztunnel};
 use istio_cni::{Agent, EnrollStatus, Startup};
+use standins::controlplane::{ip_bytes, ControlPlane, ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use standins::waypoint::Waypoint;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use ztunnel::proto::istio::security as xsec;
 use ztunnel::proto::istio::workload as xwl;
@@ -74,8 +74,8 @@ async fn refused(from: &TestPod, to: SocketAddr, within: Duration) {
 async fn workloads_from_xds_talk_hbone_with_ca_certificates_and_a_removed_one_is_cut_off() {
     let node = TestNode::new(90);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let cp = ControlPlane::start(&node).await;
-    cp.push_workloads(&[workload_of(&a, NS), workload_of(&b, NS)]);
+    let cp = node.control_plane().await;
+    cp.push_workloads(&[a.workload(NS), b.workload(NS)]);
     let (_agent, zt) = start(&node, &cp, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
 
@@ -152,8 +152,8 @@ async fn workloads_from_xds_talk_hbone_with_ca_certificates_and_a_removed_one_is
 async fn a_pushed_deny_policy_blocks_and_closes_and_its_removal_restores() {
     let node = TestNode::new(91);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let cp = ControlPlane::start(&node).await;
-    cp.push_workloads(&[workload_of(&a, NS), workload_of(&b, NS)]);
+    let cp = node.control_plane().await;
+    cp.push_workloads(&[a.workload(NS), b.workload(NS)]);
     let (_agent, zt) = start(&node, &cp, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
     let held = connect(&a, server.addr, T).await.expect("a -> b");
@@ -196,15 +196,15 @@ async fn a_malformed_resource_is_nacked_by_name_and_everything_else_keeps_servin
         node.add_pod("httpbin"),
         node.add_pod("echo"),
     );
-    let cp = ControlPlane::start(&node).await;
-    cp.push_workloads(&[workload_of(&a, NS), workload_of(&b, NS)]);
+    let cp = node.control_plane().await;
+    cp.push_workloads(&[a.workload(NS), b.workload(NS)]);
     let (agent, zt) = start(&node, &cp, &[&a, &b]).await;
     let (server_b, server_c) = (echo_server(&b, 8080).await, echo_server(&c, 8080).await);
     request(&a, server_b.addr, T).await.expect("a -> b");
 
     // One response: an undecodable resource, a bad update of b (a 3-byte address), and
     // a good new workload c.
-    let mut bad_b = workload_of(&b, NS);
+    let mut bad_b = b.workload(NS);
     bad_b.addresses.push(vec![1, 2, 3]);
     let encode = |w: xwl::Workload| prost_types::Any {
         type_url: ADDRESS_TYPE.into(),
@@ -223,7 +223,7 @@ async fn a_malformed_resource_is_nacked_by_name_and_everything_else_keeps_servin
                 },
             ),
             (uid(&b), encode(bad_b)),
-            (uid(&c), encode(workload_of(&c, NS))),
+            (uid(&c), encode(c.workload(NS))),
         ],
     );
     let nack = cp.wait_for_request("a NACK", |r| r.error.is_some()).await;
@@ -257,8 +257,8 @@ async fn with_the_control_plane_gone_ztunnel_keeps_serving_then_resumes_and_conv
         node.add_pod("httpbin"),
         node.add_pod("echo"),
     );
-    let mut cp = ControlPlane::start(&node).await;
-    cp.push_workloads(&[workload_of(&a, NS), workload_of(&b, NS)]);
+    let mut cp = node.control_plane().await;
+    cp.push_workloads(&[a.workload(NS), b.workload(NS)]);
     let (agent, zt) = start(&node, &cp, &[&a, &b]).await;
     let server_b = echo_server(&b, 8080).await;
     let server_c = echo_server(&c, 8080).await;
@@ -276,7 +276,7 @@ async fn with_the_control_plane_gone_ztunnel_keeps_serving_then_resumes_and_conv
         .expect("a -> b without istiod");
     assert_eq!(seen_peer(&r), Some(a.ip));
     // Meanwhile the mesh changes: c joins.
-    cp.push_workloads(&[workload_of(&c, NS)]);
+    cp.push_workloads(&[c.workload(NS)]);
     let streams = cp.streams_opened();
     cp.restart().await;
     // ztunnel comes back (backoff) and says what it holds, so only news is sent.
@@ -313,9 +313,9 @@ async fn with_the_control_plane_gone_ztunnel_keeps_serving_then_resumes_and_conv
 async fn a_ca_outage_past_expiry_refuses_new_mtls_and_recovers_when_the_ca_returns() {
     let node = TestNode::new(94);
     let (a, b) = (node.add_pod("sleep"), node.add_pod("httpbin"));
-    let cp = ControlPlane::start(&node).await;
+    let cp = node.control_plane().await;
     cp.set_cert_ttl(Duration::from_secs(4));
-    cp.push_workloads(&[workload_of(&a, NS), workload_of(&b, NS)]);
+    cp.push_workloads(&[a.workload(NS), b.workload(NS)]);
     let (_agent, zt) = start(&node, &cp, &[&a, &b]).await;
     let server = echo_server(&b, 8080).await;
     request(&a, server.addr, T).await.expect("a -> b");
@@ -370,8 +370,8 @@ async fn a_pod_whose_workload_comes_later_waits_and_one_with_none_is_refused_nev
         node.add_pod("httpbin"),
         node.add_pod("stranger"),
     );
-    let cp = ControlPlane::start(&node).await;
-    cp.push_workloads(&[workload_of(&b, NS)]);
+    let cp = node.control_plane().await;
+    cp.push_workloads(&[b.workload(NS)]);
     // a and c are enrolled (their Adds acked) before istiod knows their workloads.
     let (_agent, zt) = start(&node, &cp, &[&b, &a, &c]).await;
     let server = echo_server(&b, 8080).await;
@@ -380,7 +380,7 @@ async fn a_pod_whose_workload_comes_later_waits_and_one_with_none_is_refused_nev
 
     let (first, ()) = tokio::join!(exchange(&a, server.addr, "secret-of-a\n", T), async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        cp.push_workloads(&[workload_of(&a, NS)]);
+        cp.push_workloads(&[a.workload(NS)]);
     });
     let first = first.expect("a's first connection waited for its workload, then went through");
     assert_eq!(seen_peer(&first), Some(a.ip));
@@ -419,8 +419,8 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
         node.add_pod("httpbin"),
         node.add_pod("waypoint"),
     );
-    let cp = ControlPlane::start(&node).await;
-    let mut b_wl = workload_of(&b, NS);
+    let cp = node.control_plane().await;
+    let mut b_wl = b.workload(NS);
     let svc_key = format!("{NS}/httpbin.{NS}.svc.cluster.local");
     b_wl.services.insert(
         svc_key,
@@ -433,7 +433,7 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     );
     // The waypoint: a workload of its own (not captured: it speaks HBONE itself),
     // behind the waypoint service.
-    let mut wp_wl = workload_of(&wp, NS);
+    let mut wp_wl = wp.workload(NS);
     wp_wl.services.insert(
         format!("{NS}/waypoint.{NS}.svc.cluster.local"),
         xwl::PortList {
@@ -443,7 +443,7 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
             }],
         },
     );
-    cp.push_workloads(&[workload_of(&a, NS), b_wl, wp_wl]);
+    cp.push_workloads(&[a.workload(NS), b_wl, wp_wl]);
     let vip: std::net::IpAddr = "10.96.96.10".parse().unwrap();
     let service = |name: &str, vip: std::net::IpAddr, port: u32, waypoint: bool| xwl::Service {
         name: name.into(),
@@ -478,7 +478,14 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     let server = echo_server(&b, 8080).await;
     let waypoint_id: ztunnel::identity::Identity = identity_of(&wp).parse().unwrap();
     let b_id: ztunnel::identity::Identity = identity_of(&b).parse().unwrap();
-    let standin = Waypoint::start(&node, &wp, waypoint_id.clone(), server.addr, b_id).await;
+    let standin = Waypoint::start(
+        &node.mesh_root(),
+        &wp.netns_path,
+        waypoint_id.clone(),
+        server.addr,
+        b_id,
+    )
+    .await;
 
     let response = request(&a, SocketAddr::new(vip, 80), T)
         .await
@@ -529,7 +536,7 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
 #[tokio::test(flavor = "multi_thread")]
 async fn istiods_certificate_must_chain_to_the_root_and_carry_the_name_dialled() {
     let node = TestNode::new(98);
-    let cp = ControlPlane::start(&node).await;
+    let cp = node.control_plane().await;
     let other_root = node.dir.path().join("other-root");
     ztunnel::create_root(
         "cluster.local",

@@ -8,7 +8,7 @@
 //!    release with `--release`).
 //! 3. Assembles every image (`images.rs`): Kubernetes' and Istio's, cached beside the
 //!    components; ours, every run.
-//! 4. Runs `e2e/src/bin/cluster_e2e.rs`, which brings the cluster up (etcd, the API
+//! 4. Runs `tools/src/bin/cluster_e2e.rs`, which brings the cluster up (etcd, the API
 //!    server, the controller manager and the scheduler on the host; two worker
 //!    nodes, each with containerd and a kubelet in namespaces of its own),
 //!    installs Istio's charts and ours with helm, makes the checks, collects

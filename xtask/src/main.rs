@@ -12,7 +12,7 @@
 //!   test suite runs.
 //! - `bench [--short]`: builds release binaries, then the system benchmark (root): the
 //!   data path through ztunnel against the direct path, interleaved in one run, the
-//!   footprint per pod and enrollment times (`e2e::bench`); then, unless `--short`,
+//!   footprint per pod and enrollment times (`tools::bench`); then, unless `--short`,
 //!   the criterion benchmarks of every crate. `bench micro [args]`: only criterion.
 //! - `images`: both container images as an OCI archive, without an engine
 //!   (`images.rs`); `cluster-e2e`: the system on a real Kubernetes cluster on this
@@ -24,6 +24,8 @@ mod cluster_e2e;
 mod dist;
 mod gobuild;
 mod images;
+#[cfg(test)]
+mod layers;
 mod msrv;
 mod setup;
 mod tools;
@@ -133,7 +135,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 fn cluster_e2e_task(args: &[String]) -> anyhow::Result<()> {
     cluster_e2e::run(args, &root(), &target_dir(), cargo, |e2e_args| {
         let mut build = cargo();
-        build.args(["build", "-p", "e2e", "--bin", "cluster_e2e"]);
+        build.args(["build", "-p", "tools", "--bin", "cluster_e2e"]);
         run(build)?;
         let mut cmd = Command::new(target_dir().join("debug/cluster_e2e"));
         cmd.args(e2e_args);
@@ -158,14 +160,14 @@ fn proptest(extra: &[String]) -> anyhow::Result<()> {
 }
 
 /// Sets the machine up for `purpose`, builds every binary (the e2e harness runs them),
-/// then runs the e2e binary `bin` with `extra`.
-fn run_e2e_bin(purpose: For, bin: &str, extra: &[String]) -> anyhow::Result<()> {
+/// then runs the tools binary `bin` (`tools/src/bin/`) with `extra`.
+fn run_tool(purpose: For, bin: &str, extra: &[String]) -> anyhow::Result<()> {
     setup::ensure(purpose)?;
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build)?;
     let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "-p", "e2e", "--bin", bin, "--"]);
+    cmd.args(["run", "--quiet", "-p", "tools", "--bin", bin, "--"]);
     cmd.args(extra);
     run(cmd)
 }
@@ -193,7 +195,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         "--quiet",
         "--release",
         "-p",
-        "e2e",
+        "tools",
         "--bin",
         "bench",
         "--",
@@ -256,8 +258,8 @@ fn main() -> ExitCode {
                 )
             }),
         Some("cluster-e2e") => cluster_e2e_task(&args[1..]),
-        Some("demo") => run_e2e_bin(For::Demo, "demo", &args[1..]),
-        Some("chaos") => run_e2e_bin(For::Tests, "chaos", &args[1..]),
+        Some("demo") => run_tool(For::Demo, "demo", &args[1..]),
+        Some("chaos") => run_tool(For::Tests, "chaos", &args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
