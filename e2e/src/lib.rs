@@ -135,6 +135,16 @@ pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A proxy started for a pod (ztunnel's metric).
+pub const PROXIES_STARTED: &str = "workload_manager_proxies_started_total";
+/// A pod's proxy drained: a Del, or a pod left out of a new snapshot (ztunnel's metric).
+pub const PROXIES_STOPPED: &str = "workload_manager_proxies_stopped_total";
+
+/// Waits until the agent serves ZDS on `socket` (its socket file is there).
+pub async fn zds_listening(socket: &std::path::Path) {
+    until("the agent serves ZDS", || socket.exists()).await
+}
+
 /// Whether the network config at `path` ends with our `istio-cni` plugin.
 pub fn chained(path: &std::path::Path) -> bool {
     std::fs::read(path)

@@ -279,6 +279,30 @@ impl Process {
         body
     }
 
+    /// The value of ztunnel's metric `name`, summed over its series.
+    pub async fn metric(&self, name: &str) -> f64 {
+        crate::prom::sum(&self.metrics().await, name, &[])
+    }
+
+    /// Waits until ztunnel's metric `name` (summed over its series) is at least `n`:
+    /// state, where a log line would be a weaker witness (for instance
+    /// `workload_manager_proxies_stopped_total` for a pod's proxy drained).
+    pub async fn wait_metric(&self, name: &str, n: f64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.metric(name).await;
+            if got >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} stayed {got}, expected at least {n}; the log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls readiness until it is `status`.
     pub async fn wait_readiness(&self, status: u16) {
         let deadline = Instant::now() + Duration::from_secs(15);

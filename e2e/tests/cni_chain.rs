@@ -13,10 +13,9 @@ async fn a_pod_created_through_the_chain_is_captured_before_its_first_byte() {
     let cluster = Cluster::new(61, false).await;
     cluster.namespace("demo", &[AMBIENT]);
     cluster.namespace("plain", &[]);
-    let agent = cluster.start_agent(1);
+    let _agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
 
     cluster.create_pod_object("plain", "httpbin");
     let (server_pod, added) = cluster.start_sandbox("plain", "httpbin");

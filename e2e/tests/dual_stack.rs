@@ -240,11 +240,11 @@ async fn probes_over_ipv6_and_unenrollment_in_both_families() {
 async fn a_pod_with_ipv6_on_a_node_without_ipv6_redirection_is_refused() {
     let cluster = Cluster::dual_stack(84, false).await;
     cluster.namespace("demo", &[AMBIENT]);
-    let agent = cluster.start_agent_with(1, |cmd| {
+    let _agent = cluster.start_agent_with(1, |cmd| {
         cmd.env("AMBIENT_IPV6", "false");
     });
     let _zt = cluster.start_ztunnel(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
+    e2e::zds_listening(&cluster.node.zds_socket()).await;
 
     cluster.create_pod_object("demo", "sleep");
     let (pod, added) = cluster.start_sandbox("demo", "sleep");
@@ -270,7 +270,7 @@ async fn a_ztunnel_without_ipv6_refuses_a_pod_with_ipv6() {
         cmd.env("PASSTHROUGH_ONLY", "true")
             .env("IPV6_ENABLED", "false");
     });
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
     zt.wait_for(&["IPV6_ENABLED is off", &v6(&a).to_string()], 1)
         .await;
     cluster.wait_annotation(&a, Some("pending"), &agent).await;

@@ -106,9 +106,8 @@ async fn enrolled_through_the_chain(
     sandboxes
 }
 
-async fn ready(agent: &AgentProcess, zt: &Ztunnel) {
-    agent.wait_for(&["ZDS server listening"], 1).await;
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+async fn ready(zt: &Ztunnel) {
+    zt.wait_readiness(200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +128,7 @@ async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
         .await;
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel_mesh(1);
-    ready(&agent, &zt).await;
+    ready(&zt).await;
     cluster.create_pod_object("demo", "httpbin");
     let (server, added) = cluster.start_sandbox_at("demo", "httpbin", &server_ip);
     added.expect("server ADD");
@@ -169,11 +168,10 @@ async fn a_recreated_sandbox_is_captured_and_only_its_own_del_takes_it_out() {
     encrypted_exchange(&cluster, &second, &server, &echo, "after-late-del-secret\n").await;
 
     // Its own DEL: ztunnel drops the pod and it is not `enabled` until the next ADD.
-    let drained = zt.count(&["pod delete request, draining proxy"]);
+    let drained = zt.metric(e2e::PROXIES_STOPPED).await;
     drop(second);
     assert_eq!(cluster.annotation_of("demo", "sleep"), None);
-    zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, drained + 1.0).await;
     cluster
         .push_mesh(
             &mesh(&[("httpbin", server_ip), ("sleep", ip3.clone())]),
@@ -206,7 +204,7 @@ async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
     cluster.push_mesh(&mesh(&before), None).await;
     let mut agent = cluster.start_agent(1);
     let mut zt = cluster.start_ztunnel_mesh(1);
-    ready(&agent, &zt).await;
+    ready(&zt).await;
     let mut sandboxes = enrolled_through_the_chain(&cluster, &agent, &before).await;
 
     // The node reboots: every process stops at once, every pod netns is gone without a
@@ -225,7 +223,7 @@ async fn after_a_node_reboot_every_pod_is_captured_before_its_first_byte() {
     cluster.push_mesh(&mesh(&after), None).await;
     let agent = cluster.start_agent(2);
     let zt = cluster.start_ztunnel_mesh(2);
-    ready(&agent, &zt).await;
+    ready(&zt).await;
     for (name, _) in &after {
         // No sandbox, so not enabled.
         cluster
@@ -261,7 +259,7 @@ async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
     cluster.push_mesh(&mesh(&pods), None).await;
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel_mesh(1);
-    ready(&agent, &zt).await;
+    ready(&zt).await;
     let mut sandboxes = enrolled_through_the_chain(&cluster, &agent, &pods).await;
     let job = sandboxes.pop().expect("job");
     let sleep = sandboxes.pop().expect("sleep");
@@ -288,24 +286,22 @@ async fn a_terminating_pod_stays_in_the_mesh_until_it_is_gone() {
 
     // The grace period ends: the runtime tears the sandbox down (CNI DEL), the object
     // goes. ztunnel drops the pod.
-    let drained = zt.count(&["pod delete request, draining proxy"]);
+    let drained = zt.metric(e2e::PROXIES_STOPPED).await;
     drop(sleep);
-    zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, drained + 1.0).await;
     cluster.api.delete_pod("demo", "sleep");
 
     // A Job's pod finishes: phase Succeeded takes it out of the mesh at once (ztunnel
     // drops it, the annotation goes), and its rules stay with its netns, as Istio's
     // agent leaves them: nothing of it runs, and nothing may leave it in the clear.
-    let drained = zt.count(&["pod delete request, draining proxy"]);
+    let drained = zt.metric(e2e::PROXIES_STOPPED).await;
     cluster
         .api
         .set_pod_status("demo", "job", "Succeeded", &job.ips);
     cluster
         .wait_annotation_of("demo", "job", None, &agent)
         .await;
-    zt.wait_for(&["pod delete request, draining proxy"], drained + 1)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, drained + 1.0).await;
     assert_eq!(job.iptables_save(), normalize_save(SPEC_SAVE));
     assert_eq!(job.ip6tables_save(), normalize_save(SPEC6_SAVE));
     assert_eq!(
@@ -321,7 +317,7 @@ async fn a_cni_add_racing_the_watch_leaves_one_ruleset_and_one_proxy() {
     cluster.namespace("demo", &[AMBIENT]);
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
-    ready(&agent, &zt).await;
+    ready(&zt).await;
     let pods: Vec<_> = (0..6)
         .map(|i| cluster.run_pod("demo", &format!("racer{i}")))
         .collect();
@@ -377,7 +373,7 @@ async fn after_a_ztunnel_restart_enabled_means_that_ztunnel_acked_the_pod() {
         .expect("enter b")
         .expect("bind 15008 in b");
     let zt = cluster.start_ztunnel(2);
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
     cluster.wait_annotation(&b, Some("pending"), &agent).await;
     assert_eq!(cluster.annotation(&a).as_deref(), Some("enabled"));
     assert!(b.iptables_save().contains("ISTIO_PRERT"), "b fails closed");

@@ -489,9 +489,9 @@ async fn the_agent_serves_its_pod_inventory_on_loopback_only_and_a_taken_port_st
 async fn the_nodes_own_network_namespace_is_never_enrolled() {
     let cluster = Cluster::new(99, false).await;
     cluster.namespace("demo", &[AMBIENT]);
-    let agent = cluster.start_agent(1);
+    let _agent = cluster.start_agent(1);
     let _zt = cluster.start_ztunnel(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
+    e2e::zds_listening(&cluster.node.zds_socket()).await;
     // The init process's may not even open for the agent's capabilities: refused
     // either way; the agent's own opens, and is refused for what it is.
     for (netns, why) in [

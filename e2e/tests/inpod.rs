@@ -176,8 +176,7 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
         b.iptables_save()
     );
     assert_eq!(a.policy_routing(), "");
-    zt.wait_for(&["pod delete request, draining proxy"], 2)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, 2.0).await;
     wait_until("ztunnel's listeners are gone", || {
         a.ports_of("ztunnel").is_empty() && b.ports_of("ztunnel").is_empty()
     })
@@ -223,7 +222,7 @@ async fn ztunnel_restart_fails_closed_then_resyncs_from_the_snapshot() {
         .expect("unenroll b");
 
     let zt2 = Ztunnel::start(&node, 2);
-    zt2.wait_for(&["pod received snapshot sent"], 1).await;
+    zt2.wait_readiness(200).await;
     assert_eq!(a.ports_of("ztunnel"), ZTUNNEL_PORTS);
     assert!(
         b.ports_of("ztunnel").is_empty(),
@@ -341,7 +340,7 @@ async fn two_ztunnels_overlap_and_traffic_survives_the_old_one_exiting() {
 
     let new = Ztunnel::start(&node, 2);
     agent.zds().wait_for_connections(2).await;
-    new.wait_for(&["received netns, starting proxy"], 2).await;
+    new.wait_metric(e2e::PROXIES_STARTED, 2.0).await;
     let owners: Vec<String> = a
         .listening()
         .into_iter()

@@ -24,11 +24,11 @@ async fn labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_takes_th
     let b = cluster.add_pod("demo", "httpbin", &[]);
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
     let server = echo_server(&b, 8080).await;
 
     // Unlabelled: untouched.
-    agent.wait_for(&["ZDS server listening"], 1).await;
+    e2e::zds_listening(&cluster.node.zds_socket()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!captured(&a) && !captured(&b));
     assert_eq!(cluster.annotation(&a), None);
@@ -49,8 +49,7 @@ async fn labelling_a_namespace_enrolls_its_running_pods_and_unlabelling_takes_th
     cluster.wait_annotation(&a, None, &agent).await;
     assert!(!captured(&a), "a's rules remain:\n{}", a.iptables_save());
     assert_eq!(a.policy_routing(), "");
-    zt.wait_for(&["pod delete request, draining proxy"], 1)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, 1.0).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !a.ports_of("ztunnel").is_empty() {
         assert!(
@@ -109,8 +108,7 @@ async fn deleting_a_pod_object_unenrolls_it_and_releases_its_netns_but_keeps_it_
     // clear meanwhile (the real cluster found this).
     cluster.api.delete_pod("demo", "sleep");
     agent.wait_for(&["pod unenrolled"], 1).await;
-    zt.wait_for(&["pod delete request, draining proxy"], 1)
-        .await;
+    zt.wait_metric(e2e::PROXIES_STOPPED, 1.0).await;
     assert!(captured(&a), "the ended pod's rules were taken out");
     assert!(
         request(&a, server.addr, Duration::from_secs(1))
@@ -244,7 +242,7 @@ async fn api_errors_and_cut_watches_still_converge_without_double_enrollment() {
     let b = cluster.add_pod("demo", "httpbin", &[]);
     let agent = cluster.start_agent(1);
     let zt = cluster.start_ztunnel(1);
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
 
     // The API server fails, drops every watch and forgets history while the namespace
     // is labelled: the agent must relist and catch up.

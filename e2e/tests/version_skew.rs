@@ -44,7 +44,7 @@ async fn a_ztunnel_from_a_newer_zds_version_is_refused_clearly_and_a_v1_only_one
     cluster.namespace("demo", &[AMBIENT]);
     let pod = cluster.add_pod("demo", "sleep", &[]);
     let agent = cluster.start_agent(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
+    e2e::zds_listening(&cluster.node.zds_socket()).await;
 
     // A ztunnel announcing V2: refused at once, both versions named in the log.
     let future = ztunnel_hello(&cluster, 2).await;
@@ -152,7 +152,7 @@ async fn plugin_event_versions_ahead_are_refused_clearly_on_both_sides() {
     cluster.namespace("demo", &[AMBIENT]);
     let agent = cluster.start_agent(1);
     let _zt = cluster.start_ztunnel(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
+    e2e::zds_listening(&cluster.node.zds_socket()).await;
 
     // A plugin from a newer release: refused, in this agent's version, saying what
     // to do; the agent logs it.

@@ -98,8 +98,11 @@ pub struct Config {
         default_value = "./var/run/secrets/tokens/istio-token"
     )]
     pub auth_token: PathBuf,
+    /// The cluster this ztunnel runs in, as istiod names it (sent with every xDS and
+    /// CA request)
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+    /// The cluster's DNS domain (in the xDS node id istiod is sent)
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
     /// The trust domain of the local file's workloads that name none (xDS workloads
@@ -109,8 +112,10 @@ pub struct Config {
     /// This ztunnel's pod IP, name and namespace (its xDS node identity).
     #[arg(long, env = "INSTANCE_IP", default_value = "")]
     pub instance_ip: String,
+    /// This ztunnel's pod name (its xDS node identity)
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
+    /// This ztunnel's pod namespace (its xDS node identity)
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
     /// `shared`: one ztunnel for a node's pods, asking the CA for each workload's

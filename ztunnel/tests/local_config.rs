@@ -1,7 +1,7 @@
 //! The local config is Istio's: a file written to Istio's ztunnel schema, using every
 //! field it accepts, loads in ours and routes and authorizes connections as Istio's
 //! ztunnel would; shapes Istio's parser refuses are refused here too; and every local
-//! config example in our README loads.
+//! config example in our docs (docs/local-config.md) loads.
 
 use std::net::SocketAddr;
 
@@ -409,9 +409,9 @@ fn parse_errors_name_the_line() {
     );
 }
 
-/// The YAML blocks of README.md that are local configs.
-fn readme_configs() -> Vec<(usize, String)> {
-    let readme = include_str!("../../README.md");
+/// The YAML blocks of docs/local-config.md that are local configs.
+fn documented_configs() -> Vec<(usize, String)> {
+    let readme = include_str!("../../docs/local-config.md");
     let mut blocks = Vec::new();
     let mut current: Option<(usize, String)> = None;
     for (n, line) in readme.lines().enumerate() {
@@ -436,15 +436,15 @@ fn readme_configs() -> Vec<(usize, String)> {
 }
 
 #[test]
-fn every_local_config_example_in_the_readme_loads() {
-    let configs = readme_configs();
+fn every_local_config_example_in_the_docs_loads() {
+    let configs = documented_configs();
     assert!(
         !configs.is_empty(),
-        "no local config example found in README.md"
+        "no local config example found in docs/local-config.md"
     );
     for (line, text) in configs {
-        if let Err(e) = load_str("README.md", &text, None) {
-            panic!("the example at README.md line {line} does not load: {e}");
+        if let Err(e) = load_str("docs/local-config.md", &text, None) {
+            panic!("the example at docs/local-config.md line {line} does not load: {e}");
         }
     }
 }

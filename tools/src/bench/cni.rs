@@ -24,8 +24,7 @@ pub async fn run(index: u8, n: usize, progress: &dyn Fn(&str)) -> anyhow::Result
     cluster.node.write_mesh_config("workloads: []\n");
     let agent = cluster.start_agent(1);
     let ztunnel = cluster.start_ztunnel_mesh(1);
-    agent.wait_for(&["ZDS server listening"], 1).await;
-    ztunnel.wait_for(&["pod received snapshot sent"], 1).await;
+    ztunnel.wait_readiness(200).await;
     // The sandbox is made untimed; the plugin's ADD is timed.
     let add = |namespace: &str, name: String| {
         let pod = cluster.sandbox_before_plugin(namespace, &name);

@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--short] [--out <dir>]`: the system benchmark (see
 //! `tools::bench`); `--only <part>` runs one part; `--profile` instead records where
 //! ztunnel's CPU goes (perf). Prints progress, then the table; writes it, the JSON and the SVG
-//! chart under `target/bench/` (or `--out`). Exit 2 when it cannot run, 1 when a
+//! chart under `target/bench/` (or `--out`); a full run also publishes the table into
+//! `docs/results/bench.md` (`tools::results`). Exit 2 when it cannot run, 1 when a
 //! measurement failed. Missed targets are reported, not failures.
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ fn main() -> ExitCode {
             }
         }
     }
+    // Only a full run, into the usual place, is published into docs/results/.
+    let publish = !short && only.is_none() && out.is_none() && !profile;
     let out = out.unwrap_or_else(default_out_dir);
     let mut opts = if short {
         Options::short(out)
@@ -83,6 +86,18 @@ fn main() -> ExitCode {
                 "written: {0}/bench.md, {0}/bench.json, {0}/bench.svg",
                 opts.out_dir.display()
             );
+            if publish {
+                let published = tools::results::publish(
+                    "bench",
+                    "Benchmark results",
+                    "cargo xtask bench",
+                    &report.markdown(),
+                );
+                match published {
+                    Ok(path) => println!("published: {}", path.display()),
+                    Err(e) => eprintln!("cannot publish into docs/results: {e}"),
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

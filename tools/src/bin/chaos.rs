@@ -1,6 +1,7 @@
 //! `cargo xtask chaos [--short] [--only <text>]`: the fault matrix (see
 //! `tools::chaos`). Prints progress, then the table in Markdown; writes it and the JSON
-//! rows under `target/chaos/`. Exit code 1 when a must-be-0 column of a gated fault is
+//! rows under `target/chaos/`; a full run also publishes the table into
+//! `docs/results/chaos.md` (`tools::results`). Exit code 1 when a must-be-0 column of a gated fault is
 //! not 0, 2 when it cannot run.
 
 use std::process::ExitCode;
@@ -14,6 +15,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Only a full run of every fault is published into docs/results/.
+    let publish = !args.iter().any(|a| a == "--short" || a == "--only");
     let mut opts = if args.iter().any(|a| a == "--short") {
         Options::short()
     } else {
@@ -96,6 +99,16 @@ fn main() -> ExitCode {
     match written {
         Ok(()) => println!("written: {}", dir.display()),
         Err(e) => eprintln!("cannot write {}: {e}", dir.display()),
+    }
+    if publish {
+        let body = format!(
+            "{table}\n\n(run took {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        match tools::results::publish("chaos", "Fault matrix results", "cargo xtask chaos", &body) {
+            Ok(path) => println!("published: {}", path.display()),
+            Err(e) => eprintln!("cannot publish into docs/results: {e}"),
+        }
     }
     let violations: Vec<String> = rows
         .iter()

@@ -123,7 +123,7 @@ async fn demo(keep: bool) -> anyhow::Result<()> {
 
     step("ztunnel, with a local CA (ztunnel create-root) and the local config");
     let zt = Ztunnel::start_mesh(&cluster.node, 1, &[]);
-    zt.wait_for(&["pod received snapshot sent"], 1).await;
+    zt.wait_readiness(200).await;
 
     step("Pods sleep and httpbin, started through the CNI chain as a container runtime would");
     let cni_path = format!(

@@ -262,7 +262,7 @@ impl World {
             Fault::ZtunnelUpgrade => {
                 let n = self.next();
                 let new = start_ztunnel(&self.cluster, &self.cp, n);
-                new.wait_for(&["pod received snapshot sent"], 1).await;
+                new.wait_readiness(200).await;
                 let mut old = std::mem::replace(&mut self.zt, new);
                 old.signal_terminate();
                 let deadline = Instant::now() + Duration::from_secs(15);

@@ -1,4 +1,4 @@
-//! Installing, upgrading and removing charts with helm, as the README tells an
+//! Installing, upgrading and removing charts with helm, as docs/install.md tells an
 //! operator: Istio's base and istiod from Istio's module, Istio's own istio-cni chart
 //! (for the migration), and our two charts; only images' hubs and tags are set.
 

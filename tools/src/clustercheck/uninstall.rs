@@ -1,4 +1,4 @@
-//! `helm uninstall` as the README tells an operator: ztunnel first, then istio-cni;
+//! `helm uninstall` as docs/install.md tells an operator: ztunnel first, then istio-cni;
 //! then both installed again.
 //!
 //! - Without ztunnel, enrolled pods fail closed: their requests fail, nothing leaves

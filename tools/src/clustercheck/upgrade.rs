@@ -1,5 +1,5 @@
 //! `helm upgrade` of both our charts to a new image tag, as an operator rolls out a
-//! new release: istio-cni first, then ztunnel (the README's order), under a prober
+//! new release: istio-cni first, then ztunnel (docs/install.md's order), under a prober
 //! in the client pod and a capture on the client's node link. No pod may lose
 //! capture, nothing may cross in the clear, and requests may fail only while a
 //! ztunnel restarts, within [`ZTUNNEL_RESTART_BOUND`].

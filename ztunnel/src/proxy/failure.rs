@@ -58,7 +58,7 @@ pub enum Failure {
     #[error("denied by policy {0}")]
     Denied(String),
     /// A policy change denied the connection while it was open (or being connected):
-    /// the reason the live table recorded.
+    /// the reason the connection table recorded.
     #[error("{0}")]
     Revoked(String),
     /// The pod has as many proxied connections open as it may.

@@ -18,9 +18,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::connections::Attrs;
 use super::failure::Failure;
 use super::headers;
-use super::live::Attrs;
 use super::relay::Flow;
 use super::Direction;
 use super::{is_ztunnel_port, MeshConfig, PodContext};
@@ -167,7 +167,7 @@ async fn tunnel(
     };
     // Registered before connecting to the app (which may take up to the connect
     // timeout), as on 15006: a policy pushed meanwhile applies to this connection.
-    let registration = pod.live.register(attrs);
+    let registration = ctx.cfg.connections.register(&ctx.uid, attrs);
     let upstream = match ctx.connect(target, Some(peer.ip())).await {
         Ok(u) => u,
         Err(e) => {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use super::connections::Attrs;
 use super::failure::Failure;
-use super::live::Attrs;
 use super::relay::Flow;
 use super::Direction;
 use super::{is_ztunnel_port, PodContext};
@@ -58,7 +58,7 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
                 flow.fail(Failure::Denied(policy));
                 return;
             }
-            Some(pod.live.register(attrs))
+            Some(ctx.cfg.connections.register(&ctx.uid, attrs))
         }
         _ => None,
     };

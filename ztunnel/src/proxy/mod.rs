@@ -15,7 +15,6 @@ pub mod failure;
 pub mod headers;
 pub mod inbound;
 pub mod inbound_passthrough;
-pub mod live;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
@@ -38,7 +37,6 @@ use crate::identity::manager::{CertManager, IdentityCert};
 use crate::identity::Identity;
 use crate::state::{MeshState, Store, Workload};
 use failure::{Failure, PodError};
-use live::LiveConns;
 use pool::{HboneConfig, Pool};
 use seam::SocketFactory;
 use socket::{Keepalive, ListenerOpts};
@@ -68,7 +66,7 @@ pub struct MeshConfig {
     pub pod_wait: Duration,
 }
 
-/// A pod's part of the mesh: its HBONE connections, its live inbound connections, and
+/// A pod's part of the mesh: its HBONE connections, its TLS handshakes, and
 /// the TLS acceptor of its identity. Its workload and certificate are looked up per
 /// connection: a pod whose workload has not arrived yet is served as soon as it does,
 /// and its connections wait for it (up to [`MeshConfig::pod_wait`]), never passing
@@ -80,7 +78,6 @@ pub struct PodMesh {
     /// certificate is renewed (the roots come with it) or the identity changes.
     acceptor: std::sync::Mutex<Option<(Identity, u64, tokio_rustls::TlsAcceptor)>>,
     pub pool: Pool,
-    pub live: Arc<LiveConns>,
     /// TLS handshakes in progress on the pod's 15008 (see `HboneConfig::max_handshakes`).
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
@@ -99,7 +96,6 @@ impl PodMesh {
             info,
             acceptor: std::sync::Mutex::new(None),
             pool: Pool::default(),
-            live: Arc::new(LiveConns::default()),
         }
     }
 
@@ -181,7 +177,8 @@ pub struct ProxyConfig {
     pub keepalive: Option<Keepalive>,
     pub mesh: Option<Arc<MeshConfig>>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The node's live connections (admin `workloadState`).
+    /// The node's live connections, by pod: the admin view (`workloadState`) and the
+    /// policy re-checks of inbound ones (see [`connections`]).
     pub connections: Arc<connections::ConnectionTable>,
     /// Proxied connections one pod may have open at once (see [`budget`]).
     pub max_connections_per_pod: usize,
@@ -399,7 +396,9 @@ impl Direction {
 fn recheck_policies(ctx: &PodContext) {
     if let (Some(mesh), Some(pod)) = (&ctx.cfg.mesh, &ctx.mesh) {
         let state = mesh.store.get();
-        pod.live.recheck(&state, pod.lookup(&state).as_deref());
+        ctx.cfg
+            .connections
+            .recheck(&ctx.uid, &state, pod.lookup(&state).as_deref());
     }
 }
 

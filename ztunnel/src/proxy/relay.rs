@@ -13,9 +13,8 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::connections::{Connection, Tracked};
+use super::connections::{Connection, Listed};
 use super::failure::Failure;
-use super::live::Registration;
 use super::PodContext;
 use crate::identity::Identity;
 use crate::metrics::traffic::{ByteCounters, Reporter, ResponseFlags, TrafficLabels};
@@ -44,11 +43,13 @@ pub struct Flow {
 }
 
 /// A connection counted as opened: its labels, its byte counters, and its entry in the
-/// node's table of live connections (removed when the flow is dropped).
+/// node's table of live connections (removed when the flow is dropped; `None` when it
+/// is the entry the connection was registered in for policy, which its handler
+/// holds).
 struct Opened {
     labels: TrafficLabels,
     bytes: ByteCounters,
-    _listed: Tracked,
+    _listed: Option<Listed>,
 }
 
 /// Counts the bytes read through it.
@@ -132,20 +133,22 @@ impl Flow {
         l
     }
 
-    /// Counts the connection as opened and lists it (once); its labels and counters.
-    fn open(&self) -> &Opened {
+    /// Counts the connection as opened and lists it (once, in `registered`'s entry
+    /// when it was registered for policy); its labels and counters.
+    fn open(&self, registered: Option<&Listed>) -> &Opened {
         self.counters.get_or_init(|| {
             let labels = self.labels();
             let bytes = self.ctx.cfg.metrics.traffic.open(&labels);
             let inbound = self.reporter == Reporter::destination;
             let original_dst = self.hbone_addr.unwrap_or(self.dst);
-            let listed = self.ctx.cfg.connections.track(Connection {
+            let conn = Connection {
                 uid: self.ctx.uid.clone(),
                 inbound,
                 src: self.src,
                 original_dst,
                 actual_dst: if inbound { original_dst } else { self.dst },
-            });
+            };
+            let listed = self.ctx.cfg.connections.track(conn, registered);
             Opened {
                 labels,
                 bytes,
@@ -158,12 +161,12 @@ impl Flow {
     /// cancelled (a policy change now denies the connection). A FIN from one side is
     /// passed on as a shutdown of the other side's write half, so half-closed
     /// connections work. Bytes are counted in the metrics as they are copied.
-    pub async fn relay<A, B>(self, downstream: A, upstream: B, live: Option<&Registration>)
+    pub async fn relay<A, B>(self, downstream: A, upstream: B, live: Option<&Listed>)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        let counters = &self.open().bytes;
+        let counters = &self.open(live).bytes;
         let mut downstream = Counted {
             inner: downstream,
             count: counters.received.clone(),
@@ -185,7 +188,7 @@ impl Flow {
             Some(Ok((sent, received))) => self.finish(sent, received, None),
             Some(Err(e)) => self.fail(Failure::Relay(e)),
             None => {
-                let reason = live.map(Registration::reason).unwrap_or_default();
+                let reason = live.map(Listed::reason).unwrap_or_default();
                 self.fail(Failure::Revoked(format!("closed: {reason}")))
             }
         }
@@ -205,7 +208,7 @@ impl Flow {
             .cfg
             .metrics
             .traffic
-            .close(&self.open().labels, flags, failure.is_some());
+            .close(&self.open(None).labels, flags, failure.is_some());
         let error = failure.map(ToString::to_string);
         let error = error.as_deref();
         let id = |i: &Option<Identity>| i.as_ref().filter(|_| self.mtls).map(ToString::to_string);
