@@ -279,6 +279,23 @@ impl Process {
         body
     }
 
+    /// Waits until ztunnel's `/config_dump` satisfies `cond` (`what` names it in the
+    /// failure): state, where a log line would be a weaker witness.
+    pub async fn wait_config(&self, what: &str, cond: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let dump = self.config_dump().await;
+            if cond(&dump) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ztunnel's config_dump never showed {what}:\n{dump:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The value of ztunnel's metric `name`, summed over its series.
     pub async fn metric(&self, name: &str) -> f64 {
         crate::prom::sum(&self.metrics().await, name, &[])

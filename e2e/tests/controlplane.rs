@@ -38,6 +38,13 @@ async fn start(node: &TestNode, cp: &ControlPlane, pods: &[&TestPod]) -> (Agent,
     (agent, zt)
 }
 
+/// Whether ztunnel's config_dump holds a workload with `uid`.
+fn knows_workload(dump: &serde_json::Value, uid: &str) -> bool {
+    dump["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["uid"] == uid))
+}
+
 fn uid(pod: &TestPod) -> String {
     format!("Kubernetes//Pod/{NS}/{}", pod.name)
 }
@@ -142,7 +149,8 @@ async fn workloads_from_xds_talk_hbone_with_ca_certificates_and_a_removed_one_is
     // b removed: a's ztunnel no longer knows b's address (plain TCP, as Istio's does),
     // and b's ztunnel no longer knows its own pod: it refuses the plaintext.
     cp.remove(ADDRESS_TYPE, &[&uid(&b)]);
-    zt.wait_for(&["xDS update applied", "removed=1"], 1).await;
+    zt.wait_config("b's workload gone", |d| !knows_workload(d, &uid(&b)))
+        .await;
     refused(&a, server.addr, Duration::from_secs(8)).await;
     zt.wait_for(&["refused: no workload for pod ambient-demo/httpbin"], 1)
         .await;
@@ -234,7 +242,8 @@ async fn a_malformed_resource_is_nacked_by_name_and_everything_else_keeps_servin
             && !msg.contains(&uid(&c)),
         "{msg}"
     );
-    zt.wait_for(&["xDS update partly refused (NACK)"], 1).await;
+    zt.wait_config("a NACK", |d| d["xds"]["nacks"].as_u64() >= Some(1))
+        .await;
     // c (valid, beside them) is applied; b keeps its last good state.
     let status = agent.enrollment().enroll(&c.pod()).await.expect("enroll c");
     assert_eq!(status, EnrollStatus::Enabled);
@@ -525,7 +534,10 @@ async fn a_service_with_a_waypoint_is_reached_through_it_and_fails_without_it() 
     .await;
     // The waypoint's service without endpoints: no waypoint, no connection.
     cp.remove(ADDRESS_TYPE, &[&uid(&wp)]);
-    zt.wait_for(&["xDS update applied", "removed=1"], 1).await;
+    zt.wait_config("the waypoint's workload gone", |d| {
+        !knows_workload(d, &uid(&wp))
+    })
+    .await;
     refused(&a, SocketAddr::new(vip, 80), T).await;
     zt.wait_for(&["refused: the destination's waypoint"], 1)
         .await;
