@@ -137,7 +137,7 @@ impl Cluster {
             "kubernetes.io/os": "linux", "kubernetes.io/hostname": node_name}}}));
         Cluster {
             node_name,
-            probe_set: format!("zt-e2e-{}", node.id),
+            probe_set: node.probe_set(),
             api,
             node,
             kubeconfig,
@@ -380,22 +380,7 @@ impl Cluster {
     /// Removes the host probe rules and set from the machine's netns (they die with a
     /// reboot; the cluster's drop removes them too).
     pub fn remove_host_probes(&self) {
-        if let Ok(host) = protocol::Netns::current() {
-            let iptables = istio_cni::rules::Iptables {
-                backend: istio_cni::rules::Backend::detect()
-                    .unwrap_or(istio_cni::rules::Backend::Nft),
-                lock_wait: Duration::from_secs(5),
-            };
-            for family in istio_cni::rules::Family::ALL {
-                let probes = istio_cni::rules::hostprobe::HostProbes::new(
-                    &istio_cni::rules::RuleConfig::default(),
-                    iptables.clone(),
-                    family,
-                    &self.probe_set,
-                );
-                let _ = probes.uninstall(&host);
-            }
-        }
+        self.node.remove_host_probes();
     }
 
     /// `helm uninstall istio-cni` as the agent sees it: its DaemonSet is gone (an

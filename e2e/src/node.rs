@@ -131,9 +131,37 @@ impl TestNode {
         self.dir.path().join("ztunnel.sock")
     }
 
+    /// The prefix of the node's host probe sets (`<prefix>-v4`, `-v6`), which the
+    /// agent keeps to its captured pods' IPs in the machine's netns; the node's drop
+    /// removes them.
+    pub fn probe_set(&self) -> String {
+        format!("zt-e2e-{}", self.id)
+    }
+
+    /// Removes the node's host probe rules and sets from the machine's netns (an
+    /// agent leaves them, as it does on a real node across restarts).
+    pub fn remove_host_probes(&self) {
+        let Ok(host) = protocol::Netns::current() else {
+            return;
+        };
+        let iptables = Iptables {
+            backend: Backend::detect().unwrap_or(Backend::Nft),
+            lock_wait: Duration::from_secs(5),
+        };
+        for family in istio_cni::rules::Family::ALL {
+            let probes = istio_cni::rules::hostprobe::HostProbes::new(
+                &istio_cni::rules::RuleConfig::default(),
+                iptables.clone(),
+                family,
+                &self.probe_set(),
+            );
+            let _ = probes.uninstall(&host);
+        }
+    }
+
     /// The agent configuration for this node (backend matching the host): the ZDS
-    /// socket in the node's directory, its metrics and debug endpoints on free
-    /// loopback ports.
+    /// socket in the node's directory, the node's host probe set, its metrics and
+    /// debug endpoints on free loopback ports.
     pub fn agent_config(&self) -> AgentConfig {
         let iptables = Iptables {
             backend: Backend::detect().expect("an iptables backend"),
@@ -141,6 +169,7 @@ impl TestNode {
         };
         let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         AgentConfig {
+            host_probe_set: Some(self.probe_set()),
             monitoring_addr: Some(any_port),
             debug_addr: Some(any_port),
             ..AgentConfig::new(self.zds_socket(), iptables)
@@ -253,6 +282,7 @@ impl TestNode {
 
 impl Drop for TestNode {
     fn drop(&mut self) {
+        self.remove_host_probes();
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(std::process::Stdio::null())

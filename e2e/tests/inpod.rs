@@ -161,6 +161,12 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
     let server = echo_server(&b, 8080).await;
     request(&a, server.addr, T).await.expect("through ztunnel");
     zt.wait_for(&["direction=\"outbound\""], 1).await;
+    // The host probe set holds exactly the captured pods' addresses.
+    let probe_set = format!("{}-v4", node.probe_set());
+    let members = || e2e::sh("ipset", &["list", &probe_set]);
+    for pod in [&a, &b] {
+        assert!(members().contains(&pod.ip.to_string()), "{}", members());
+    }
 
     for pod in [&a, &b] {
         agent
@@ -176,6 +182,9 @@ async fn unenroll_removes_rules_routes_listeners_and_traffic_flows_directly() {
         b.iptables_save()
     );
     assert_eq!(a.policy_routing(), "");
+    for pod in [&a, &b] {
+        assert!(!members().contains(&pod.ip.to_string()), "{}", members());
+    }
     zt.wait_metric(e2e::PROXIES_STOPPED, 2.0).await;
     wait_until("ztunnel's listeners are gone", || {
         a.ports_of("ztunnel").is_empty() && b.ports_of("ztunnel").is_empty()
