@@ -178,6 +178,9 @@ fn route_from(s: &MeshState, src: &str, dst: &str) -> String {
         Destination::NoWaypoint { reason, .. } => format!("fail: {reason}"),
         Destination::NoEndpoint { reason, .. } => format!("fail: {reason}"),
         Destination::Passthrough(addr) => format!("passthrough {addr}"),
+        Destination::Hostname { workload, port } => {
+            format!("resolve {}:{port}", workload.hostname)
+        }
     }
 }
 

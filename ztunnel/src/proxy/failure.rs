@@ -76,6 +76,10 @@ pub enum Failure {
     },
     #[error("HBONE: {0}")]
     Hbone(#[from] HboneError),
+    /// An endpoint known by hostname only whose name did not resolve to an address
+    /// the connection can use.
+    #[error("resolving the endpoint's hostname {0}: {1}")]
+    Resolve(String, std::io::Error),
     #[error("CONNECT upgrade failed: {0}")]
     Upgrade(hyper::Error),
     /// The relay itself failed (a reset, a write to a closed peer).
@@ -93,7 +97,8 @@ impl Failure {
             Failure::Connect(..)
             | Failure::NoWaypoint(_)
             | Failure::NoEndpoint { .. }
-            | Failure::Hbone(_) => ResponseFlags::Connect,
+            | Failure::Hbone(_)
+            | Failure::Resolve(..) => ResponseFlags::Connect,
             Failure::NoDestination(_)
             | Failure::Loop
             | Failure::PodNotReady(_)
@@ -125,6 +130,10 @@ mod tests {
             ),
             (Failure::Connect(addr, io()), ResponseFlags::Connect),
             (Failure::NoWaypoint("gone".into()), ResponseFlags::Connect),
+            (
+                Failure::Resolve("api.example.com".into(), io()),
+                ResponseFlags::Connect,
+            ),
             (
                 Failure::Hbone(HboneError::Timeout("the CONNECT response")),
                 ResponseFlags::Connect,

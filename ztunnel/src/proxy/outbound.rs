@@ -88,6 +88,23 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
             Destination::Passthrough(target) => {
                 return passthrough(&ctx, stream, flow(target)).await;
             }
+            Destination::Hostname { workload, port } => {
+                let target = match resolve(&workload.hostname, port, dst.is_ipv4()).await {
+                    Ok(target) => target,
+                    Err(e) => {
+                        let hostname = workload.hostname.to_string();
+                        return flow(dst).fail(Failure::Resolve(hostname, e));
+                    }
+                };
+                if workload.protocol == Protocol::Hbone {
+                    let via = SocketAddr::new(target.ip(), super::INBOUND_HBONE_PORT);
+                    Some((via, target, workload))
+                } else {
+                    let mut f = flow(target);
+                    f.dst_workload = Some(workload);
+                    return passthrough(&ctx, stream, f).await;
+                }
+            }
         };
         if let Some((via, target, upstream)) = hbone {
             let dst_identity = upstream.identity();
@@ -129,4 +146,17 @@ async fn passthrough(ctx: &Arc<PodContext>, stream: TcpStream, flow: Flow) {
         }
         Err(e) => flow.fail(Failure::Connect(dst, e)),
     }
+}
+
+/// The address of `hostname` (an endpoint known by hostname only), from ztunnel's own
+/// resolver, as Istio's ztunnel resolves such endpoints: of the original destination's
+/// family when there is one (`v4`), else the first.
+async fn resolve(hostname: &str, port: u16, v4: bool) -> std::io::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((hostname, port)).await?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == v4)
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
 }

@@ -537,3 +537,58 @@ async fn a_policy_pushed_while_a_connection_is_open_closes_it() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_endpoint_known_by_hostname_only_is_resolved_and_reached() {
+    use crate::state::service::{Endpoint, Service};
+    use crate::state::workload::HealthStatus;
+    use crate::state::NamespacedHostname;
+    let (app, accepted) = app().await;
+    // A service at 10.96.0.9:80 whose one endpoint, outside the mesh, is known by its
+    // hostname only (a ServiceEntry with DNS resolution): `localhost`, at the app's
+    // port.
+    let mesh = mesh(HboneConfig::default());
+    let mut b = StateBuilder::new(Some("node-1".into()));
+    b.workload_with(workload("a", A_IP), vec![]).unwrap();
+    let key = NamespacedHostname::new("ns", "ext.example.com");
+    let endpoint = Endpoint {
+        workload_uid: "ext".into(),
+        port: Default::default(),
+        status: HealthStatus::Healthy,
+    };
+    let external = Workload {
+        uid: "ext".into(),
+        name: "ext".into(),
+        namespace: "ns".into(),
+        hostname: "localhost".into(),
+        ..Workload::default()
+    };
+    b.workload_with(Arc::new(external), vec![(key, endpoint)])
+        .unwrap();
+    b.service(Arc::new(Service {
+        name: "ext".into(),
+        namespace: "ns".into(),
+        hostname: "ext.example.com".into(),
+        vips: vec!["/10.96.0.9".parse().unwrap()],
+        ports: [(80, app.port())].into(),
+        ..Service::default()
+    }))
+    .unwrap();
+    mesh.store.replace(b.build().unwrap());
+    let a = Pod::start("a", Some(mesh), 16).await;
+    a.sockets.route(app, app);
+    let vip = "10.96.0.9:80".parse().unwrap();
+    let conn = a.sockets.client(Direction::Outbound, vip).await;
+    assert_eq!(exchange(conn, b"x").await, "x[1]");
+    assert_eq!(*accepted.lock().unwrap(), 1);
+    // Reached at the address its hostname resolved to, in plain TCP (not in the mesh).
+    assert_eq!(a.sockets.connects_to(app), 1);
+    let labels = [
+        "destination_workload=\"unknown\"",
+        "connection_security_policy=\"unknown\"",
+    ];
+    until("the connection is counted", || {
+        a.metric("istio_tcp_connections_closed_total", &labels) == 1
+    })
+    .await;
+}

@@ -59,6 +59,9 @@ pub enum Destination {
     },
     /// Nothing known (or a passthrough service): plain TCP to the address itself.
     Passthrough(SocketAddr),
+    /// A service endpoint known by hostname only (DNS resolution): the workload, to
+    /// be reached at its hostname's address, resolved when connecting, on `port`.
+    Hostname { workload: Arc<Workload>, port: u16 },
 }
 
 /// One snapshot of the mesh: immutable, cheap to copy (see [`index`]).
@@ -173,6 +176,7 @@ impl MeshState {
             return match svc.pick(src, dst) {
                 Pick::Upstream(w, addr) => Destination::Workload(w, addr),
                 Pick::OriginalDestination => self.resolve_address(src, dst),
+                Pick::Hostname(workload, port) => Destination::Hostname { workload, port },
                 Pick::None(reason) => Destination::NoEndpoint {
                     service: svc.service.key(),
                     port: dst.port(),

@@ -95,7 +95,7 @@ pub struct Endpoint {
     pub status: HealthStatus,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -157,6 +157,9 @@ pub enum Pick {
     Upstream(Arc<Workload>, SocketAddr),
     /// A passthrough service: the address the connection was made to.
     OriginalDestination,
+    /// This workload, which has a hostname and no address (a ServiceEntry endpoint
+    /// with DNS resolution): its hostname, resolved when connecting, at this port.
+    Hostname(Arc<Workload>, u16),
     /// Nothing can serve it (why, for the log).
     None(&'static str),
 }
@@ -199,6 +202,9 @@ impl ServiceEntry {
         };
         match pick_ip(&chosen.workload, dst.ip(), self.service.ip_families) {
             Some(ip) => Pick::Upstream(chosen.workload.clone(), SocketAddr::new(ip, target)),
+            None if chosen.workload.ips.is_empty() && !chosen.workload.hostname.is_empty() => {
+                Pick::Hostname(chosen.workload.clone(), target)
+            }
             None => Pick::None("the endpoint has no address of a usable family"),
         }
     }
@@ -352,6 +358,7 @@ mod tests {
             .map(|_| match e.pick(src, dst.parse().unwrap()) {
                 Pick::Upstream(w, a) => format!("{}@{a}", w.name),
                 Pick::OriginalDestination => "original".into(),
+                Pick::Hostname(w, port) => format!("{}@{}:{port}", w.name, w.hostname),
                 Pick::None(why) => format!("none: {why}"),
             })
             .collect()
@@ -497,6 +504,28 @@ mod tests {
         let e = ServiceEntry::new(Arc::new(only6), BTreeMap::new(), vec![backend(&v4, &[])]);
         assert_eq!(
             picks(&e, &src, "10.96.0.1:80", 1),
+            ["none: the endpoint has no address of a usable family"]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_known_by_hostname_only_is_picked_to_be_resolved() {
+        let mut external = (*wl("ext", &[], "z", 1)).clone();
+        external.hostname = "api.example.com".into();
+        let src = wl("src", &[], "z", 1);
+        // The one endpoint `w`, the service mapping port 80 to 8080.
+        let pick = |w: Arc<Workload>| {
+            let e = ServiceEntry::new(
+                Arc::new(svc(&[(80, 8080)], None)),
+                BTreeMap::new(),
+                vec![backend(&w, &[])],
+            );
+            picks(&e, &src, "10.96.0.1:80", 1)
+        };
+        assert_eq!(pick(Arc::new(external)), ["ext@api.example.com:8080"]);
+        // No address and no hostname: nothing to reach.
+        assert_eq!(
+            pick(wl("nowhere", &[], "z", 1)),
             ["none: the endpoint has no address of a usable family"]
         );
     }
