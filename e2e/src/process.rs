@@ -213,16 +213,16 @@ impl Process {
 
     /// Waits until at least `n` log lines contain every one of `needles`.
     pub async fn wait_for(&self, needles: &[&str], n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.count(needles) < n {
-            assert!(
-                Instant::now() < deadline,
-                "{} never logged {n} line(s) with {needles:?}; its log:\n{}",
-                self.log.display(),
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(|| async {
+            (self.count(needles) < n).then(|| {
+                format!(
+                    "{} never logged {n} line(s) with {needles:?}; its log:\n{}",
+                    self.log.display(),
+                    self.logs()
+                )
+            })
+        })
+        .await
     }
 
     /// The readiness endpoint's address, from the startup log.
@@ -282,18 +282,11 @@ impl Process {
     /// Waits until ztunnel's `/config_dump` satisfies `cond` (`what` names it in the
     /// failure): state, where a log line would be a weaker witness.
     pub async fn wait_config(&self, what: &str, cond: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        poll(|| async {
             let dump = self.config_dump().await;
-            if cond(&dump) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ztunnel's config_dump never showed {what}:\n{dump:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            (!cond(&dump)).then(|| format!("ztunnel's config_dump never showed {what}:\n{dump:#}"))
+        })
+        .await
     }
 
     /// The value of ztunnel's metric `name`, summed over its series.
@@ -305,35 +298,25 @@ impl Process {
     /// state, where a log line would be a weaker witness (for instance
     /// `workload_manager_proxies_stopped_total` for a pod's proxy drained).
     pub async fn wait_metric(&self, name: &str, n: f64) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        poll(|| async {
             let got = self.metric(name).await;
-            if got >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} stayed {got}, expected at least {n}; the log:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            (got < n).then(|| {
+                format!(
+                    "{name} stayed {got}, expected at least {n}; the log:\n{}",
+                    self.logs()
+                )
+            })
+        })
+        .await
     }
 
     /// Polls readiness until it is `status`.
     pub async fn wait_readiness(&self, status: u16) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        poll(|| async {
             let got = self.readiness().await;
-            if got == status {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "readiness stayed {got}, expected {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            (got != status).then(|| format!("readiness stayed {got}, expected {status}"))
+        })
+        .await
     }
 
     /// SIGKILL, as a crash or an OOM kill would.
@@ -399,6 +382,20 @@ impl Process {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+}
+
+/// Asks `probe` every 50 ms until it is done (`None`), for at most 15 s; then fails
+/// with why it was not (what it said last).
+async fn poll<F, Fut>(mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Some(why) = probe().await {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -107,7 +107,6 @@ pub struct SandboxDel {
     pub netns_path: Option<PathBuf>,
 }
 
-/// Where an enrolled pod stands, as the enrollment API reports it.
 /// Why a pod leaves the mesh, which decides what happens to its rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leaving {
@@ -122,6 +121,7 @@ pub enum Leaving {
     Ended,
 }
 
+/// Where an enrolled pod stands, as the enrollment API reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnrollStatus {
     /// Rules in place and ztunnel's listeners up: traffic flows through ztunnel.

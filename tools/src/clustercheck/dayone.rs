@@ -144,14 +144,14 @@ pub fn run(r: &mut Run) {
         "ztunnel's metrics (through the API server's pod proxy): Istio's TCP metrics with both identities",
         eventually(Duration::from_secs(20), || {
             let labels = [
-                "reporter=\"destination\"".to_string(),
-                format!("source_principal=\"{src}\""),
-                format!("destination_principal=\"{dst}\""),
+                ("reporter", "destination"),
+                ("source_principal", src.as_str()),
+                ("destination_principal", dst.as_str()),
             ];
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
             let n = evidence::ztunnel_metric(&k, &destination_ztunnel, "istio_tcp_connections_opened_total", &labels)?;
             if n >= 1.0 {
-                Ok(format!("istio_tcp_connections_opened_total{{{}}} {n}", labels.join(",")))
+                let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                Ok(format!("istio_tcp_connections_opened_total{{{}}} {n}", shown.join(",")))
             } else {
                 Err("no istio_tcp_connections_opened_total from sleep to httpbin".into())
             }

@@ -315,19 +315,14 @@ pub fn ztunnel_metric(
     k: &Kubectl,
     ztunnel: &str,
     name: &str,
-    labels: &[&str],
+    labels: &[(&str, &str)],
 ) -> Result<f64, String> {
     let text = k.run(&[
         "get",
         "--raw",
         &format!("/api/v1/namespaces/{ISTIO_NS}/pods/{ztunnel}:15020/proxy/stats/prometheus"),
     ])?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b))
+    Ok(e2e::prom::sum(&text, name, labels))
 }
 
 /// When a sample was taken, and what it said.

@@ -78,7 +78,7 @@ fn denials(k: &Kubectl, ztunnel: &str) -> f64 {
         k,
         ztunnel,
         "istio_tcp_connections_failed_total",
-        &["response_flags=\"DENY\""],
+        &[("response_flags", "DENY")],
     )
     .unwrap_or(0.0)
 }

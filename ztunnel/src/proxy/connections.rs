@@ -73,8 +73,9 @@ struct Guard {
 struct Entry {
     /// Set once the connection is counted as opened (what the admin view lists).
     conn: Option<Connection>,
-    /// Set for a connection under policy (inbound).
-    guard: Option<Guard>,
+    /// Set for a connection under policy (inbound); shared so that a re-check
+    /// decides outside the table's lock.
+    guard: Option<Arc<Guard>>,
 }
 
 #[derive(Default)]
@@ -89,24 +90,31 @@ pub struct Listed {
     table: Arc<ConnectionTable>,
     uid: WorkloadUid,
     id: u64,
-    /// Cancelled when a policy change denies the connection (never for one not under
-    /// policy).
-    pub cancel: CancellationToken,
-    reason: Arc<Mutex<String>>,
+    /// The connection's policy side, when it is under policy.
+    guard: Option<Arc<Guard>>,
 }
 
 impl Listed {
     /// Whether a policy change denied the connection since it was registered.
     pub fn denied(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.guard.as_ref().is_some_and(|g| g.cancel.is_cancelled())
+    }
+
+    /// Ends when a policy change denies the connection; never for one not under
+    /// policy.
+    pub async fn revoked(&self) {
+        match &self.guard {
+            Some(g) => g.cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Why the connection was cancelled.
     pub fn reason(&self) -> String {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.guard
+            .as_ref()
+            .map(|g| g.reason.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 }
 
@@ -137,31 +145,34 @@ impl ConnectionTable {
 
     fn insert(self: &Arc<Self>, uid: &WorkloadUid, entry: Entry) -> Listed {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (cancel, reason) = match &entry.guard {
-            Some(g) => (g.cancel.clone(), g.reason.clone()),
-            None => (CancellationToken::new(), Arc::default()),
-        };
-        self.lock()
-            .entry(uid.clone())
-            .or_default()
-            .insert(id, entry);
+        let guard = entry.guard.clone();
+        let mut pods = self.lock();
+        // The pod's key is copied only for its first connection.
+        match pods.get_mut(uid) {
+            Some(conns) => {
+                conns.insert(id, entry);
+            }
+            None => {
+                pods.insert(uid.clone(), HashMap::from([(id, entry)]));
+            }
+        }
+        drop(pods);
         Listed {
             table: self.clone(),
             uid: uid.clone(),
             id,
-            cancel,
-            reason,
+            guard,
         }
     }
 
     /// Registers an inbound connection of pod `uid` under policy, before ztunnel
     /// connects to the app: a policy pushed from now on applies to it.
     pub fn register(self: &Arc<Self>, uid: &WorkloadUid, attrs: Attrs) -> Listed {
-        let guard = Guard {
+        let guard = Arc::new(Guard {
             attrs,
             cancel: CancellationToken::new(),
             reason: Arc::default(),
-        };
+        });
         self.insert(
             uid,
             Entry {
@@ -211,13 +222,15 @@ impl ConnectionTable {
 
     /// Re-decides every connection of pod `uid` under policy against `state`, the pod
     /// being `dst`; closes the denied. A pod whose workload left the mesh state has
-    /// nothing to allow its connections: they are closed.
+    /// nothing to allow its connections: they are closed. The decisions are made
+    /// outside the table's lock, which every connection of the node takes as it opens
+    /// and closes.
     pub fn recheck(&self, uid: &WorkloadUid, state: &MeshState, dst: Option<&Workload>) {
-        let pods = self.lock();
-        let Some(conns) = pods.get(uid) else {
-            return;
+        let guards: Vec<Arc<Guard>> = match self.lock().get(uid) {
+            Some(conns) => conns.values().filter_map(|e| e.guard.clone()).collect(),
+            None => return,
         };
-        for guard in conns.values().filter_map(|e| e.guard.as_ref()) {
+        for guard in guards {
             let decision = match dst {
                 Some(dst) => guard.attrs.decide(state, dst),
                 None => Decision::Deny {

@@ -180,7 +180,7 @@ impl Flow {
         let result = match live {
             Some(reg) => tokio::select! {
                 r = copy => Some(r),
-                _ = reg.cancel.cancelled() => None,
+                _ = reg.revoked() => None,
             },
             None => Some(copy.await),
         };

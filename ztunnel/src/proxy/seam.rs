@@ -38,26 +38,17 @@ pub trait SocketFactory: Send + Sync + 'static {
         made(self, || socket::listen_all(ipv6, specs))
     }
 
-    /// An unconnected socket towards `dest` ([`socket::upstream`]).
-    fn upstream(
-        &self,
-        dest: SocketAddr,
-        mark: u32,
-        keepalive: Option<Keepalive>,
-        source: Option<IpAddr>,
-    ) -> io::Result<std::net::TcpStream> {
-        made(self, || socket::upstream(dest, mark, keepalive, source))
-    }
-
-    /// Connects to `dest` from where the pod's sockets are made, within `timeout`
-    /// ([`socket::upstream`], then connect).
+    /// Connects to `dest` from where the pod's sockets are made, within `timeout`:
+    /// the socket is made there ([`socket::upstream`]), then connected.
     fn connect(
         &self,
         dest: SocketAddr,
         how: Upstream,
         timeout: Duration,
     ) -> BoxFuture<io::Result<tokio::net::TcpStream>> {
-        let made = self.upstream(dest, how.mark, how.keepalive, how.source);
+        let made = made(self, || {
+            socket::upstream(dest, how.mark, how.keepalive, how.source)
+        });
         Box::pin(async move {
             let socket = tokio::net::TcpSocket::from_std_stream(made?);
             tokio::time::timeout(timeout, socket.connect(dest))
@@ -111,16 +102,6 @@ pub struct Upstream {
     pub source: Option<IpAddr>,
 }
 
-/// Sockets made where the calling thread is (ztunnel's own netns): for tests on
-/// loopback.
-pub struct HostSockets;
-
-impl SocketFactory for HostSockets {
-    fn make_there(&self, make: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
-        make()
-    }
-}
-
 /// A pod's proxy once started: drained (listeners closed, connections given the
 /// grace period) when the pod goes.
 pub trait RunningProxy: Send {
@@ -141,7 +122,8 @@ pub enum StartError {
     /// would go around ztunnel.
     #[error("the pod has the IPv6 address {0} and IPV6_ENABLED is off: refusing it, its IPv6 traffic would bypass ztunnel")]
     Ipv6Off(Ipv6Addr),
-    /// Anything else an implementation (a test's) reports.
+    /// What a test's fake factory reports.
+    #[cfg(test)]
     #[error("{0}")]
     Other(String),
 }
